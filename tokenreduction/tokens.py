@@ -1,0 +1,50 @@
+"""The inputs every selector sees."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class VisualTokens:
+    """Visual tokens of a batch of images, in patch order (row-major over the 24x24 grid).
+
+    features:      [B, N, D] projected tokens (after the mm_projector), what the LLM sees.
+    raw_features:  [B, N, C] vision-encoder patch features of the select layer.
+    cls_attention: [B, N]    CLS->patch attention of the select layer, averaged over heads.
+    """
+
+    features: torch.Tensor
+    raw_features: Optional[torch.Tensor] = None
+    cls_attention: Optional[torch.Tensor] = None
+
+    def __post_init__(self) -> None:
+        if self.features.dim() != 3:
+            raise ValueError(f"features must be [B, N, D], got shape {tuple(self.features.shape)}")
+        B, N, _ = self.features.shape
+        if self.raw_features is not None and (
+            self.raw_features.dim() != 3 or tuple(self.raw_features.shape[:2]) != (B, N)
+        ):
+            raise ValueError(
+                f"raw_features must be [B, N, C] with B={B}, N={N}, got shape {tuple(self.raw_features.shape)}"
+            )
+        if self.cls_attention is not None and tuple(self.cls_attention.shape) != (B, N):
+            raise ValueError(
+                f"cls_attention must be [B, N] = [{B}, {N}], got shape {tuple(self.cls_attention.shape)}"
+            )
+
+    @property
+    def batch_size(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.features.shape[1]
+
+    def require(self, method: str, *fields: str) -> None:
+        """Raise a clear error when a method needs inputs that were not given."""
+        missing = [f for f in fields if getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"{method} needs VisualTokens.{', VisualTokens.'.join(missing)}; it was not given")
