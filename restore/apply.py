@@ -1,0 +1,112 @@
+"""``restore.apply`` / ``restore.remove``: put a reduction method (and RESTORE) on one loaded LLaVA model."""
+from __future__ import annotations
+
+from typing import Dict, Optional, Type
+
+import torch
+
+import tokenreduction as tr
+
+from .patch import (
+    CalibratedAttentionMixin,
+    CalibratedLlamaModelMixin,
+    ReducedLlavaMixin,
+    RestoreContext,
+    RestoreSettings,
+    RetainedRopeMixin,
+)
+
+_ORIGINAL_CLASS = "_restore_original_class"
+_SUBCLASSES: Dict[tuple, Type] = {}
+
+
+def _patched_class(mixin: Type, cls: Type) -> Type:
+    key = (mixin, cls)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(f"{mixin.__name__.replace('Mixin', '')}_{cls.__name__}", (mixin, cls), {})
+    return _SUBCLASSES[key]
+
+
+def _swap(module: torch.nn.Module, mixin: Type, ctx: RestoreContext) -> None:
+    setattr(module, _ORIGINAL_CLASS, module.__class__)
+    module.__class__ = _patched_class(mixin, module.__class__)
+    module._restore_ctx = ctx
+
+
+def _targets(model):
+    """(module, mixin) pairs that RESTORE patches on a LLaVA-Llama model."""
+    llm = model.get_model()
+    yield model, ReducedLlavaMixin
+    yield llm, CalibratedLlamaModelMixin
+    for layer in llm.layers:
+        yield layer.self_attn, CalibratedAttentionMixin
+        yield layer.self_attn.rotary_emb, RetainedRopeMixin
+
+
+def is_applied(model) -> bool:
+    return hasattr(model, _ORIGINAL_CLASS)
+
+
+def settings_of(model) -> Optional[RestoreSettings]:
+    """The settings applied to ``model``, or None when it is stock."""
+    return model._restore_ctx.settings if is_applied(model) else None
+
+
+def remove(model):
+    """Give ``model`` back its stock classes and behaviour. A stock model is returned unchanged."""
+    for module in model.modules():
+        original = module.__dict__.pop(_ORIGINAL_CLASS, None)
+        if original is not None:
+            module.__class__ = original
+            module.__dict__.pop("_restore_ctx", None)
+    return model
+
+
+def _check_model(model) -> int:
+    """Raise unless ``model`` is a LLaVA-Llama model we can patch; return N, its visual tokens per image."""
+    try:
+        from llava.model import LlavaLlamaForCausalLM
+    except ImportError as error:  # pragma: no cover - llava is a hard dependency
+        raise ImportError("restore needs llava-torch: pip install --no-deps llava-torch==1.2.2.post1") from error
+    if not isinstance(model, LlavaLlamaForCausalLM):
+        raise TypeError(
+            f"restore.apply expects a llava LlavaLlamaForCausalLM (LLaVA-1.5), got {type(model).__name__}; "
+            "load one with llava_patches.load_model or llava.model.builder.load_pretrained_model"
+        )
+    tower = model.get_vision_tower()
+    if tower is None or not getattr(tower, "is_loaded", False):
+        raise ValueError("the model has no loaded vision tower; load the checkpoint with its CLIP tower first")
+    attention = getattr(model.config, "_attn_implementation", "eager")
+    if attention not in ("eager", "sdpa"):
+        raise ValueError(f"restore supports eager and sdpa attention, the model uses {attention!r}; "
+                         "load it with attn_implementation='sdpa'")
+    if getattr(model.config, "rope_scaling", None):
+        raise ValueError("restore supports plain RoPE only (config.rope_scaling must be unset, as in LLaVA-1.5)")
+    return int(tower.num_patches)
+
+
+def apply(model, base: Optional[str] = None, n_vis: Optional[int] = None, restore: bool = False):
+    """Reduce ``model``'s visual tokens with ``base`` to ``n_vis`` per image, with RESTORE if ``restore``.
+
+    ``base=None`` means no reduction: the model behaves exactly as stock LLaVA. Calling ``apply``
+    again reconfigures the model; :func:`remove` undoes it. Only this model instance is changed.
+    Returns the model, so ``model = restore.apply(model, ...)`` reads naturally.
+    """
+    num_patches = _check_model(model)
+    if base is None:
+        if restore:
+            raise ValueError("restore=True needs a base method to select the kept tokens, e.g. base='HoloV'")
+        if n_vis not in (None, num_patches):
+            raise ValueError(f"n_vis={n_vis} needs a base method; available: {', '.join(tr.available_selectors())}")
+        return remove(model)
+    name = tr.canonical_name(base)
+    if isinstance(n_vis, bool) or not isinstance(n_vis, int) or not 1 <= n_vis <= num_patches:
+        raise ValueError(f"n_vis must be an integer in 1..{num_patches} (visual tokens per image), got {n_vis!r}")
+    if restore and n_vis < 2:
+        raise ValueError("restore=True splits n_vis between kept and merged tokens, so it needs n_vis >= 2")
+
+    remove(model)
+    ctx = RestoreContext(RestoreSettings(base=name, n_vis=n_vis, restore=bool(restore), num_patches=num_patches))
+    for module, mixin in _targets(model):
+        _swap(module, mixin, ctx)
+    return model

@@ -1,0 +1,92 @@
+"""Distinctive anchor merging and position retention: pure tensor functions, no model state.
+
+All functions are batched over the first dimension; every sample is independent.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+
+
+@dataclass
+class MergedGroups:
+    """Result of :func:`anchor_merge` on M tokens merged into K groups."""
+
+    features: torch.Tensor  # [B, K, D] mean feature of each group
+    group_of: torch.Tensor  # [B, M]    group index (0..K-1) of every input token
+    sizes: torch.Tensor  # [B, K]    number of input tokens in each group
+    anchors: torch.Tensor  # [B, K]    index (into M) of each group's anchor, ascending
+
+
+def anchor_scores(features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarity [B, M, M] and distinctiveness score [B, M] of every token.
+
+    density_i = sum_j S_ij (self included); delta_i = max S_ij over the tokens j that are strictly
+    less dense than i (0 for the least dense token); score_i = density_i * (1 - delta_i).
+    A dense token that is unlike every sparser token scores high: a good cluster centre.
+    Computed in the features' dtype, as the official implementation does.
+    """
+    unit = features / features.norm(dim=-1, keepdim=True)
+    sim = unit @ unit.transpose(-1, -2)
+    density = sim.sum(dim=-1)
+    sparser = density.unsqueeze(1) < density.unsqueeze(2)  # [b, i, j]: density_j < density_i
+    # -1 is the floor of a cosine, so a row with no sparser token keeps -1 and is set to 0 below.
+    delta = sim.masked_fill(~sparser, -1.0).amax(dim=-1)
+    delta = delta.masked_fill(delta == -1.0, 0.0)
+    return sim, density * (1.0 - delta)
+
+
+def anchor_merge(features: torch.Tensor, n_groups: int) -> MergedGroups:
+    """Merge M tokens into ``n_groups`` groups around the most distinctive anchors.
+
+    The ``n_groups`` highest-scoring tokens (:func:`anchor_scores`) become anchors; every other token
+    joins its most similar anchor. A group's feature is the mean of its members, anchor included.
+    """
+    B, M, D = features.shape
+    if not 1 <= n_groups <= M:
+        raise ValueError(f"n_groups must be in 1..{M}, got {n_groups}")
+    sim, scores = anchor_scores(features)
+    anchors = scores.topk(n_groups, dim=-1).indices.sort(dim=-1).values  # [B, K]
+
+    is_anchor = torch.zeros(B, M, dtype=torch.bool, device=features.device)
+    is_anchor.scatter_(1, anchors, True)
+    members = (~is_anchor).nonzero()[:, 1].view(B, M - n_groups)  # ascending non-anchor indices
+
+    to_anchor = sim.gather(1, members.unsqueeze(-1).expand(B, M - n_groups, M))
+    to_anchor = to_anchor.gather(2, anchors.unsqueeze(1).expand(B, M - n_groups, n_groups))
+    member_group = to_anchor.argmax(dim=-1)  # [B, M-K]
+
+    # One-hot matmul rather than scatter_add: deterministic on every device.
+    assign = torch.nn.functional.one_hot(member_group, n_groups).to(features.dtype)  # [B, M-K, K]
+    anchor_feats = features.gather(1, anchors.unsqueeze(-1).expand(B, n_groups, D))
+    member_feats = features.gather(1, members.unsqueeze(-1).expand(B, M - n_groups, D))
+    sums = anchor_feats + assign.transpose(1, 2) @ member_feats
+    sizes = 1.0 + assign.transpose(1, 2).sum(dim=-1, dtype=torch.float32)  # [B, K]
+
+    group_of = torch.empty(B, M, dtype=torch.long, device=features.device)
+    group_of.scatter_(1, anchors, torch.arange(n_groups, device=features.device).expand(B, n_groups))
+    group_of.scatter_(1, members, member_group)
+    return MergedGroups(
+        features=sums / sizes.unsqueeze(-1).to(features.dtype),
+        group_of=group_of,
+        sizes=sizes,
+        anchors=anchors,
+    )
+
+
+def group_medians(positions: torch.Tensor, group_of: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Lower median of the ``positions`` [B, M] of each group's members -> [B, n_groups].
+
+    With a group's member positions sorted ascending, the median is the one at index (count - 1) // 2,
+    so it is always one of the members' own positions.
+    """
+    B, M = positions.shape
+    span = int(positions.max().item()) + 1 if positions.numel() else 1
+    order = (group_of * span + positions).argsort(dim=-1)  # group-major, then ascending position
+    sorted_pos = positions.gather(1, order)
+    counts = torch.zeros(B, n_groups, dtype=torch.long, device=positions.device)
+    counts.scatter_add_(1, group_of, torch.ones_like(group_of))
+    starts = counts.cumsum(dim=-1) - counts
+    return sorted_pos.gather(1, starts + (counts - 1) // 2)

@@ -1,0 +1,147 @@
+"""Instance-level patches: swap the class of one model's modules for a subclass (as ToMe does).
+
+Nothing in transformers or llava is edited globally; two models in one process can carry different
+settings, and :func:`restore.remove` puts the original classes back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+import torch
+
+import tokenreduction as tr
+from llava_patches.assembly import ImageTokens, SequenceLayout, assemble, split_images
+from llava_patches.vision import encode_with_cls_attention
+
+from .attention import decode_bias, distance_bias, prefill_bias
+from .reduce import reduce_visual_tokens
+
+
+@dataclass(frozen=True)
+class RestoreSettings:
+    base: str  # canonical selector name
+    n_vis: int  # visual tokens per image fed to the LLM
+    restore: bool  # RESTORE on top of the base, or the base alone (paper's baseline rows)
+    num_patches: int  # N, visual tokens per image before reduction
+
+
+@dataclass
+class RestoreContext:
+    """State shared by the patched modules of one model (never by two models)."""
+
+    settings: RestoreSettings
+    layout: Optional[SequenceLayout] = None  # of the current prompt, kept for its decoding steps
+    masks: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (first layer, later layers), one forward
+    rope_length: int = 0
+    stats: Dict[str, float] = field(default_factory=dict)
+
+
+def _cache_length(past_key_values) -> int:
+    if past_key_values is None:
+        return 0
+    if hasattr(past_key_values, "get_seq_length"):
+        return int(past_key_values.get_seq_length())
+    return int(past_key_values[0][0].shape[-2]) if len(past_key_values) else 0
+
+
+class ReducedLlavaMixin:
+    """On ``LlavaLlamaForCausalLM``: reduce the visual tokens while the prompt is assembled."""
+
+    _restore_ctx: RestoreContext
+
+    def prepare_inputs_labels_for_multimodal(
+        self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None
+    ):
+        if self.get_vision_tower() is None or images is None or input_ids.shape[1] == 1:
+            return super().prepare_inputs_labels_for_multimodal(
+                input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes
+            )
+        settings = self._restore_ctx.settings
+        model = self.get_model()
+        pixels = split_images(images)
+        raw, cls_attention = encode_with_cls_attention(model.get_vision_tower(), pixels)
+        features = model.mm_projector(raw)
+        reduced = reduce_visual_tokens(
+            tr.VisualTokens(features=features, raw_features=raw, cls_attention=cls_attention),
+            settings.base, settings.n_vis, settings.restore,
+        )
+        per_image = [ImageTokens(reduced.features[i], reduced.positions[i], reduced.sizes[i]) for i in range(pixels.shape[0])]
+        embeds, attention_mask, labels, layout = assemble(
+            model.embed_tokens, input_ids, attention_mask, labels, per_image,
+            num_patches=settings.num_patches,
+            retain_positions=settings.restore,
+            padding_side=getattr(self.config, "tokenizer_padding_side", "right"),
+            max_length=getattr(self.config, "tokenizer_model_max_length", None),
+        )
+        self._restore_ctx.layout = layout
+        return None, (None if position_ids is None else layout.positions), attention_mask, past_key_values, embeds, labels
+
+
+class CalibratedLlamaModelMixin:
+    """On the LLM (``LlavaLlamaModel``): retained position ids and, with RESTORE, calibrated attention masks."""
+
+    _restore_ctx: RestoreContext
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, **kwargs):
+        ctx = self._restore_ctx
+        q_len = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
+        past = _cache_length(past_key_values)
+        layout = ctx.layout
+        if past == 0:  # a new prompt: only a layout assembled for exactly this prefill applies
+            if layout is not None and layout.fresh and layout.length == q_len:
+                layout.fresh = False
+            else:
+                ctx.layout = layout = None
+        if layout is None:
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs)
+
+        position_ids = layout.positions if past == 0 else layout.decode_positions(past, q_len)
+        ctx.rope_length = int(position_ids.max()) + 1
+        if ctx.settings.restore:
+            ctx.masks = self._restore_masks(layout, attention_mask, past, q_len)
+        try:
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs)
+        finally:
+            ctx.masks = None
+
+    def _restore_masks(self, layout: SequenceLayout, attention_mask, past: int, q_len: int):
+        settings = self._restore_ctx.settings
+        dtype = self.embed_tokens.weight.dtype
+        real = layout.sizes.log()
+        # The first decoder layer sees every visual token as N / n_vis patches (the official choice).
+        uniform = torch.full_like(layout.sizes, settings.num_patches / settings.n_vis).log() * layout.is_visual
+        if past == 0:
+            valid = layout.valid if attention_mask is None else attention_mask.bool()
+            head_dim = self.config.hidden_size // self.config.num_attention_heads
+            dist = distance_bias(layout.positions, dtype, head_dim, getattr(self.config, "rope_theta", 10000.0))
+            return tuple(prefill_bias(layout.positions, s, valid, dtype, dist=dist) for s in (uniform, real))
+        total = past + q_len
+        valid = (torch.ones(layout.valid.shape[0], total, dtype=torch.bool, device=layout.valid.device)
+                 if attention_mask is None else attention_mask[:, -total:].bool())
+        pad = torch.zeros(valid.shape[0], total - layout.length, device=real.device)
+        return tuple(decode_bias(torch.cat([s, pad], dim=1), valid, dtype, q_len=q_len) for s in (uniform, real))
+
+
+class CalibratedAttentionMixin:
+    """On each decoder layer's self-attention: use the mask RESTORE built for this layer."""
+
+    _restore_ctx: RestoreContext
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        masks = self._restore_ctx.masks
+        if masks is not None:
+            attention_mask = masks[0] if self.layer_idx == 0 else masks[1]
+        return super().forward(hidden_states, attention_mask=attention_mask, **kwargs)
+
+
+class RetainedRopeMixin:
+    """On each rotary embedding: serve position ids beyond the key length (retained positions skip ahead)."""
+
+    _restore_ctx: RestoreContext
+
+    def forward(self, x, seq_len=None):
+        return super().forward(x, seq_len=max(seq_len or 0, self.max_seq_len_cached, self._restore_ctx.rope_length))
