@@ -1,0 +1,130 @@
+"""MMBench: multiple choice from the official TSV (base64 images, circular copies as separate rows).
+
+Behaves as LLaVA's ``model_vqa_mmbench``: the prompt is the hint (if any), the question and one line per
+option (``A. ...``, until the first empty option), then with ``--single-pred-prompt`` the option-letter
+instruction; one answer per row (``--all-rounds`` re-asks each row once per rotation of its options);
+``max_new_tokens`` 1024; greedy by default.
+
+    python -m restore.eval.mmbench --question-file playground/data/eval/mmbench/mmbench_dev_20230712.tsv \\
+        --answers-file answers.jsonl --single-pred-prompt --base HoloV --n_vis 64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Any, Dict, List, Mapping
+
+from .common import OPTION_LETTER_SUFFIX, EntryPoint, ImageRef, Item, SetupError, run
+
+OPTION_LETTERS = ("A", "B", "C", "D")
+LETTER_SUFFIX_CN = "请直接回答选项字母。"
+
+
+def is_empty(value: Any) -> bool:
+    """An absent hint or option: a missing cell, or the text 'nan' / 'none' in any case."""
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and value.lower() in ("nan", "none")
+
+
+def read_rows(path: str) -> List[Dict[str, Any]]:
+    """The TSV's rows. pandas' missing-value rules (empty cell, 'NA', 'None', ...) decide which options
+    exist, exactly as in the official reader; cells stay text, so a numeric option keeps its spelling."""
+    import pandas as pd
+
+    try:
+        table = pd.read_table(path, dtype=str)
+    except Exception as e:  # pandas raises several parser error types
+        raise SetupError(f"{path}: cannot read as a TSV ({type(e).__name__}: {e})") from None
+    missing = [c for c in ("index", "question", "hint", "image", "A", "B") if c not in table.columns]
+    if missing:
+        raise SetupError(f"{path} lacks the column(s) {', '.join(missing)}; is this the MMBench TSV?")
+    return table.to_dict("records")
+
+
+def _add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--all-rounds", action="store_true",
+                       help="ask each row once per rotation of its options (not used for the paper)")
+    group.add_argument("--lang", choices=["en", "cn"], default="en", help="language of the option-letter instruction")
+
+
+def _settings(args: argparse.Namespace) -> Dict[str, Any]:
+    return {"single_pred_prompt": args.single_pred_prompt, "all_rounds": args.all_rounds, "lang": args.lang}
+
+
+def _key(index: Any, round_id: int) -> str:
+    return json.dumps([index, round_id])
+
+
+def build_items(settings: Mapping[str, Any]) -> List[Item]:
+    path = settings["question_file"]
+    suffix = LETTER_SUFFIX_CN if settings["lang"] == "cn" else OPTION_LETTER_SUFFIX
+    items = []
+    for row in read_rows(path):
+        try:
+            index = int(row["index"])
+        except (TypeError, ValueError):
+            raise SetupError(f"{path}: index {row['index']!r} is not an integer") from None
+        if is_empty(row["image"]):
+            raise SetupError(f"{path}: row {index} has no image")
+        options = []
+        for letter in OPTION_LETTERS:
+            if letter not in row or is_empty(row[letter]):
+                break
+            options.append(row[letter])
+        letters = list(OPTION_LETTERS[: len(options)])
+        image = ImageRef(label=f"{os.path.basename(path)}, row index {index} (base64 image)",
+                         base64=row["image"], convert_rgb=False)
+        for round_id in range(len(options) if settings["all_rounds"] else 1):
+            shown = options[round_id:] + options[:round_id]
+            question = row["question"] if is_empty(row["hint"]) else row["hint"] + "\n" + row["question"]
+            for letter, option in zip(OPTION_LETTERS, shown):
+                question += "\n" + letter + ". " + option
+            text = question + "\n" + suffix if settings["single_pred_prompt"] else question
+            items.append(Item(
+                key=_key(index, round_id), text=text, image=image,
+                fields={"question_id": index, "round_id": round_id, "prompt": question, "options": shown,
+                        "option_char": letters[round_id:] + letters[:round_id]},
+            ))
+    return items
+
+
+def answer_line(item: Item, text: str, model_id: str) -> Dict[str, Any]:
+    import shortuuid
+
+    f = item.fields
+    return {"question_id": f["question_id"], "round_id": f["round_id"], "prompt": f["prompt"], "text": text,
+            "options": f["options"], "option_char": f["option_char"], "answer_id": shortuuid.uuid(),
+            "model_id": model_id, "metadata": {}}
+
+
+def answer_key(line: Mapping[str, Any]) -> str:
+    return _key(line["question_id"], line.get("round_id", 0))
+
+
+ENTRY = EntryPoint(
+    name="mmbench",
+    description="Answer MMBench (official TSV) with LLaVA-1.5, optionally with visual token reduction "
+                "(--base/--n_vis) and RESTORE (--restore).",
+    max_new_tokens=1024,
+    needs_image_folder=False,
+    add_arguments=_add_arguments,
+    settings=_settings,
+    build_items=build_items,
+    answer_line=answer_line,
+    answer_key=answer_key,
+    single_pred_prompt=True,
+)
+
+
+def main(argv=None) -> int:
+    return run(ENTRY, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""ScienceQA: multiple choice from LLaVA's ``llava_test_CQM-A.json`` (a JSON list of conversations).
+
+Behaves as RESTORE's ``model_vqa_science``: the ``<image>`` tag is taken out of the human turn and the
+image placed before the text; with ``--single-pred-prompt`` the option-letter instruction is appended;
+``max_new_tokens`` 1024; greedy by default. Questions without an image are skipped, as RESTORE does
+(the paper reports IMG accuracy); ``--answer-text-only`` answers them too, as stock LLaVA does.
+
+    python -m restore.eval.science --question-file playground/data/eval/scienceqa/llava_test_CQM-A.json \\
+        --image-folder playground/data/eval/scienceqa/images/test --answers-file answers.jsonl \\
+        --single-pred-prompt --base HoloV --n_vis 64 --restore
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Dict, List, Mapping
+
+from .common import OPTION_LETTER_SUFFIX, EntryPoint, ImageRef, Item, SetupError, read_json, require_fields, run
+
+
+def _add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--answer-text-only", action="store_true",
+                       help="also answer the questions that have no image (stock LLaVA does; RESTORE does not)")
+
+
+def _settings(args: argparse.Namespace) -> Dict[str, Any]:
+    return {"single_pred_prompt": args.single_pred_prompt, "answer_text_only": args.answer_text_only}
+
+
+def build_items(settings: Mapping[str, Any]) -> List[Item]:
+    path, folder = settings["question_file"], settings["image_folder"]
+    problems = read_json(path)
+    if not isinstance(problems, list):
+        raise SetupError(f"{path}: expected a JSON list of questions (llava_test_CQM-A.json)")
+    items = []
+    for number, q in enumerate(problems, 1):
+        require_fields(q, ("id", "conversations"), f"{path}, question {number}")
+        question = q["conversations"][0]["value"].replace("<image>", "").strip()
+        if "image" in q:
+            # ScienceQA PNGs are padded in their stored mode, as the official script does (no RGB conversion).
+            image = ImageRef(label=q["image"], path=os.path.join(folder, q["image"]), convert_rgb=False)
+            prompt = "<image>\n" + question
+        elif settings["answer_text_only"]:
+            image, prompt = None, question
+        else:
+            continue
+        text = question
+        if settings["single_pred_prompt"]:
+            text += "\n" + OPTION_LETTER_SUFFIX
+            prompt += "\n" + OPTION_LETTER_SUFFIX
+        items.append(Item(key=json.dumps([q["id"]]), text=text, image=image,
+                          fields={"question_id": q["id"], "prompt": prompt}))
+    return items
+
+
+def answer_line(item: Item, text: str, model_id: str) -> Dict[str, Any]:
+    import shortuuid
+
+    return {"question_id": item.fields["question_id"], "prompt": item.fields["prompt"], "text": text,
+            "answer_id": shortuuid.uuid(), "model_id": model_id, "metadata": {}}
+
+
+def answer_key(line: Mapping[str, Any]) -> str:
+    return json.dumps([line["question_id"]])
+
+
+ENTRY = EntryPoint(
+    name="science",
+    description="Answer ScienceQA (LLaVA's llava_test_CQM-A.json) with LLaVA-1.5, optionally with visual token "
+                "reduction (--base/--n_vis) and RESTORE (--restore).",
+    max_new_tokens=1024,
+    needs_image_folder=True,
+    add_arguments=_add_arguments,
+    settings=_settings,
+    build_items=build_items,
+    answer_line=answer_line,
+    answer_key=answer_key,
+    single_pred_prompt=True,
+)
+
+
+def main(argv=None) -> int:
+    return run(ENTRY, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

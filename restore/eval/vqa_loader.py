@@ -1,0 +1,83 @@
+"""Short-answer and multiple-choice VQA from a LLaVA question file (JSON lines).
+
+Used for GQA, VQAv2, SEED-Bench, MME, POPE and TextVQA; behaves as LLaVA's ``model_vqa_loader``
+(same prompt, image preprocessing, decoding and answer lines) with greedy decoding by default.
+
+    python -m restore.eval.vqa_loader --question-file playground/data/eval/pope/llava_pope_test.jsonl \\
+        --image-folder playground/data/eval/pope/val2014 --answers-file answers.jsonl \\
+        --base HoloV --n_vis 64 --restore
+
+Each question line needs ``question_id``, ``image`` (relative to --image-folder) and ``text`` (the
+question with its answer-format suffix already in it, as LLaVA's question files have it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Dict, List, Mapping
+
+from .common import EntryPoint, ImageRef, Item, SetupError, read_jsonl, require_fields, run
+
+
+def _add_arguments(group: argparse._ArgumentGroup) -> None:
+    pass
+
+
+def _settings(args: argparse.Namespace) -> Dict[str, Any]:
+    return {}
+
+
+def _key(question_id: Any, prompt: str) -> str:
+    # MME asks two questions per image under one question_id: the prompt tells them apart.
+    return json.dumps([question_id, prompt], ensure_ascii=False)
+
+
+def build_items(settings: Mapping[str, Any]) -> List[Item]:
+    path, folder = settings["question_file"], settings["image_folder"]
+    items = []
+    for number, q in enumerate(read_jsonl(path), 1):
+        require_fields(q, ("question_id", "image", "text"), f"{path}, question {number}")
+        if not isinstance(q["text"], str) or not isinstance(q["image"], str):
+            raise SetupError(f"{path}, question {number}: 'text' and 'image' must be strings")
+        items.append(Item(
+            key=_key(q["question_id"], q["text"]),
+            text=q["text"],
+            image=ImageRef(label=q["image"], path=os.path.join(folder, q["image"]), convert_rgb=True),
+            fields={"question_id": q["question_id"], "prompt": q["text"]},
+        ))
+    return items
+
+
+def answer_line(item: Item, text: str, model_id: str) -> Dict[str, Any]:
+    import shortuuid
+
+    return {"question_id": item.fields["question_id"], "prompt": item.fields["prompt"], "text": text,
+            "answer_id": shortuuid.uuid(), "model_id": model_id, "metadata": {}}
+
+
+def answer_key(line: Mapping[str, Any]) -> str:
+    return _key(line["question_id"], line["prompt"])
+
+
+ENTRY = EntryPoint(
+    name="vqa_loader",
+    description="Answer a LLaVA question file (JSON lines) with LLaVA-1.5, optionally with visual token "
+                "reduction (--base/--n_vis) and RESTORE (--restore).",
+    max_new_tokens=128,
+    needs_image_folder=True,
+    add_arguments=_add_arguments,
+    settings=_settings,
+    build_items=build_items,
+    answer_line=answer_line,
+    answer_key=answer_key,
+)
+
+
+def main(argv=None) -> int:
+    return run(ENTRY, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
