@@ -34,6 +34,7 @@ class RestoreContext:
     layout: Optional[SequenceLayout] = None  # of the current prompt, kept for its decoding steps
     masks: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (first layer, later layers), one forward
     rope_length: int = 0
+    padding_side: Optional[str] = None  # overrides the config's while generating
     stats: Dict[str, float] = field(default_factory=dict)
 
 
@@ -49,6 +50,15 @@ class ReducedLlavaMixin:
     """On ``LlavaLlamaForCausalLM``: reduce the visual tokens while the prompt is assembled."""
 
     _restore_ctx: RestoreContext
+
+    def generate(self, inputs=None, images=None, image_sizes=None, **kwargs):
+        # Generation reads the logits of the last position, so a batch must be padded on the left
+        # whatever the tokenizer's side (stock LLaVA pads on the config's side and breaks batches).
+        self._restore_ctx.padding_side = "left"
+        try:
+            return super().generate(inputs, images=images, image_sizes=image_sizes, **kwargs)
+        finally:
+            self._restore_ctx.padding_side = None
 
     def prepare_inputs_labels_for_multimodal(
         self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None
@@ -71,7 +81,7 @@ class ReducedLlavaMixin:
             model.embed_tokens, input_ids, attention_mask, labels, per_image,
             num_patches=settings.num_patches,
             retain_positions=settings.restore,
-            padding_side=getattr(self.config, "tokenizer_padding_side", "right"),
+            padding_side=self._restore_ctx.padding_side or getattr(self.config, "tokenizer_padding_side", "right"),
             max_length=getattr(self.config, "tokenizer_model_max_length", None),
         )
         self._restore_ctx.layout = layout
