@@ -461,6 +461,9 @@ def run(entry: EntryPoint, argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser(entry).parse_args(argv)
     try:
         plan = plan_run(entry, args)
+        print(f"[{entry.name}] chunk {plan.chunk_idx + 1}/{plan.num_chunks}: {len(plan.items)} items, "
+              f"{len(plan.items) - len(plan.pending)} already answered; reduction: "
+              f"{describe_reduction(plan.settings['base'], args.n_vis, args.restore)}", flush=True)
         if not args.no_image_check:
             check_images(plan.pending)
     except SetupError as e:
@@ -706,8 +709,8 @@ def merge_chunks(chunk_files: Sequence[str], out: str) -> int:
 
 
 def write_result_record(results_dir: str, benchmark: str, answers_file: str, metrics_file: str,
-                        model: str, wall_time_s: float) -> str:
-    """One JSON file per run under results_dir, as restore.report reads them."""
+                        model: str, wall_time_s: float) -> Tuple[str, Dict[str, Any]]:
+    """One JSON file per run under results_dir, as restore.report reads them; (path, record)."""
     import datetime
 
     meta = read_meta(answers_file) or {}
@@ -733,7 +736,30 @@ def write_result_record(results_dir: str, benchmark: str, answers_file: str, met
     tag = run_tag(record["base"], record["n_vis"], record["restore"])
     path = os.path.join(results_dir, f"{benchmark}__{model}__{tag}__{now:%Y%m%dT%H%M%S}-{os.getpid()}.json")
     write_atomic(path, json.dumps(record, indent=1) + "\n")
-    return path
+    return path, record
+
+
+def finish_run(benchmark: str, chunk_files: Sequence[str], answers_dir: str, data_root: str, results_dir: str,
+               model: str, wall_time_s: float) -> int:
+    """Merge the chunks, score with restore.eval.scoring, write the result record; an exit status."""
+    from restore.eval.scoring.__main__ import main as score_main
+
+    merged = os.path.join(answers_dir, "merge.jsonl")
+    n = merge_chunks(chunk_files, merged)
+    print(f"merged {len(chunk_files)} chunk file(s), {n} answers -> {merged}")
+    scores = os.path.join(answers_dir, "scores")
+    status = score_main([benchmark, "--answers", merged, "--data-root", data_root, "--out-dir", scores,
+                         "--model-id", model])
+    if status:
+        return status
+    path, record = write_result_record(results_dir, benchmark, merged, os.path.join(scores, "metrics.json"),
+                                       model, wall_time_s)
+    main_metric = record["main_metric"]
+    value = record["metrics"].get(main_metric) if main_metric else None
+    shown = f"{main_metric} = {value:.2f}" if isinstance(value, (int, float)) else "no local score"
+    print(f"[{benchmark}] {model}, {describe_reduction(record['base'], record['n_vis'], record['restore'])}: "
+          f"{shown} ({record['n_items']} answers, inference {wall_time_s:.0f} s); result: {path}")
+    return 0
 
 
 def run_tag(base: Optional[str], n_vis: Optional[int], restore: bool) -> str:
@@ -750,13 +776,14 @@ def _tools_main(argv: Optional[Sequence[str]] = None) -> int:
     m.add_argument("--out", required=True)
     m.add_argument("--check", action="store_true", help="only check; exit 3 if some chunk is not complete yet")
     m.add_argument("chunks", nargs="+")
-    r = sub.add_parser("record", help="write one result JSON for restore.report")
-    r.add_argument("--results-dir", required=True)
-    r.add_argument("--benchmark", required=True)
-    r.add_argument("--answers", required=True)
-    r.add_argument("--metrics", required=True)
-    r.add_argument("--model", required=True)
-    r.add_argument("--wall-time", type=float, required=True)
+    f = sub.add_parser("finish", help="merge chunk files, score them, write a result record")
+    f.add_argument("--benchmark", required=True)
+    f.add_argument("--answers-dir", required=True)
+    f.add_argument("--data-root", required=True)
+    f.add_argument("--results-dir", required=True)
+    f.add_argument("--model", required=True)
+    f.add_argument("--wall-time", type=float, required=True)
+    f.add_argument("chunks", nargs="+")
     a = p.parse_args(argv)
     try:
         if a.command == "merge":
@@ -766,14 +793,12 @@ def _tools_main(argv: Optional[Sequence[str]] = None) -> int:
                     print(problem)
                 return 3 if problems else 0
             n = merge_chunks(a.chunks, a.out)
-            print(f"merged {len(a.chunks)} chunk(s), {n} answers -> {a.out}")
-        else:
-            path = write_result_record(a.results_dir, a.benchmark, a.answers, a.metrics, a.model, a.wall_time)
-            print(path)
+            print(f"merged {len(a.chunks)} chunk file(s), {n} answers -> {a.out}")
+            return 0
+        return finish_run(a.benchmark, a.chunks, a.answers_dir, a.data_root, a.results_dir, a.model, a.wall_time)
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,255 @@
+# Shared by scripts/llava1_5/<bench>.sh; not run on its own.
+#
+# A benchmark script sets BENCH (the scorer's name), ENTRY (restore.eval.<ENTRY>), QUESTION_FILE and
+# IMAGE_FOLDER (relative to --data-root; IMAGE_FOLDER may be empty) and ENTRY_ARGS (fixed entry-point
+# flags), then calls `run_benchmark "$@"`. Steps: one inference process per shard (one per GPU in
+# CUDA_VISIBLE_DEVICES), each logging to its own file; wait for every shard; merge the shard files in
+# chunk order after checking each is complete; score with restore.eval.scoring; write one result JSON.
+
+set -euo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
+if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then
+    PY="$REPO_ROOT/.venv/bin/python"
+else
+    PY=python
+fi
+export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+usage() {
+    cat <<EOF
+usage: bash scripts/llava1_5/$BENCH.sh [options] [entry-point flags]
+
+Runs $BENCH inference (python -m restore.eval.$ENTRY), one shard per GPU, then scores it and writes a
+result record for python -m restore.report.
+
+options of this script:
+  --model-path PATH     checkpoint (default liuhaotian/llava-v1.5-7b)
+  --data-root DIR       LLaVA's playground/data/eval layout (default playground/data/eval in the repo)
+  --shards N            inference processes on this machine (default: one per GPU in CUDA_VISIBLE_DEVICES,
+                        else one per visible GPU, else 1); shards beyond the GPU count share GPUs round-robin
+  --nodes N             machines sharing this benchmark (default 1); each runs this script with its own
+  --node-rank K         0..N-1 (e.g. --node-rank \$SLURM_ARRAY_TASK_ID); every node needs the same --shards,
+                        and the node that finishes last merges and scores
+  --answers-root DIR    default playground/answers in the repo
+  --results-dir DIR     default playground/results in the repo
+  --run-name NAME       answers subfolder (default <base>-<n_vis>[-restore], or "full" without --base)
+  -h, --help            this text
+
+entry-point flags are passed through, e.g. --base HoloV --n_vis 64 --restore, --device cpu,
+--dtype bfloat16, --temperature 0.2, --max_new_tokens 16, --overwrite (see python -m restore.eval.$ENTRY -h).
+EOF
+}
+
+die() {
+    echo "error: $*" >&2
+    exit 2
+}
+
+# LLaVA's get_model_name_from_path: the last path component, or "<parent>_<checkpoint-N>".
+model_name_of() {
+    local path=${1%/} last parent
+    last=${path##*/}
+    if [[ $last == checkpoint-* && $path == */* ]]; then
+        parent=${path%/*}
+        echo "${parent##*/}_$last"
+    else
+        echo "$last"
+    fi
+}
+
+# "123/456" from the last progress bar in a log, or "starting".
+shard_progress() {
+    local found
+    found=$(tail -c 4000 "$1" 2>/dev/null | tr '\r' '\n' | grep -Eo '[0-9]+/[0-9]+ \[' | tail -n 1 | cut -d' ' -f1 || true)
+    echo "${found:-starting}"
+}
+
+run_benchmark() {
+    local model_path="liuhaotian/llava-v1.5-7b" data_root="$REPO_ROOT/playground/data/eval"
+    local answers_root="$REPO_ROOT/playground/answers" results_dir="$REPO_ROOT/playground/results"
+    local shards="" nodes=1 node_rank=0 run_name="" base="" n_vis="" restore=0 device=auto
+    local -a pass=()
+
+    # --flag=value -> --flag value, so that both spellings work below and in argparse.
+    local -a argv=()
+    local arg
+    for arg in "$@"; do
+        if [[ $arg == --*=* ]]; then argv+=("${arg%%=*}" "${arg#*=}"); else argv+=("$arg"); fi
+    done
+    set -- ${argv[@]+"${argv[@]}"}
+    while (($#)); do
+        case "$1" in
+            -h|--help) usage; exit 0 ;;
+            --model-path|--data-root|--shards|--nodes|--node-rank|--answers-root|--results-dir|--run-name)
+                (($# >= 2)) || die "$1 needs a value"
+                case "$1" in
+                    --model-path) model_path=$2 ;;
+                    --data-root) data_root=$2 ;;
+                    --shards) shards=$2 ;;
+                    --nodes) nodes=$2 ;;
+                    --node-rank) node_rank=$2 ;;
+                    --answers-root) answers_root=$2 ;;
+                    --results-dir) results_dir=$2 ;;
+                    --run-name) run_name=$2 ;;
+                esac
+                shift 2 ;;
+            --question-file|--image-folder|--answers-file|--num-chunks|--chunk-idx)
+                die "$1 is set by this script (use --data-root, --answers-root, --shards, --nodes/--node-rank)" ;;
+            --base|--n_vis|--n-vis|--device)
+                (($# >= 2)) || die "$1 needs a value"
+                case "$1" in
+                    --base) base=$2 ;;
+                    --device) device=$2 ;;
+                    *) n_vis=$2 ;;
+                esac
+                pass+=("$1" "$2")
+                shift 2 ;;
+            --restore) restore=1; pass+=("$1"); shift ;;
+            *) pass+=("$1"); shift ;;
+        esac
+    done
+    local positive='^[1-9][0-9]*$'
+    [[ -z $shards || $shards =~ $positive ]] || die "--shards must be a positive integer, got '$shards'"
+    [[ $nodes =~ $positive ]] || die "--nodes must be a positive integer, got '$nodes'"
+    [[ $node_rank =~ ^[0-9]+$ ]] && ((node_rank < nodes)) || die "--node-rank must be in 0..$((nodes - 1)), got '$node_rank'"
+    [[ -d $data_root ]] || die "data root $data_root not found (see docs/evaluation.md; pass --data-root)"
+    [[ -f $data_root/$QUESTION_FILE ]] || die "question file $data_root/$QUESTION_FILE not found (see docs/evaluation.md)"
+    if [[ -n $IMAGE_FOLDER && ! -d $data_root/$IMAGE_FOLDER ]]; then
+        die "image folder $data_root/$IMAGE_FOLDER not found (see docs/evaluation.md)"
+    fi
+
+    # Answers are keyed by model and reduction setting, so no run ever merges another run's files.
+    local model_name tag answers_dir
+    model_name=$(model_name_of "$model_path")
+    if [[ -n $run_name ]]; then
+        tag=$run_name
+    elif [[ -n $base ]]; then
+        tag="${base,,}-$n_vis"
+        ((restore)) && tag+="-restore"
+    else
+        tag=full
+    fi
+    answers_dir="$answers_root/$BENCH/$model_name/$tag"
+    mkdir -p "$answers_dir/chunks" "$answers_dir/logs" "$results_dir"
+
+    # One shard per GPU listed in CUDA_VISIBLE_DEVICES (or visible to nvidia-smi), each pinned to it.
+    local -a gpus=()
+    local g
+    if [[ -n ${CUDA_VISIBLE_DEVICES+set} ]]; then
+        IFS=, read -ra gpus <<< "$CUDA_VISIBLE_DEVICES"
+    elif [[ $device != cpu ]] && command -v nvidia-smi > /dev/null 2>&1; then
+        mapfile -t gpus < <(nvidia-smi --query-gpu=index --format=csv,noheader 2> /dev/null || true)
+    fi
+    local -a clean=()
+    for g in ${gpus[@]+"${gpus[@]}"}; do
+        g=${g//[[:space:]]/}
+        [[ -n $g ]] && clean+=("$g")
+    done
+    gpus=(${clean[@]+"${clean[@]}"})
+    local n_gpus=${#gpus[@]}
+    [[ -n $shards ]] || shards=$((n_gpus > 0 ? n_gpus : 1))
+    local total=$((nodes * shards)) first=$((node_rank * shards))
+
+    local -a chunk_files=() pids=() logs=()
+    local i chunk
+    for ((i = 0; i < total; i++)); do
+        chunk_files+=("$answers_dir/chunks/${total}_$i.jsonl")
+    done
+
+    local -A running=()
+    # shellcheck disable=SC2317  # called from the trap
+    stop_shards() {
+        local pid
+        for pid in "${!running[@]}"; do kill "$pid" 2> /dev/null || true; done
+        echo "[$BENCH] interrupted; answers written so far are kept and a rerun resumes" >&2
+        exit 130
+    }
+    trap stop_shards INT TERM
+
+    local where="no GPU pinning"
+    ((n_gpus > 0)) && where="GPU(s) ${gpus[*]}"
+    echo "[$BENCH] $model_name, $tag: $shards shard(s) on this node, chunks $first..$((first + shards - 1)) of $total," \
+         "$where; answers in $answers_dir"
+    # CPU shards share the cores instead of each taking all of them.
+    local cpu_threads=""
+    if [[ $device == cpu || $n_gpus == 0 ]] && [[ -z ${OMP_NUM_THREADS:-} ]]; then
+        cpu_threads=$(($(nproc 2> /dev/null || echo 1) / shards))
+        ((cpu_threads > 0)) || cpu_threads=1
+    fi
+    local started=$SECONDS started_at=$EPOCHREALTIME
+    for ((i = 0; i < shards; i++)); do
+        chunk=$((first + i))
+        local log="$answers_dir/logs/${total}_$chunk.log"
+        local -a pin=()
+        ((n_gpus > 0)) && pin+=("CUDA_VISIBLE_DEVICES=${gpus[i % n_gpus]}")
+        [[ -n $cpu_threads ]] && pin+=("OMP_NUM_THREADS=$cpu_threads")
+        local -a image_arg=()
+        [[ -n $IMAGE_FOLDER ]] && image_arg=(--image-folder "$data_root/$IMAGE_FOLDER")
+        env ${pin[@]+"${pin[@]}"} "$PY" -m "restore.eval.$ENTRY" \
+            --model-path "$model_path" \
+            --question-file "$data_root/$QUESTION_FILE" \
+            ${image_arg[@]+"${image_arg[@]}"} \
+            --answers-file "${chunk_files[chunk]}" \
+            --num-chunks "$total" --chunk-idx "$chunk" \
+            ${ENTRY_ARGS[@]+"${ENTRY_ARGS[@]}"} ${pass[@]+"${pass[@]}"} \
+            > "$log" 2>&1 &
+        pids+=("$!")
+        logs+=("$log")
+        running[$!]=$i
+        echo "[$BENCH]   shard $i: chunk $chunk${pin[*]:+, ${pin[*]}}, log $log"
+    done
+
+    # Wait for every shard; report each failure as soon as it happens (the others keep their answers).
+    local -a failed=()
+    local pid rc last_report=$SECONDS
+    while ((${#running[@]})); do
+        for pid in "${!running[@]}"; do
+            kill -0 "$pid" 2> /dev/null && continue
+            i=${running[$pid]}
+            unset "running[$pid]"
+            if wait "$pid"; then rc=0; else rc=$?; fi
+            if ((rc == 0)); then
+                echo "[$BENCH]   shard $i done ($((SECONDS - started)) s)"
+            else
+                failed+=("$i")
+                echo "[$BENCH]   shard $i FAILED with exit code $rc; last lines of ${logs[i]}:" >&2
+                tail -n 25 "${logs[i]}" | tr '\r' '\n' | tail -n 25 | sed 's/^/    | /' >&2
+            fi
+        done
+        ((${#running[@]})) || break
+        if ((SECONDS - last_report >= 60)); then
+            last_report=$SECONDS
+            local line="[$BENCH]   progress:"
+            for pid in "${!running[@]}"; do
+                line+=" shard ${running[$pid]} $(shard_progress "${logs[${running[$pid]}]}")"
+            done
+            echo "$line"
+        fi
+        sleep 1
+    done
+    trap - INT TERM
+    local wall
+    wall=$(awk -v a="$started_at" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.3f", b - a }')
+    if ((${#failed[@]})); then
+        echo "[$BENCH] ${#failed[@]} of $shards shard(s) failed (${failed[*]}); nothing merged or scored." \
+             "Fix the cause and rerun the same command: finished answers are kept and resumed." >&2
+        exit 1
+    fi
+
+    if ((nodes > 1)); then
+        if ! "$PY" -m restore.eval.common merge --check --out "$answers_dir/merge.jsonl" "${chunk_files[@]}" > /dev/null; then
+            echo "[$BENCH] this node's chunks are done; other nodes' chunks are not complete yet." \
+                 "The last node to finish merges and scores (or rerun any node when all are done)."
+            exit 0
+        fi
+    fi
+    (
+        # Several nodes may finish together: merge and score under a lock when flock exists.
+        if command -v flock > /dev/null 2>&1; then flock 9; fi
+        "$PY" -m restore.eval.common finish --benchmark "$BENCH" --answers-dir "$answers_dir" \
+            --data-root "$data_root" --results-dir "$results_dir" --model "$model_name" --wall-time "$wall" \
+            "${chunk_files[@]}"
+    ) 9> "$answers_dir/.merge.lock"
+}
