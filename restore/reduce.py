@@ -17,6 +17,7 @@ class ReducedImages:
     features: torch.Tensor  # [B, n_vis, D]
     positions: torch.Tensor  # [B, n_vis] retained patch position (0..N-1) of each token
     sizes: torch.Tensor  # [B, n_vis] float32, number of original patches in each token
+    source: torch.Tensor  # [B, N] index of the token each patch ended up in, -1 if dropped (a source map)
 
 
 def retained_budget(n_vis: int, restore: bool) -> int:
@@ -33,8 +34,10 @@ def reduce_visual_tokens(tokens: tr.VisualTokens, base: str, n_vis: int, restore
     B, N, D = tokens.features.shape
     keep = tr.get_selector(base)(tokens, retained_budget(n_vis, restore))
     kept = tokens.features.gather(1, keep.unsqueeze(-1).expand(-1, -1, D))
+    slots = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
+    source = torch.full((B, N), -1, dtype=torch.long, device=keep.device).scatter(1, keep, slots)
     if not restore:
-        return ReducedImages(kept, keep, torch.ones(keep.shape, device=keep.device))
+        return ReducedImages(kept, keep, torch.ones(keep.shape, device=keep.device), source)
 
     n_keep = keep.shape[1]
     unselected_mask = torch.ones(B, N, dtype=torch.bool, device=keep.device)
@@ -48,8 +51,10 @@ def reduce_visual_tokens(tokens: tr.VisualTokens, base: str, n_vis: int, restore
     positions = torch.cat([keep, merged_positions], dim=1)
     sizes = torch.cat([torch.ones(keep.shape, device=keep.device), groups.sizes], dim=1)
     order = positions.argsort(dim=-1)
+    source = source.scatter(1, unselected, groups.group_of + n_keep)  # slots before sorting
     return ReducedImages(
         features=features.gather(1, order.unsqueeze(-1).expand(-1, -1, D)),
         positions=positions.gather(1, order),
         sizes=sizes.gather(1, order),
+        source=order.argsort(dim=-1).gather(1, source),
     )

@@ -116,6 +116,10 @@ def test_reduce_invariants(base, n_vis):
     assert torch.equal(out.sizes.sum(dim=1), torch.full((2,), 576.0))
     assert (out.positions.diff(dim=1) > 0).all()  # strictly increasing retained positions
     keep = tr.get_selector(base)(tokens, retained_budget(n_vis, True))
+    # the source map sends every patch to one output token, and group sizes count those patches
+    counts = torch.zeros(2, n_vis).scatter_add_(1, out.source, torch.ones(2, 576))
+    assert torch.equal(counts, out.sizes)
+    assert torch.equal(out.positions.gather(1, out.source.gather(1, out.positions)), out.positions)
     for b in range(2):
         kept = set(keep[b].tolist())
         singles = {p for p, s in zip(out.positions[b].tolist(), out.sizes[b].tolist()) if p in kept}
@@ -132,6 +136,7 @@ def test_reduce_without_restore_keeps_base_order():
     assert torch.equal(out.positions, keep)
     assert torch.equal(out.features, tokens.features.gather(1, keep.unsqueeze(-1).expand(-1, -1, 32)))
     assert torch.all(out.sizes == 1)
+    assert (out.source >= 0).sum() == 2 * 64 and torch.equal(out.source.gather(1, keep), torch.arange(64).expand(2, 64))
 
 
 def test_reduce_batch_equals_per_sample():
