@@ -30,7 +30,7 @@ DEFAULT_CHECKPOINT_DIR = Path("playground/checkpoints/llava-v1.5-small-random")
 VISION_SUBDIR = "vision_tower"
 MANIFEST_NAME = "small_checkpoint.json"
 # Bump when the recipe changes, so that cached checkpoints from an older recipe get rebuilt.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -143,11 +143,18 @@ def _tokenizer_corpus() -> list[str]:
     return lines
 
 
+# Whole-word pieces removed after training, so that the vicuna_v1 system prompt and "USER: " take 35
+# tokens (with <s>) as with LLaVA-1.5's tokenizer: the image then starts at index 35, where the official
+# RESTORE code assumes it, and the small model can be compared with that code on unchanged prompts.
+_PIECES_SPLIT_LIKE_LLAMA = ("\u2581polite", "\u2581USER")
+
+
 def train_tokenizer_model(vocab_size: int = SmallShapes.tokenizer_vocab_size) -> bytes:
     """Train a LLaMA-style SentencePiece BPE model on the built-in corpus; returns the model bytes.
 
     Same ids as LLaMA for the specials (unk 0, bos 1, eos 2, no pad), byte fallback, split digits.
-    Single-threaded and unshuffled, so the result does not depend on the machine.
+    Single-threaded and unshuffled, so the result does not depend on the machine. A few whole-word
+    pieces are then removed (see _PIECES_SPLIT_LIKE_LLAMA), so the vocabulary is slightly below vocab_size.
     """
     import io
 
@@ -175,7 +182,25 @@ def train_tokenizer_model(vocab_size: int = SmallShapes.tokenizer_vocab_size) ->
         input_sentence_size=0,
         minloglevel=2,
     )
-    return model.getvalue()
+    return _without_pieces(model.getvalue(), _PIECES_SPLIT_LIKE_LLAMA)
+
+
+def _without_pieces(model_bytes: bytes, pieces: tuple[str, ...]) -> bytes:
+    """Remove pieces from a BPE model: words they spelled fall back to the two pieces merged last."""
+    # transformers' copy of the proto module, the one LlamaTokenizer uses: importing sentencepiece's own
+    # as well would register the same proto file twice and break LlamaTokenizer(legacy=False).
+    from transformers.convert_slow_tokenizer import import_protobuf
+
+    model = import_protobuf().ModelProto.FromString(model_bytes)
+    present = {p.piece for p in model.pieces}
+    missing = [p for p in pieces if p not in present]
+    if missing:
+        raise RuntimeError(f"the trained tokenizer lacks the pieces {missing}; the corpus or trainer changed")
+    kept = [p for p in model.pieces if p.piece not in pieces]
+    del model.pieces[:]
+    model.pieces.extend(kept)
+    model.trainer_spec.vocab_size = len(kept)
+    return model.SerializeToString()
 
 
 def _save_tokenizer(directory: Path, model_bytes: bytes, max_length: int) -> int:

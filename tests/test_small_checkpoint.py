@@ -108,6 +108,7 @@ def test_tokenizer_is_llama_style(small_checkpoint):
     assert ids.count(IMAGE_TOKEN_INDEX) == 1
     assert tokenizer.unk_token_id not in ids
     image_at = ids.index(IMAGE_TOKEN_INDEX)
+    assert image_at == 35  # as with LLaVA-1.5's tokenizer; the official RESTORE code assumes it
     assert tokenizer.decode(ids[1:image_at]).startswith("A chat between a curious user")
     assert tokenizer.decode(ids[image_at + 1:]).strip().endswith("directly. ASSISTANT:")
     # Trained on the prompts, the common words are single pieces, not spelled out letter by letter.
@@ -224,3 +225,13 @@ def test_synthetic_image_is_deterministic_and_structured():
     random_pairs = np.abs(np.diff(shuffled, axis=0)).mean()
     assert neighbour < 0.2 * random_pairs
     assert pixels.std() > 20
+
+
+def test_demo_runs_on_the_small_checkpoint(small_checkpoint, capsys):
+    from restore import demo
+
+    assert demo.main(["--checkpoint", str(small_checkpoint), "--max-new-tokens", "3", "--image-seed", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "RANDOM weights" in out and "meaningless" in out
+    assert "576 visual tokens" in out
+    assert "[stock LLaVA]" in out and "tokens in" in out
