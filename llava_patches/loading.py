@@ -196,8 +196,25 @@ def load_model(
     # The builder loads in fp16 whatever was asked: convert everything, vision tower included.
     model.to(device=target_device, dtype=target_dtype)
     model.config.torch_dtype = target_dtype
+    rebuild_rope_tables(model)
     model.eval()
     return tokenizer, model, image_processor, context_len
+
+
+def rebuild_rope_tables(model: torch.nn.Module) -> None:
+    """Recompute every RoPE cos/sin table in float32.
+
+    The builder instantiates the model under a float16 default dtype, so the tables hold
+    fp16-rounded values that ``model.to(float32)`` cannot restore (relative logit errors ~1e-3 on the
+    CPU). Stored in float32, they are cast to the activations' dtype when used, which gives exactly the
+    fp16 values on a GPU and exact values in float32, as the official implementation computes them.
+    """
+    for module in model.modules():
+        if hasattr(module, "_set_cos_sin_cache") and hasattr(module, "max_seq_len_cached"):
+            device = module.inv_freq.device
+            # model.to(dtype) also cast the frequencies; recompute them in float32 as the model defines them.
+            module.inv_freq = 1.0 / (module.base ** (torch.arange(0, module.dim, 2, device=device).float() / module.dim))
+            module._set_cos_sin_cache(module.max_seq_len_cached, device, torch.float32)
 
 
 def build_prompt(question: str, conv_mode: str = "vicuna_v1", *, mm_use_im_start_end: bool = False) -> str:

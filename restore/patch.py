@@ -154,4 +154,4 @@ class RetainedRopeMixin:
     _restore_ctx: RestoreContext
 
     def forward(self, x, seq_len=None):
-        return super().forward(x, seq_len=max(seq_len or 0, self.max_seq_len_cached, self._restore_ctx.rope_length))
+        return super().forward(x, seq_len=max(seq_len or 0, self._restore_ctx.rope_length))

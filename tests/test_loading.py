@@ -14,7 +14,8 @@ from llava_patches.loading import CheckpointError, check_checkpoint, load_model,
 
 def _all_tensors(model: torch.nn.Module):
     yield from model.parameters()
-    yield from model.buffers()
+    # RoPE frequencies and tables stay float32 by design (see loading.rebuild_rope_tables).
+    yield from (b for name, b in model.named_buffers() if not name.endswith(("inv_freq", "cos_cached", "sin_cached")))
 
 
 def _assert_whole_model_on(model, dtype: torch.dtype, device: str = "cpu") -> None:
@@ -214,3 +215,13 @@ def test_make_inputs_moves_and_casts(small_model, synthetic_image, tmp_path):
     input_ids, images = make_inputs(tokenizer, image_processor, "What is this?", path, device="cpu",
                                     dtype=torch.bfloat16)
     assert input_ids.dtype == torch.long and images.dtype == torch.bfloat16
+
+
+def test_rope_tables_are_exact_float32(small_model):
+    """The builder loads under fp16; load_model rebuilds RoPE tables so fp32 runs are not fp16-rounded."""
+    rope = small_model.model.get_model().layers[0].self_attn.rotary_emb
+    positions = torch.arange(rope.max_seq_len_cached, dtype=torch.float32)
+    angles = torch.outer(positions, rope.inv_freq.float())
+    expected = torch.cat([angles, angles], dim=-1).cos()
+    assert rope.cos_cached.dtype == torch.float32 and rope.inv_freq.dtype == torch.float32
+    assert torch.equal(rope.cos_cached, expected)
