@@ -1,0 +1,1 @@
+"""Benchmark evaluation: inference entry points, scorers (`restore.eval.scoring`) and test fixtures."""

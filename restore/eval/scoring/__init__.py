@@ -1,0 +1,45 @@
+"""Scorers for the nine LLaVA-1.5 benchmarks, each giving the official scorer's number.
+
+    python -m restore.eval.scoring BENCH --answers ANSWERS.jsonl --data-root DATA_ROOT --out-dir OUT_DIR
+
+or `score(bench, answers_path, data_root, out_dir)`. Each scorer writes `metrics.json` and the
+benchmark's conversion/submission files into the output folder. Missing predictions never crash
+a scorer and are never filled in silently: they are counted, listed, and scored as each module's
+docstring says.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from .common import AnswerFile, BenchResult, DataError, DataFilesMissing, write_json
+
+BENCHMARKS = ("gqa", "vqav2", "seed", "mmbench", "mme", "pope", "sqa", "textvqa", "ocrbench")
+DEFAULT_DATA_ROOT = Path("playground/data/eval")
+
+__all__ = ["BENCHMARKS", "DEFAULT_DATA_ROOT", "DataError", "DataFilesMissing", "score", "evaluate"]
+
+
+def evaluate(bench: str, answers_path: str | Path, data_root: str | Path, out_dir: str | Path,
+             model_id: str | None = None) -> BenchResult:
+    """Score one answer file; returns the BenchResult (metrics.json is written by `score`)."""
+    if bench not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {bench!r}; choose one of {', '.join(BENCHMARKS)}")
+    data_root = Path(data_root)
+    if not data_root.is_dir():
+        raise DataFilesMissing(f"data root {data_root} does not exist (see docs/data.md)")
+    answers = AnswerFile.read(Path(answers_path))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    module = importlib.import_module(f"{__name__}.{bench}")
+    return module.evaluate(answers, data_root, out_dir, model_id or answers.model_id())
+
+
+def score(bench: str, answers_path: str | Path, data_root: str | Path = DEFAULT_DATA_ROOT,
+          out_dir: str | Path = ".", model_id: str | None = None) -> dict:
+    """Score one answer file, write OUT_DIR/metrics.json and return its content."""
+    result = evaluate(bench, answers_path, data_root, out_dir, model_id)
+    summary = result.to_dict()
+    summary["files"] = summary["files"] + [str(Path(out_dir) / "metrics.json")]
+    write_json(Path(out_dir) / "metrics.json", summary, indent=2)
+    return summary

@@ -1,0 +1,58 @@
+"""Command line: python -m restore.eval.scoring BENCH --answers A.jsonl --data-root D --out-dir O."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import BENCHMARKS, DEFAULT_DATA_ROOT, DataError, score
+
+EXIT_DATA_MISSING = 2
+EXIT_INCOMPLETE = 3
+
+
+def format_table(summary: dict) -> str:
+    """A small human-readable table of a metrics.json summary."""
+    rows = []
+    main = summary["main_metric"]
+    for name, value in summary["metrics"].items():
+        if isinstance(value, float):
+            shown = f"{value:.2f}"
+        elif value is None:
+            shown = "n/a"
+        else:
+            shown = str(value)
+        rows.append((name + ("  <- main" if name == main else ""), shown))
+    width = max((len(r[0]) for r in rows), default=10)
+    lines = [f"== {summary['benchmark']}: {summary['n_answers']} answers, {summary['n_expected']} expected"]
+    lines += [f"  {name.ljust(width)}  {shown}" for name, shown in rows]
+    if summary["n_missing"]:
+        lines.append(f"  WARNING: {summary['n_missing']} expected items have no prediction, "
+                     f"e.g. {', '.join(map(str, summary['missing_ids'][:5]))}")
+    for note in summary["notes"]:
+        lines.append(f"  note: {note}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m restore.eval.scoring", description=__doc__)
+    parser.add_argument("bench", choices=BENCHMARKS)
+    parser.add_argument("--answers", required=True, help="answer file (JSONL) written by the entry point")
+    parser.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT), help="folder holding gqa/, MME/, pope/, ...")
+    parser.add_argument("--out-dir", required=True, help="where metrics.json and submission files go")
+    parser.add_argument("--model-id", default=None, help="name used in submission file names (default: the answers' model_id)")
+    parser.add_argument("--strict", action="store_true", help=f"exit {EXIT_INCOMPLETE} if any expected item is unanswered")
+    args = parser.parse_args(argv)
+    try:
+        summary = score(args.bench, args.answers, args.data_root, args.out_dir, args.model_id)
+    except DataError as error:
+        print(f"error: cannot score {args.bench}: {error}", file=sys.stderr)
+        return EXIT_DATA_MISSING
+    print(format_table(summary))
+    print(f"  written: {', '.join(summary['files'])}")
+    if args.strict and summary["n_missing"]:
+        return EXIT_INCOMPLETE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""MMBench dev (English): CircularEval accuracy computed locally, plus the official submission xlsx.
+
+The dev TSV holds every question several times with its options rotated; copy k of question
+b has index b + k * 1,000,000 and its own `answer` letter. A question counts as correct only
+if every copy in the TSV is answered correctly ("circular_accuracy", the main metric, the
+number the MMBench server reports). "vanilla_accuracy" scores the unrotated copies only
+(index < 1,000,000); "row_accuracy" every row on its own. A copy without a prediction is
+wrong and listed in missing_ids.
+
+Letter extraction (rule based, in this order; letters outside the row's options do not count):
+  1. the whole output is a letter, optionally in parentheses and/or followed by ".", ":" or ")":
+     "B", "B.", "(B)", "B)";
+  2. the output starts with such a letter followed by a space and more text: "B. cat", "(B) cat",
+     "B) cat", "B: cat" (not "A cat": a capital word is not taken for an option);
+  3. "answer is X" / "answer: X" (any case for "answer", X a capital letter, optionally in
+     parentheses), if all such phrases name the same letter;
+  4. the output, without a trailing period and ignoring case, equals exactly one option's text.
+Anything else is unparsed and wrong (count in "unparsed"). The official server applies a
+similar matcher and then asks an LLM (ChatGPT) to map unparsed outputs to an option, so a model
+that answers in free text can score higher there; LLaVA-1.5 with the single-letter prompt
+answers with a bare letter, where both agree.
+
+Submission (LLaVA's MMBench converter): the TSV without hint/category/source/image/comment/
+l2-category, a `prediction` column (raw output text) inserted at position 6, written as
+`mmbench_dev_20230712_<model>.xlsx` (pandas + openpyxl).
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+from .common import AnswerFile, BenchResult, DataFilesMissing, make_result, match_answers, percent, require_file
+
+NAME = "mmbench"
+SPLIT = "mmbench_dev_20230712"
+COPY_STRIDE = 1_000_000
+OPTION_LETTERS = ("A", "B", "C", "D")
+DROPPED_COLUMNS = ("hint", "category", "source", "image", "comment", "l2-category")
+
+_BARE_LETTER = re.compile(r"\(?([A-Z])\)?[.:)]?")
+_LEADING_LETTER = re.compile(r"(?:\(([A-Z])\)|([A-Z])[.:)])\s+\S")
+_ANSWER_PHRASE = re.compile(r"(?i:answer)(?:\s+is|\s*:)\s*\(?([A-Z])(?=$|[\s.,:;)!])")
+
+
+def is_empty(value) -> bool:
+    """Empty option/hint cell, with LLaVA's rule: NaN, None, or the strings "nan"/"none"."""
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and value.strip().lower() in ("nan", "none")
+
+
+def row_options(row: dict) -> dict[str, str]:
+    """Options A, B, ... up to the first empty one, as LLaVA's MMBench entry point reads them."""
+    options = {}
+    for letter in OPTION_LETTERS:
+        if letter not in row or is_empty(row[letter]):
+            break
+        options[letter] = str(row[letter])
+    return options
+
+
+def extract_letter(text: str, options: dict[str, str]) -> str | None:
+    """The option letter a free-form output names, or None (rules in the module docstring)."""
+    text = text.strip()
+    match = _BARE_LETTER.fullmatch(text)
+    if match:
+        return match.group(1) if match.group(1) in options else None
+    match = _LEADING_LETTER.match(text)
+    if match:
+        letter = match.group(1) or match.group(2)
+        return letter if letter in options else None
+    named = {m.group(1) for m in _ANSWER_PHRASE.finditer(text)}
+    if len(named) == 1:
+        letter = named.pop()
+        return letter if letter in options else None
+    plain = text.rstrip(".").strip().lower()
+    same = [letter for letter, option in options.items() if option.strip().rstrip(".").lower() == plain]
+    return same[0] if len(same) == 1 else None
+
+
+def _read_tsv(path: Path):
+    import pandas as pd
+
+    return pd.read_csv(path, sep="\t")
+
+
+def _write_submission(table, predictions: dict[int, str], path: Path) -> str:
+    try:
+        from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
+    except ImportError as error:  # pragma: no cover - openpyxl is a declared dependency
+        raise RuntimeError("writing the MMBench xlsx needs openpyxl: pip install openpyxl") from error
+    sheet = table.drop(columns=[c for c in DROPPED_COLUMNS if c in table.columns])
+    column = [predictions.get(int(i)) for i in sheet["index"]]
+    # Excel cannot store control characters; they are removed from the uploaded text only.
+    column = [ILLEGAL_CHARACTERS_RE.sub("", t) if isinstance(t, str) else t for t in column]
+    sheet.insert(min(6, len(sheet.columns)), "prediction", column)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.to_excel(path, index=False, engine="openpyxl")
+    return str(path)
+
+
+def evaluate(answers: AnswerFile, data_root: Path, out_dir: Path, model_id: str) -> BenchResult:
+    tsv = require_file(data_root / "mmbench" / f"{SPLIT}.tsv", "official MMBench dev TSV")
+    table = _read_tsv(tsv)
+    if "index" not in table.columns:
+        raise DataFilesMissing(f"{tsv} has no 'index' column: not an MMBench TSV")
+    rows = {int(row["index"]): row for row in table.to_dict("records")}
+
+    # Only the first round counts (entry points run with a single prediction per row).
+    first_round = [r for r in answers.records if int(r.get("round_id", 0) or 0) == 0]
+    matched = match_answers(first_round, lambda r: int(r["question_id"]), rows)
+    predictions = {index: r.get("text", "") for index, r in matched.by_key.items()}
+    files = [_write_submission(table, predictions, out_dir / f"{SPLIT}_{model_id}.xlsx")]
+
+    if "answer" not in table.columns:
+        notes = ["this TSV has no ground truth (test split): submit the xlsx to the MMBench server"]
+        return make_result(NAME, answers, matched, {}, None, len(rows), notes=notes, files=files)
+
+    row_correct: dict[int, bool] = {}
+    unparsed = 0
+    for index, row in rows.items():
+        record = matched.by_key.get(index)
+        if record is None:
+            row_correct[index] = False
+            continue
+        letter = extract_letter(record.get("text", ""), row_options(row))
+        unparsed += letter is None
+        row_correct[index] = letter is not None and letter == str(row["answer"]).strip()
+
+    questions: dict[int, list[int]] = {}
+    for index in rows:
+        questions.setdefault(index % COPY_STRIDE, []).append(index)
+    question_correct = {base: all(row_correct[i] for i in copies) for base, copies in questions.items()}
+
+    metrics = {
+        "circular_accuracy": percent(sum(question_correct.values()), len(questions)),
+        "vanilla_accuracy": percent(sum(row_correct[i] for i in rows if i < COPY_STRIDE),
+                                    sum(1 for i in rows if i < COPY_STRIDE)),
+        "row_accuracy": percent(sum(row_correct.values()), len(rows)),
+        "unparsed": unparsed,
+    }
+    if "l2-category" in table.columns:
+        groups: dict[str, list[bool]] = {}
+        for base, copies in questions.items():
+            name = str(rows[copies[0]]["l2-category"])
+            groups.setdefault(name, []).append(question_correct[base])
+        for name in sorted(groups):
+            metrics[f"l2/{name}"] = percent(sum(groups[name]), len(groups[name]))
+    notes = [f"{len(questions)} questions in {len(rows)} circular copies"]
+    return make_result(NAME, answers, matched, metrics, "circular_accuracy", len(rows), notes=notes, files=files)

@@ -1,0 +1,77 @@
+"""OCRBench: Final Score (correct answers out of 1000, main metric "final_score") with the sums
+per question type, as RESTORE's `model_vqa_ocrbench eval` and the official OCRBench example.
+
+Answer lines use OCRBench's own schema: the six fields of the OCRBench.json item (dataset_name,
+id, image_path, question, answers, type) plus `predict`. An item is correct if one of its answers
+is a substring of the prediction, after: HME100k: strip, newlines to spaces, all spaces removed
+(case kept); other datasets: lower-case, strip, newlines to spaces. "text_recognition" sums the
+six recognition types (max 300); "dataset/<name>" gives each source dataset's accuracy in percent
+(what the official script prints when there are not exactly 1000 results); "accuracy" is
+final_score / max_score in percent.
+
+Differences from the official scorer: it reads the answers' own copies of the annotation fields,
+and prints a Final Score only when exactly 1000 lines were scored. Here answers are matched to
+OCRBench.json items by (dataset_name, id, image_path, question); an unanswered item scores 0
+and is listed in missing_ids, so final_score is always defined (a lower bound when incomplete).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .common import AnswerFile, BenchResult, load_json, make_result, match_answers, percent, require_file
+
+NAME = "ocrbench"
+RECOGNITION_TYPES = (
+    "Regular Text Recognition", "Irregular Text Recognition", "Artistic Text Recognition",
+    "Handwriting Recognition", "Digit String Recognition", "Non-Semantic Text Recognition",
+)
+OTHER_TYPES = (
+    "Scene Text-centric VQA", "Doc-oriented VQA", "Key Information Extraction",
+    "Handwritten Mathematical Expression Recognition",
+)
+MATH_DATASET = "HME100k"
+
+
+def _clean(text: str, dataset: str) -> str:
+    if dataset == MATH_DATASET:
+        return text.strip().replace("\n", " ").replace(" ", "")
+    return text.lower().strip().replace("\n", " ")
+
+
+def is_correct(prediction: str, answers: str | list[str], dataset: str) -> bool:
+    candidates = answers if isinstance(answers, list) else [answers]
+    pred = _clean(prediction, dataset)
+    return any(_clean(answer, dataset) in pred for answer in candidates)
+
+
+def item_key(item: dict) -> tuple[str, str, str, str]:
+    return str(item["dataset_name"]), str(item["id"]), str(item["image_path"]), str(item["question"])
+
+
+def evaluate(answers: AnswerFile, data_root: Path, out_dir: Path, model_id: str) -> BenchResult:
+    items = load_json(require_file(data_root / "ocrbench" / "OCRBench.json", "official OCRBench.json"))
+    keys = [item_key(item) for item in items]
+    matched = match_answers(answers.records, item_key, keys)
+
+    per_type: dict[str, int] = {t: 0 for t in RECOGNITION_TYPES + OTHER_TYPES}
+    per_dataset: dict[str, list[int]] = {}
+    total = 0
+    for key, item in zip(keys, items):
+        record = matched.by_key.get(key)
+        hit = int(record is not None and is_correct(str(record.get("predict", "")), item["answers"], item["dataset_name"]))
+        total += hit
+        per_type[item["type"]] = per_type.get(item["type"], 0) + hit
+        per_dataset.setdefault(item["dataset_name"], []).append(hit)
+
+    metrics: dict[str, float | int | None] = {
+        "final_score": total,
+        "max_score": len(items),
+        "accuracy": percent(total, len(items)),
+        "text_recognition": sum(per_type[t] for t in RECOGNITION_TYPES),
+    }
+    metrics.update(per_type)
+    for name in sorted(per_dataset):
+        metrics[f"dataset/{name}"] = percent(sum(per_dataset[name]), len(per_dataset[name]))
+    matched.missing = [f"{dataset}/{item_id} ({image_path})" for dataset, item_id, image_path, _ in matched.missing]
+    notes = [] if len(items) == 1000 else [f"OCRBench.json has {len(items)} items, not 1000: final_score is out of {len(items)}"]
+    return make_result(NAME, answers, matched, metrics, "final_score", len(items), notes=notes)

@@ -1,0 +1,80 @@
+"""TextVQA val: VQA soft accuracy, as LLaVA's `eval_textvqa.py` with the m4c TextVQAAccuracyEvaluator.
+
+An answer line is tied to its annotation by (image id = answer's question_id, question recovered
+from the prompt, lower-cased). The question is the prompt's first line for LLaVA's three-line
+prompt (question / "Reference OCR token: ..." / suffix) and two-line prompt, the second line when
+the prompt starts with the OCR line, and the text between "Question: " and " Short answer:" for
+the "OCR tokens: " prompt. Prediction and the 10 human answers are normalized with the EvalAI
+processor (`vqa_normalize`); a prediction scores the leave-one-out soft score of the human answer
+it equals, 0 otherwise. Accuracy = mean x 100 (main metric "accuracy").
+
+Differences from the official scorer: eval_textvqa.py scores the answer lines it finds and
+crashes on a line whose (image, question) is unknown; an unanswered question is simply not in
+its mean. Here every annotation question is expected; an unanswered one scores 0 (it stays in
+the denominator) and is listed in missing_ids as "image :: question (question_id N)"; unknown lines are
+reported as unexpected. Two questions with the same image and text are answered in order and
+both scored against the annotation entry the official dict keeps (the last one). On complete
+inputs the numbers are identical.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .common import AnswerFile, BenchResult, Matched, load_json, make_result, percent, require_file
+from .vqa_normalize import normalize_answer, soft_scores
+
+NAME = "textvqa"
+ANNOTATION = "TextVQA_0.5.1_val.json"
+_OCR_TOKENS_QUESTION = re.compile(r"Question: (.*?) Short answer:", re.DOTALL)
+
+
+def prompt_question(prompt: str) -> str:
+    lines = prompt.split("\n")
+    if prompt.startswith("OCR tokens: "):
+        match = _OCR_TOKENS_QUESTION.search(prompt)
+        if match:
+            return match.group(1).lower()
+    if "Reference OCR token: " in prompt and len(lines) == 3 and prompt.startswith("Reference OCR token:"):
+        return lines[1].lower()
+    return lines[0].lower()
+
+
+def evaluate(answers: AnswerFile, data_root: Path, out_dir: Path, model_id: str) -> BenchResult:
+    entries = load_json(require_file(data_root / "textvqa" / ANNOTATION, "official TextVQA val annotation"))["data"]
+    waiting: dict[tuple[str, str], list[str]] = {}  # key -> question ids not answered yet, in order
+    truth: dict[tuple[str, str], list[str]] = {}
+    for entry in entries:
+        key = (str(entry["image_id"]), entry["question"].lower())
+        waiting.setdefault(key, []).append(str(entry["question_id"]))
+        truth[key] = entry["answers"]  # the last entry wins, as in the official dict
+
+    score_cache: dict[tuple[str, str], dict[str, float]] = {}
+    scores: dict[str, float] = {}
+    by_key: dict[str, dict] = {}
+    unexpected, duplicates = [], []
+    for record in answers.records:
+        try:
+            key = (str(record["question_id"]), prompt_question(record["prompt"]))
+        except (KeyError, AttributeError):
+            unexpected.append(str(record.get("question_id")))
+            continue
+        if key not in waiting:
+            unexpected.append(f"{key[0]}: {key[1]}")
+            continue
+        if not waiting[key]:
+            duplicates.append(f"{key[0]}: {key[1]}")
+            continue
+        qid = waiting[key].pop(0)
+        if key not in score_cache:
+            score_cache[key] = soft_scores(truth[key])
+        scores[qid] = score_cache[key].get(normalize_answer(record.get("text", "")), 0.0)
+        by_key[qid] = record
+
+    all_ids = [str(e["question_id"]) for e in entries]
+    # Answer files name an item by image id and question, so missing items are shown that way.
+    missing = [f"{e['image_id']} :: {e['question']} (question_id {e['question_id']})"
+               for e in entries if str(e["question_id"]) not in scores]
+    matched = Matched(by_key, duplicates, unexpected, missing)
+    metrics = {"accuracy": percent(sum(scores.values()), len(all_ids))}
+    return make_result(NAME, answers, matched, metrics, "accuracy", len(all_ids))

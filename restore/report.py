@@ -1,0 +1,312 @@
+"""Results table across runs: configurations (rows) x benchmarks (columns), like the paper's main table.
+
+    python -m restore.report [--results playground/results] [--out DIR] [--metric mme=perception ...]
+
+Reads every run record under --results: one JSON object per `.json` file (JSONL files with one
+record per line are read too), with the fields benchmark, base, n_vis, restore, model, metrics,
+main_metric, n_items, wall_time_s, timestamp. Files without benchmark/metrics/base (for example
+a scorer's own metrics.json) are skipped. A configuration is (model, base, n_vis, restore);
+no reduction is base "none" with 576 tokens. When a configuration ran a benchmark several times,
+the record with the latest timestamp wins.
+
+Cells show each benchmark's main metric (or the one chosen with --metric BENCH=NAME). Two averages:
+  Avg  mean over the configuration's benchmarks of the main metric on a 0-100 scale: percentages
+       as they are, MME divided by its maximum (2800 for perception+cognition, 2000 perception,
+       800 cognition), OCRBench final score divided by its maximum (1000). VQAv2 has no local
+       score and is left out. "†" marks an average over fewer benchmarks than the table has.
+  Rel  mean over benchmarks of 100 x value / value of the same model without reduction
+       ("none"/576), when that run exists: the "% of the unreduced model" average of
+       token-reduction papers.
+Writes report.md (table, footnotes, the runs used) and report.csv (raw values) into --out
+(default: the results folder) and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+BENCH_ORDER = ("gqa", "mmbench", "mme", "pope", "sqa", "vqav2", "textvqa", "seed", "ocrbench")
+TITLES = {"gqa": "GQA", "mmbench": "MMB", "mme": "MME", "pope": "POPE", "sqa": "SQA-IMG", "vqav2": "VQAv2",
+          "textvqa": "TextVQA", "seed": "SEED", "ocrbench": "OCRBench"}
+METRIC_MAX = {("mme", "total"): 2800.0, ("mme", "perception"): 2000.0, ("mme", "cognition"): 800.0}
+FULL_TOKENS = 576
+NO_REDUCTION = "none"
+
+
+@dataclass(frozen=True, order=True)
+class Config:
+    model: str
+    base: str
+    n_vis: int
+    restore: bool
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.base == NO_REDUCTION
+
+    def sort_key(self) -> tuple:
+        return (self.model, not self.is_baseline, self.base.lower(), -self.n_vis, self.restore)
+
+
+@dataclass
+class Run:
+    config: Config
+    benchmark: str
+    record: dict
+    source: str
+    order: tuple  # (timestamp, file) for "latest wins"
+
+
+def _timestamp(value, fallback: float) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            return fallback
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        return moment.timestamp()
+    return fallback
+
+
+def config_of(record: dict) -> Config:
+    base = record.get("base")
+    base = NO_REDUCTION if base in (None, "", "none", "None") else str(base)
+    n_vis = record.get("n_vis")
+    n_vis = FULL_TOKENS if base == NO_REDUCTION and n_vis in (None, 0) else int(n_vis)
+    return Config(str(record.get("model") or "?"), base, n_vis, bool(record.get("restore")) and base != NO_REDUCTION)
+
+
+def is_run_record(obj) -> bool:
+    return isinstance(obj, dict) and {"benchmark", "metrics", "base"} <= set(obj)
+
+
+def load_runs(results_dir: Path) -> tuple[list[Run], list[str]]:
+    """All run records under results_dir, and the files skipped (not records / unreadable)."""
+    runs, skipped = [], []
+    for path in sorted(list(results_dir.rglob("*.json")) + list(results_dir.rglob("*.jsonl"))):
+        try:
+            text = path.read_text(encoding="utf-8")
+            objects = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
+                else [json.loads(text)]
+        except (OSError, json.JSONDecodeError):
+            skipped.append(str(path))
+            continue
+        records = [o for o in objects if is_run_record(o)]
+        if not records:
+            skipped.append(str(path))
+        mtime = path.stat().st_mtime
+        for line_number, record in enumerate(records):
+            runs.append(Run(config_of(record), str(record["benchmark"]), record, str(path),
+                            (_timestamp(record.get("timestamp"), mtime), str(path), line_number)))
+    return runs, skipped
+
+
+def latest_runs(runs: list[Run]) -> dict[tuple[Config, str], Run]:
+    chosen: dict[tuple[Config, str], Run] = {}
+    for run in runs:
+        key = (run.config, run.benchmark)
+        if key not in chosen or run.order > chosen[key].order:
+            chosen[key] = run
+    return chosen
+
+
+def metric_name(run: Run, overrides: dict[str, str]) -> str | None:
+    return overrides.get(run.benchmark) or run.record.get("main_metric")
+
+
+def metric_value(run: Run, overrides: dict[str, str]) -> float | None:
+    name = metric_name(run, overrides)
+    value = run.record.get("metrics", {}).get(name) if name else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def on_percent_scale(benchmark: str, name: str, value: float, metrics: dict) -> float:
+    """The metric on a 0-100 scale (see the module docstring)."""
+    if (benchmark, name) in METRIC_MAX:
+        return 100.0 * value / METRIC_MAX[(benchmark, name)]
+    if benchmark == "ocrbench" and name == "final_score":
+        return 100.0 * value / float(metrics.get("max_score") or 1000)
+    return value
+
+
+@dataclass
+class Table:
+    benchmarks: list[str]
+    configs: list[Config]
+    cells: dict[tuple[Config, str], Run]
+    values: dict[tuple[Config, str], float | None]
+    avg: dict[Config, tuple[float | None, int]]  # (average, number of benchmarks in it)
+    rel: dict[Config, float | None]
+    scored: list[str]  # benchmarks that enter the averages
+    metric_names: dict[str, set[str]]
+
+
+def build_table(runs: list[Run], overrides: dict[str, str] | None = None) -> Table:
+    overrides = overrides or {}
+    cells = latest_runs(runs)
+    present = {b for _, b in cells}
+    benchmarks = [b for b in BENCH_ORDER if b in present] + sorted(present - set(BENCH_ORDER))
+    configs = sorted({c for c, _ in cells}, key=Config.sort_key)
+    values = {key: metric_value(run, overrides) for key, run in cells.items()}
+    metric_names: dict[str, set[str]] = {}
+    for (config, bench), run in cells.items():
+        metric_names.setdefault(bench, set()).add(str(metric_name(run, overrides)))
+    scored = [b for b in benchmarks if any(values.get((c, b)) is not None for c in configs)]
+
+    avg, rel = {}, {}
+    for config in configs:
+        normalized = [on_percent_scale(b, metric_name(cells[(config, b)], overrides), values[(config, b)],
+                                       cells[(config, b)].record.get("metrics", {}))
+                      for b in scored if values.get((config, b)) is not None]
+        avg[config] = (sum(normalized) / len(normalized), len(normalized)) if normalized else (None, 0)
+        baseline = Config(config.model, NO_REDUCTION, FULL_TOKENS, False)
+        ratios = [100.0 * values[(config, b)] / values[(baseline, b)] for b in scored
+                  if values.get((config, b)) is not None and values.get((baseline, b))]
+        rel[config] = sum(ratios) / len(ratios) if ratios else None
+    return Table(benchmarks, configs, cells, values, avg, rel, scored, metric_names)
+
+
+def _format_value(bench: str, value: float | None, run: Run | None) -> str:
+    if run is None:
+        return "–"
+    if value is None:
+        return "online" if bench == "vqav2" else "n/a"
+    shown = f"{value:.0f}" if bench == "ocrbench" and float(value).is_integer() else f"{value:.1f}"
+    incomplete = run.record.get("complete") is False or (run.record.get("n_missing") or 0) > 0
+    return shown + ("*" if incomplete else "")
+
+
+def _config_cells(config: Config) -> list[str]:
+    if config.is_baseline:
+        return [config.model, "none", str(config.n_vis), "–"]
+    return [config.model, config.base, str(config.n_vis), "yes" if config.restore else "no"]
+
+
+def render_markdown(table: Table) -> str:
+    header = ["Model", "Base", "Tokens", "RESTORE"] + [TITLES.get(b, b) for b in table.benchmarks] + ["Avg", "Rel"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for config in table.configs:
+        row = _config_cells(config)
+        row += [_format_value(b, table.values.get((config, b)), table.cells.get((config, b))) for b in table.benchmarks]
+        average, count = table.avg[config]
+        row.append("–" if average is None else f"{average:.1f}" + ("†" if count < len(table.scored) else ""))
+        row.append("–" if table.rel[config] is None else f"{table.rel[config]:.1f}%")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def footnotes(table: Table) -> list[str]:
+    def shown(bench: str) -> str:
+        names = sorted(n for n in table.metric_names[bench] if n != "None")
+        return "/".join(names) if names else "submission only (scored online)"
+
+    notes = [
+        "Metrics: " + ", ".join(f"{TITLES.get(b, b)}: {shown(b)}" for b in table.benchmarks) + ".",
+        "Avg: mean of the scored benchmarks on a 0-100 scale; MME is divided by its maximum (2800 for "
+        "perception+cognition, 2000 perception, 800 cognition) and OCRBench's final score by 1000; "
+        "VQAv2 (online scoring only) is not included.",
+        "Rel: mean over benchmarks of the score relative to the same model without reduction (none/576).",
+    ]
+    if any(count < len(table.scored) for _, count in table.avg.values()):
+        notes.append(f"†: average over fewer benchmarks than the table's {len(table.scored)}.")
+    if any(_format_value(key[1], table.values.get(key), run).endswith("*") for key, run in table.cells.items()):
+        notes.append("*: the run left some items unanswered (its score counts them as wrong; see its metrics.json).")
+    return notes
+
+
+def render_report(table: Table, skipped: list[str]) -> str:
+    parts = ["# Results", "", render_markdown(table), ""]
+    parts += [f"- {note}" for note in footnotes(table)]
+    parts += ["", "## Runs used (latest per configuration and benchmark)", "",
+              "| Benchmark | Configuration | Items | Wall time (s) | Timestamp | File |", "|---|---|---|---|---|---|"]
+    for config in table.configs:
+        for bench in table.benchmarks:
+            run = table.cells.get((config, bench))
+            if run is None:
+                continue
+            r = run.record
+            label = "/".join(_config_cells(config)[1:3]) + (" +RESTORE" if config.restore else "")
+            parts.append(f"| {bench} | {config.model} {label} | {r.get('n_items', '')} | {r.get('wall_time_s', '')} | "
+                         f"{r.get('timestamp', '')} | {run.source} |")
+    if skipped:
+        parts += ["", f"{len(skipped)} files under the results folder are not run records and were skipped."]
+    return "\n".join(parts) + "\n"
+
+
+def write_csv(table: Table, path: Path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "base", "n_vis", "restore"] + list(table.benchmarks) + ["avg", "avg_n", "rel"])
+        for config in table.configs:
+            average, count = table.avg[config]
+            values = [table.values.get((config, b)) for b in table.benchmarks]
+            writer.writerow([config.model, config.base, config.n_vis, config.restore]
+                            + ["" if v is None else v for v in values]
+                            + ["" if average is None else average, count,
+                               "" if table.rel[config] is None else table.rel[config]])
+
+
+def write_run_record(results_dir: str | Path, summary: dict, *, model: str, base: str | None, n_vis: int | None,
+                     restore: bool, wall_time_s: float | None = None, timestamp: str | None = None) -> Path:
+    """Write one run record (the fields this module reads) built from a scorer's metrics.json summary."""
+    moment = timestamp or datetime.now(timezone.utc).isoformat(timespec="seconds")
+    record = {"benchmark": summary["benchmark"], "base": base or NO_REDUCTION,
+              "n_vis": FULL_TOKENS if base in (None, NO_REDUCTION) else n_vis, "restore": bool(restore),
+              "model": model, "metrics": summary["metrics"], "main_metric": summary["main_metric"],
+              "n_items": summary.get("n_answers"), "n_missing": summary.get("n_missing", 0),
+              "wall_time_s": wall_time_s, "timestamp": moment}
+    stamp = "".join(ch for ch in moment if ch.isdigit())
+    name = f"{record['benchmark']}_{model}_{record['base']}_{record['n_vis']}_{'restore' if restore else 'plain'}_{stamp}.json"
+    path = Path(results_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m restore.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default="playground/results", help="folder with the run records")
+    parser.add_argument("--out", default=None, help="where report.md and report.csv go (default: --results)")
+    parser.add_argument("--metric", action="append", default=[], metavar="BENCH=NAME",
+                        help="show this metric instead of the main one, e.g. mme=perception, seed=total_accuracy")
+    args = parser.parse_args(argv)
+    results = Path(args.results)
+    if not results.is_dir():
+        print(f"error: results folder {results} does not exist", file=sys.stderr)
+        return 2
+    overrides = {}
+    for item in args.metric:
+        bench, _, name = item.partition("=")
+        if not name:
+            parser.error(f"--metric expects BENCH=NAME, got {item!r}")
+        overrides[bench] = name
+    runs, skipped = load_runs(results)
+    if not runs:
+        print(f"no run records under {results}")
+        return 0
+    table = build_table(runs, overrides)
+    out = Path(args.out) if args.out else results
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(render_report(table, skipped), encoding="utf-8")
+    write_csv(table, out / "report.csv")
+    print(render_markdown(table))
+    for note in footnotes(table):
+        print(f"  {note}")
+    print(f"written: {out / 'report.md'}, {out / 'report.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

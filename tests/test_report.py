@@ -1,0 +1,106 @@
+"""Results table from hand-written run records: latest run wins, averages worked out by hand."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from restore.report import Config, build_table, load_runs, main, render_markdown, write_run_record
+
+
+def record(bench, base, n_vis, restore, metrics, main_metric, timestamp, **extra) -> dict:
+    return {"benchmark": bench, "base": base, "n_vis": n_vis, "restore": restore, "model": "llava-v1.5-7b",
+            "metrics": metrics, "main_metric": main_metric, "n_items": 10, "wall_time_s": 1.0,
+            "timestamp": timestamp, **extra}
+
+
+def write(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+@pytest.fixture
+def results(tmp_path) -> Path:
+    root = tmp_path / "results"
+    t0, t1 = "2026-01-01T10:00:00+00:00", "2026-01-02T10:00:00Z"
+    runs = [
+        record("gqa", None, None, False, {"accuracy": 62.0}, "accuracy", t0),
+        record("mme", "none", 576, False, {"total": 1862.0, "perception": 1510.0}, "total", t0),
+        record("pope", None, None, False, {"f1_mean": 85.9}, "f1_mean", t0),
+        record("vqav2", None, None, False, {"answered": 100.0}, None, t0),
+        record("gqa", "HoloV", 64, False, {"accuracy": 55.0}, "accuracy", t0),
+        record("mme", "HoloV", 64, False, {"total": 1600.0, "perception": 1300.0}, "total", t0),
+        record("pope", "HoloV", 64, False, {"f1_mean": 80.0}, "f1_mean", t0),
+        record("gqa", "HoloV", 64, True, {"accuracy": 58.0}, "accuracy", t1),   # later: wins
+        record("gqa", "HoloV", 64, True, {"accuracy": 60.0}, "accuracy", t0),   # earlier, written last
+        record("mme", "HoloV", 64, True, {"total": 1700.0, "perception": 1400.0}, "total", t0, n_missing=3),
+    ]
+    for i, run in enumerate(runs[:-2]):
+        write(root / f"run{i}.json", run)
+    (root / "more.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs[-2:]))
+    write(root / "gqa_out" / "metrics.json", {"benchmark": "gqa", "metrics": {"accuracy": 1.0}})  # not a run record
+    return root
+
+
+def test_latest_wins_and_averages(results):
+    runs, skipped = load_runs(results)
+    assert len(runs) == 10 and len(skipped) == 1
+    table = build_table(runs)
+    base = Config("llava-v1.5-7b", "none", 576, False)
+    holo = Config("llava-v1.5-7b", "HoloV", 64, False)
+    holo_r = Config("llava-v1.5-7b", "HoloV", 64, True)
+    assert table.configs == [base, holo, holo_r]
+    assert table.values[(holo_r, "gqa")] == 58.0
+    assert table.benchmarks == ["gqa", "mme", "pope", "vqav2"]
+    # MME on a 0-100 scale is total / 2800: 1862 -> 66.5, 1600 -> 57.142857, 1700 -> 60.714286
+    assert table.avg[base] == (pytest.approx((62.0 + 66.5 + 85.9) / 3), 3)
+    assert table.avg[holo] == (pytest.approx((55.0 + 1600 / 28 + 80.0) / 3), 3)
+    assert table.avg[holo_r] == (pytest.approx((58.0 + 1700 / 28) / 2), 2)
+    assert table.rel[base] == pytest.approx(100.0)
+    assert table.rel[holo] == pytest.approx(100 * (55 / 62 + 1600 / 1862 + 80 / 85.9) / 3)
+    assert table.rel[holo_r] == pytest.approx(100 * (58 / 62 + 1700 / 1862) / 2)
+
+
+def test_markdown_marks_partial_average_incomplete_runs_and_online_vqav2(results):
+    runs, _ = load_runs(results)
+    text = render_markdown(build_table(runs))
+    rows = text.splitlines()
+    assert rows[0].startswith("| Model | Base | Tokens | RESTORE | GQA | MME | POPE | VQAv2 | Avg | Rel |")
+    assert rows[2] == "| llava-v1.5-7b | none | 576 | – | 62.0 | 1862.0 | 85.9 | online | 71.5 | 100.0% |"
+    last = rows[4].split(" | ")
+    assert last[5] == "1700.0*"          # the MME run left items unanswered
+    assert last[6] == "–"                # no POPE run for this configuration
+    assert last[8].endswith("†")         # average over 2 of the 3 scored benchmarks
+
+
+def test_metric_override_changes_value_and_scale(results):
+    runs, _ = load_runs(results)
+    table = build_table(runs, {"mme": "perception"})
+    base = Config("llava-v1.5-7b", "none", 576, False)
+    assert table.values[(base, "mme")] == 1510.0
+    assert table.avg[base][0] == pytest.approx((62.0 + 1510 / 20 + 85.9) / 3)  # perception max 2000
+
+
+def test_cli_writes_report_files(results, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["--results", str(results), "--out", str(out)]) == 0
+    assert "| llava-v1.5-7b | HoloV | 64 | yes |" in capsys.readouterr().out
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert [r["restore"] for r in rows] == ["False", "False", "True"]
+    assert float(rows[2]["gqa"]) == 58.0 and rows[2]["pope"] == "" and rows[0]["vqav2"] == ""
+    report = (out / "report.md").read_text()
+    assert "MME is divided by its maximum" in report and "more.jsonl" in report
+
+
+def test_write_run_record_round_trip(tmp_path):
+    summary = {"benchmark": "pope", "metrics": {"f1_mean": 80.0}, "main_metric": "f1_mean", "n_answers": 9, "n_missing": 0}
+    path = write_run_record(tmp_path, summary, model="m", base=None, n_vis=None, restore=False, wall_time_s=2.0)
+    runs, _ = load_runs(tmp_path)
+    assert path.exists() and runs[0].config == Config("m", "none", 576, False)
+    assert runs[0].record["metrics"]["f1_mean"] == 80.0
+
+
+def test_missing_results_folder(tmp_path):
+    assert main(["--results", str(tmp_path / "absent")]) == 2
