@@ -1,0 +1,463 @@
+"""The inference entry points (restore.eval.vqa_loader, mmbench, science, ocrbench) on few-item fixtures.
+
+Most tests run an entry point in-process with the session's small model (``loaded_model`` stands in for
+loading it from disk); ``test_*_loads_checkpoint`` and the subprocess test use the real loading path.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import restore
+from restore.eval import common, mmbench, ocrbench, science, vqa_loader
+from restore.eval.fixtures import make_fixtures
+
+REPO = Path(__file__).resolve().parents[1]
+SHORT = common.SHORT_ANSWER_SUFFIX
+LETTER = common.OPTION_LETTER_SUFFIX
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("eval-data")
+    make_fixtures(root, n=3, seed=0)
+    return root
+
+
+def gqa_args(data: Path, answers: Path, *extra: str, model: Path | str = "unused-llava") -> list:
+    return ["--model-path", str(model), "--question-file", str(data / "gqa/llava_gqa_testdev_balanced.jsonl"),
+            "--image-folder", str(data / "gqa/data/images"), "--answers-file", str(answers),
+            "--max_new_tokens", "3", "--device", "cpu", *extra]
+
+
+def read_lines(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def texts(lines: list) -> list:
+    return [(line.get("question_id", line.get("id")), line.get("text", line.get("predict"))) for line in lines]
+
+
+@pytest.fixture
+def loaded_model(small_model, monkeypatch):
+    """Entry points use the session's small model instead of loading one, and never check the model path."""
+    calls = []
+
+    def fake_load(args, base):
+        calls.append((base, args.n_vis, args.restore))
+        model = restore.apply(small_model.model, base=base, n_vis=args.n_vis, restore=args.restore) if base \
+            else restore.apply(small_model.model, base=None)
+        return small_model.tokenizer, model, small_model.image_processor, "llava-small-test"
+
+    monkeypatch.setattr(common, "load_model_for_eval", fake_load)
+    monkeypatch.setattr(common, "check_model_path", lambda path: None)
+    try:
+        yield calls
+    finally:
+        restore.remove(small_model.model)
+
+
+# --------------------------------------------------------------------------------------------------
+# Chunking and argument validation (no model)
+
+
+def llava_chunk(items: list, n: int, k: int) -> list:
+    """LLaVA's get_chunk, restated: slices of ceil(len/n), chunk k (empty when there are fewer slices)."""
+    size = math.ceil(len(items) / n)
+    slices = [items[i:i + size] for i in range(0, len(items), size)] if items else []
+    return slices[k] if k < len(slices) else []
+
+
+def test_chunks_are_llava_slices_and_cover_everything_once():
+    for total in range(0, 14):
+        items = list(range(total))
+        for n in range(1, 7):
+            chunks = []
+            for k in range(n):
+                start, stop = common.chunk_bounds(total, n, k)
+                assert items[start:stop] == llava_chunk(items, n, k)
+                chunks += items[start:stop]
+            assert chunks == items
+
+
+def test_chunk_comes_from_flags_then_slurm_then_torchrun():
+    slurm = {"SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1"}
+    torchrun = {"WORLD_SIZE": "8", "RANK": "5"}
+    assert common.resolve_chunk(None, None, {}) == (1, 0)
+    assert common.resolve_chunk(None, None, slurm) == (4, 2)
+    assert common.resolve_chunk(None, None, torchrun) == (8, 5)
+    assert common.resolve_chunk(None, None, {**torchrun, **slurm}) == (4, 2)
+    assert common.resolve_chunk(3, 1, {**torchrun, **slurm}) == (3, 1)
+    for bad in [(2, 2, {}), (0, 0, {}), (None, 1, {}), (None, None, {"WORLD_SIZE": "2", "RANK": "2"})]:
+        with pytest.raises(common.SetupError):
+            common.resolve_chunk(*bad)
+
+
+def test_reduction_arguments_are_checked_and_canonicalised():
+    assert common.validate_reduction(None, None, False) is None
+    assert common.validate_reduction("holov", 64, True) == "HoloV"
+    cases = {
+        ("NoSuchMethod", 64, False): "available: DivPrune, HoloV, VisPruner",
+        ("HoloV", None, False): "needs --n_vis",
+        ("HoloV", 0, False): "1..576",
+        ("HoloV", 577, False): "1..576",
+        ("HoloV", 1, True): "--n_vis >= 2",
+        (None, None, True): "--restore needs --base",
+        (None, 64, False): "--n_vis needs --base",
+    }
+    for (base, n_vis, use_restore), message in cases.items():
+        with pytest.raises(common.SetupError, match=message.replace("(", r"\(").replace(".", r"\.")):
+            common.validate_reduction(base, n_vis, use_restore)
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts: what each entry point feeds the model, against the official scripts' rules
+
+
+def settings_for(data: Path, question_file: str, image_folder: str | None, **extra) -> dict:
+    return {"question_file": str(data / question_file), "image_folder": str(data / image_folder) if image_folder else None,
+            **extra}
+
+
+def test_vqa_loader_uses_question_text_as_is(data):
+    items = vqa_loader.build_items(settings_for(data, "MME/llava_mme.jsonl", "MME/MME_Benchmark_release_version"))
+    questions = common.read_jsonl(str(data / "MME/llava_mme.jsonl"))
+    assert [i.text for i in items] == [q["text"] for q in questions]
+    assert [i.image.path for i in items] == [str(data / "MME/MME_Benchmark_release_version" / q["image"]) for q in questions]
+    assert all(i.image.convert_rgb for i in items)
+    # MME repeats a question_id for the two questions of an image: keys still tell them apart.
+    assert len({q["question_id"] for q in questions}) < len(questions)
+    assert len(set(common.numbered_keys(i.key for i in items))) == len(items)
+
+
+def test_mmbench_prompt_has_hint_question_options_and_letter_instruction(tmp_path):
+    tsv = tmp_path / "mm.tsv"
+    header = ["index", "question", "hint", "A", "B", "C", "D", "answer", "image"]
+    rows = [["7", "What is it?", "A hint.", "cat", "dog", "None", "", "A", "aW1n"],
+            ["1000007", "What is it?", "", "dog", "cat", "", "", "B", "aW1n"],
+            ["8", "Count?", "nan", "1", "2.50", "NA", "x", "B", "aW1n"]]
+    tsv.write_text("\n".join("\t".join(r) for r in [header, *rows]) + "\n")
+    s = {"question_file": str(tsv), "image_folder": None, "single_pred_prompt": True, "all_rounds": False, "lang": "en"}
+    items = mmbench.build_items(s)
+    assert [i.text for i in items] == [
+        f"A hint.\nWhat is it?\nA. cat\nB. dog\n{LETTER}",  # 'None' ends the options, as in pandas + is_none
+        f"What is it?\nA. dog\nB. cat\n{LETTER}",
+        f"Count?\nA. 1\nB. 2.50\n{LETTER}",  # numeric options keep their spelling; 'NA' is missing
+    ]
+    assert [i.fields["question_id"] for i in items] == [7, 1000007, 8]
+    assert items[0].fields["prompt"] == "A hint.\nWhat is it?\nA. cat\nB. dog"
+    assert not items[0].image.convert_rgb and items[0].image.base64 == "aW1n"
+
+    rounds = mmbench.build_items({**s, "all_rounds": True, "single_pred_prompt": False})
+    first = [i for i in rounds if i.fields["question_id"] == 7]
+    assert [i.fields["round_id"] for i in first] == [0, 1]
+    assert first[1].text == "A hint.\nWhat is it?\nA. dog\nB. cat"
+    assert first[1].fields["options"] == ["dog", "cat"] and first[1].fields["option_char"] == ["B", "A"]
+
+
+def test_science_moves_the_image_tag_and_skips_text_only_questions(data):
+    problems = json.loads((data / "scienceqa/llava_test_CQM-A.json").read_text())
+    with_image = [p for p in problems if "image" in p]
+    assert 0 < len(with_image) < len(problems)
+    s = settings_for(data, "scienceqa/llava_test_CQM-A.json", "scienceqa/images/test",
+                     single_pred_prompt=True, answer_text_only=False)
+    items = science.build_items(s)
+    assert [i.fields["question_id"] for i in items] == [p["id"] for p in with_image]
+    for item, p in zip(items, with_image):
+        question = p["conversations"][0]["value"].replace("<image>", "").strip()
+        assert item.text == question + "\n" + LETTER
+        assert item.fields["prompt"] == "<image>\n" + question + "\n" + LETTER
+        assert not item.image.convert_rgb  # the official script pads the PNG in its stored mode
+    everything = science.build_items({**s, "answer_text_only": True})
+    assert len(everything) == len(problems)
+    assert [i.image is None for i in everything] == ["image" not in p for p in problems]
+
+
+def test_ocrbench_appends_short_answer_instruction_unless_bare(data):
+    s = settings_for(data, "ocrbench/OCRBench.json", "ocrbench/data", bare_question=False)
+    questions = json.loads((data / "ocrbench/OCRBench.json").read_text())
+    assert [i.text for i in ocrbench.build_items(s)] == [q["question"] + "\n" + SHORT for q in questions]
+    assert [i.text for i in ocrbench.build_items({**s, "bare_question": True})] == [q["question"] for q in questions]
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation against a plain restatement of the official loop
+
+
+def official_style_answer(loaded, question: str, image, max_new_tokens: int) -> str:
+    """What LLaVA's model_vqa_* scripts do for one item: vicuna_v1 prompt, padded image, greedy decoding."""
+    import torch
+    from llava.constants import IMAGE_TOKEN_INDEX
+    from llava.conversation import conv_templates
+    from llava.mm_utils import process_images, tokenizer_image_token
+
+    conv = conv_templates["vicuna_v1"].copy()
+    conv.append_message(conv.roles[0], "<image>\n" + question)
+    conv.append_message(conv.roles[1], None)
+    ids = tokenizer_image_token(conv.get_prompt(), loaded.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
+    pixels = process_images([image], loaded.image_processor, loaded.model.config)
+    with torch.inference_mode():
+        out = loaded.model.generate(ids.unsqueeze(0), images=pixels, image_sizes=[image.size], do_sample=False,
+                                    max_new_tokens=max_new_tokens, use_cache=True)
+    return loaded.tokenizer.batch_decode(out, skip_special_tokens=True)[0].strip()
+
+
+def test_answers_match_the_official_loop_and_formats(data, tmp_path, small_model, loaded_model, capsys):
+    from PIL import Image
+
+    gqa = tmp_path / "gqa.jsonl"
+    assert vqa_loader.main(gqa_args(data, gqa, "--base", "DivPrune", "--n_vis", "32")) == 0
+    lines = read_lines(gqa)
+    questions = common.read_jsonl(str(data / "gqa/llava_gqa_testdev_balanced.jsonl"))
+    assert [list(line) for line in lines] == [["question_id", "prompt", "text", "answer_id", "model_id", "metadata"]] * len(questions)
+    assert [line["question_id"] for line in lines] == [q["question_id"] for q in questions]
+    assert {line["model_id"] for line in lines} == {"llava-small-test"}
+    assert loaded_model == [("DivPrune", 32, False)]
+    restore.apply(small_model.model, base="DivPrune", n_vis=32)
+    for q, line in zip(questions, lines):
+        image = Image.open(data / "gqa/data/images" / q["image"]).convert("RGB")
+        assert line["text"] == official_style_answer(small_model, q["text"], image, 3)
+
+    restore.remove(small_model.model)
+    sqa = tmp_path / "sqa.jsonl"
+    assert science.main(["--model-path", "x", "--question-file", str(data / "scienceqa/llava_test_CQM-A.json"),
+                         "--image-folder", str(data / "scienceqa/images/test"), "--answers-file", str(sqa),
+                         "--single-pred-prompt", "--max_new_tokens", "3"]) == 0
+    problems = {p["id"]: p for p in json.loads((data / "scienceqa/llava_test_CQM-A.json").read_text())}
+    for line in read_lines(sqa):
+        p = problems[line["question_id"]]
+        image = Image.open(data / "scienceqa/images/test" / p["image"])
+        question = p["conversations"][0]["value"].replace("<image>", "").strip() + "\n" + LETTER
+        assert line["text"] == official_style_answer(small_model, question, image, 3)
+
+    ocr = tmp_path / "ocr.jsonl"
+    assert ocrbench.main(["infer", "--model-path", "x", "--question-file", str(data / "ocrbench/OCRBench.json"),
+                          "--image-folder", str(data / "ocrbench/data"), "--answers-file", str(ocr),
+                          "--max_new_tokens", "2"]) == 0
+    questions = json.loads((data / "ocrbench/OCRBench.json").read_text())
+    assert read_lines(ocr) == [{**q, "predict": line["predict"]} for q, line in zip(questions, read_lines(ocr))]
+    assert list(read_lines(ocr)[0]) == ["dataset_name", "id", "image_path", "question", "answers", "type", "predict"]
+
+    mmb = tmp_path / "mmb.jsonl"
+    assert mmbench.main(["--model-path", "x", "--question-file", str(data / "mmbench/mmbench_dev_20230712.tsv"),
+                         "--answers-file", str(mmb), "--single-pred-prompt", "--max_new_tokens", "2"]) == 0
+    line = read_lines(mmb)[0]
+    assert list(line) == ["question_id", "round_id", "prompt", "text", "options", "option_char", "answer_id",
+                          "model_id", "metadata"]
+    assert "[mmbench] chunk 1/1" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------
+# Failing before the model loads
+
+
+def test_bad_inputs_fail_before_the_model_is_loaded(data, tmp_path, monkeypatch, capsys):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were validated")
+
+    monkeypatch.setattr(common, "load_model_for_eval", must_not_load)
+    monkeypatch.setattr(common, "check_model_path", lambda path: None)
+    images = tmp_path / "images"
+    images.mkdir()
+    questions = common.read_jsonl(str(data / "gqa/llava_gqa_testdev_balanced.jsonl"))
+    names = sorted({q["image"] for q in questions})
+    for name in names:
+        (images / name).write_bytes((data / "gqa/data/images" / name).read_bytes())
+    answers = tmp_path / "a.jsonl"
+
+    def fails(argv, *messages):
+        assert vqa_loader.main(argv) == 2
+        err = capsys.readouterr().err
+        for message in messages:
+            assert message in err
+        assert not answers.exists()
+
+    args = gqa_args(data, answers)
+    fails([*args, "--base", "Nope", "--n_vis", "64"], "unknown --base 'Nope'", "DivPrune, HoloV, VisPruner")
+    fails([*args, "--base", "HoloV", "--n_vis", "600"], "1..576")
+    fails([*args, "--base", "HoloV", "--n_vis", "1", "--restore"], "--n_vis >= 2")
+    fails([*args, "--restore"], "--restore needs --base")
+    question_file = args.index("--question-file") + 1
+    fails([*args[:question_file], str(tmp_path / "missing.jsonl"), *args[question_file + 1:]],
+          f"question file not found: {tmp_path / 'missing.jsonl'}")
+    folder = args.index("--image-folder") + 1
+    fails([*args[:folder], str(tmp_path / "nowhere"), *args[folder + 1:]], "image folder not found")
+    with_images = [*args[:folder], str(images), *args[folder + 1:]]
+
+    (images / names[-1]).unlink()
+    fails(with_images, "1 image(s) of this chunk not found", str(images / names[-1]))
+    (images / names[-1]).write_bytes(b"this is not an image file\n")
+    fails(with_images, "1 image(s) of this chunk cannot be decoded", str(images / names[-1]))
+    whole = (data / "gqa/data/images" / names[-1]).read_bytes()
+    (images / names[-1]).write_bytes(whole[: len(whole) // 2])  # a truncated JPEG opens but does not decode
+    fails(with_images, "cannot be decoded", str(images / names[-1]), "truncated")
+
+
+def test_failing_fast_from_the_command_line(data, tmp_path, small_checkpoint):
+    answers = tmp_path / "a.jsonl"
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "restore.eval.vqa_loader",
+                          *gqa_args(data, answers, "--base", "Nope", "--n_vis", "8", model=small_checkpoint)],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - start
+    assert run.returncode == 2
+    assert "error: unknown --base 'Nope'; available: DivPrune, HoloV, VisPruner" in run.stderr
+    assert "loading model" not in run.stdout + run.stderr
+    assert not answers.exists()
+    assert elapsed < 60  # the model is never loaded; the bound only guards against hangs
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume, settings record, chunks and merging
+
+
+def test_resume_neither_repeats_nor_loses_answers(data, tmp_path, loaded_model, capsys):
+    answers = tmp_path / "a.jsonl"
+    assert vqa_loader.main(gqa_args(data, answers)) == 0
+    full = answers.read_text().splitlines(keepends=True)
+    assert len(full) >= 3
+
+    # A killed run: two complete lines and half of the third.
+    answers.write_text(full[0] + full[1] + full[2][: len(full[2]) // 2])
+    capsys.readouterr()
+    assert vqa_loader.main(gqa_args(data, answers)) == 0
+    out = capsys.readouterr().out
+    assert f"({len(full) - 2} answered now, 2 kept from an earlier run)" in out
+    again = answers.read_text().splitlines(keepends=True)
+    assert again[:2] == full[:2]  # same answer_id: not regenerated
+    assert texts(read_lines(answers)) == texts([json.loads(line) for line in full])
+
+    # Answers out of order (e.g. appended by an older run) come back in question order, with nothing to generate.
+    shuffled = full[:]
+    random.Random(0).shuffle(shuffled)
+    answers.write_text("".join(shuffled))
+    calls_before = len(loaded_model)
+    assert vqa_loader.main(gqa_args(data, answers)) == 0
+    assert answers.read_text().splitlines(keepends=True) == full
+    assert len(loaded_model) == calls_before  # no model needed
+    assert json.loads(Path(str(answers) + ".meta.json").read_text())["complete"] is True
+
+
+def test_resume_refuses_other_settings_and_foreign_answers(data, tmp_path, loaded_model, capsys):
+    answers = tmp_path / "a.jsonl"
+    assert vqa_loader.main(gqa_args(data, answers, "--num-chunks", "2", "--chunk-idx", "0")) == 0
+    before = answers.read_text()
+    capsys.readouterr()
+    assert vqa_loader.main(gqa_args(data, answers, "--num-chunks", "2", "--chunk-idx", "0", "--base", "HoloV",
+                                    "--n_vis", "16")) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "base: None -> 'HoloV'" in err and "--overwrite" in err
+    assert answers.read_text() == before
+
+    Path(str(answers) + ".meta.json").unlink()
+    assert vqa_loader.main(gqa_args(data, answers, "--num-chunks", "2", "--chunk-idx", "1")) == 2
+    assert "no record of the settings" in capsys.readouterr().err
+
+    assert vqa_loader.main(gqa_args(data, answers, "--num-chunks", "2", "--chunk-idx", "1", "--overwrite")) == 0
+    questions = common.read_jsonl(str(data / "gqa/llava_gqa_testdev_balanced.jsonl"))
+    start, stop = common.chunk_bounds(len(questions), 2, 1)
+    assert [line["question_id"] for line in read_lines(answers)] == [q["question_id"] for q in questions[start:stop]]
+
+    # An answer to a question outside the chunk means the file belongs to another run.
+    foreign = json.loads(before.splitlines()[0])
+    with open(answers, "a") as f:
+        f.write(json.dumps(foreign) + "\n")
+    assert vqa_loader.main(gqa_args(data, answers, "--num-chunks", "2", "--chunk-idx", "1")) == 2
+    assert "not in this chunk" in capsys.readouterr().err
+
+
+def test_chunks_merge_into_the_single_run_answers(data, tmp_path, loaded_model, monkeypatch):
+    whole = tmp_path / "whole.jsonl"
+    # MME's first images: two questions each under one question_id, the case that needs numbered keys
+    questions = tmp_path / "mme.jsonl"
+    questions.write_text("".join((data / "MME/llava_mme.jsonl").read_text().splitlines(keepends=True)[:7]))
+    mme = ["--model-path", "x", "--question-file", str(questions),
+           "--image-folder", str(data / "MME/MME_Benchmark_release_version"), "--max_new_tokens", "2"]
+    assert vqa_loader.main([*mme, "--answers-file", str(whole)]) == 0
+    n = len(read_lines(whole))
+
+    chunks = [tmp_path / f"3_{k}.jsonl" for k in range(3)]
+    for k, path in enumerate(chunks):
+        # the chunk comes from torchrun's variables when no flag is given
+        monkeypatch.setenv("WORLD_SIZE", "3")
+        monkeypatch.setenv("RANK", str(k))
+        assert vqa_loader.main([*mme, "--answers-file", str(path)]) == 0
+    assert [len(read_lines(p)) for p in chunks] == [len(range(*common.chunk_bounds(n, 3, k))) for k in range(3)]
+    merged = tmp_path / "merge.jsonl"
+    assert common.merge_chunks([str(p) for p in chunks], str(merged)) == n
+    assert texts(read_lines(merged)) == texts(read_lines(whole))
+
+    # Refused: chunks out of order, a missing chunk, an incomplete chunk, a chunk of another chunking.
+    for bad, message in [
+        ([chunks[1], chunks[0], chunks[2]], "expected chunk 0 of 3"),
+        ([chunks[0], chunks[1], tmp_path / "3_9.jsonl"], "missing"),
+        ([chunks[0], chunks[1]], "expected chunk 0 of 2"),
+    ]:
+        with pytest.raises(common.SetupError, match=message):
+            common.merge_chunks([str(p) for p in bad], str(tmp_path / "bad.jsonl"))
+    lines = chunks[2].read_text().splitlines(keepends=True)
+    chunks[2].write_text("".join(lines[:-1]))
+    with pytest.raises(common.SetupError, match=r"3_2.jsonl: \d+ answers, expected"):
+        common.merge_chunks([str(p) for p in chunks], str(tmp_path / "bad.jsonl"))
+    meta = Path(str(chunks[2]) + ".meta.json")
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "complete": False}))
+    with pytest.raises(common.SetupError, match="incomplete"):
+        common.merge_chunks([str(p) for p in chunks], str(tmp_path / "bad.jsonl"))
+
+
+def test_an_empty_chunk_writes_an_empty_complete_file(data, tmp_path, loaded_model):
+    answers = tmp_path / "empty.jsonl"
+    assert vqa_loader.main(gqa_args(data, answers, "--num-chunks", "50", "--chunk-idx", "49")) == 0
+    assert answers.read_text() == ""
+    meta = json.loads(Path(str(answers) + ".meta.json").read_text())
+    assert (meta["complete"], meta["n_items"], meta["num_chunks"], meta["chunk_idx"]) == (True, 0, 50, 49)
+    assert loaded_model == []  # nothing to answer, no model
+
+
+def test_images_in_modes_llava_cannot_pad_are_converted(small_model):
+    from PIL import Image
+
+    grey = Image.new("L", (60, 30), 128)
+    pixels = common.preprocess_image(grey, small_model.image_processor, small_model.model.config)
+    from llava.mm_utils import process_images
+
+    assert pixels.shape == process_images([grey.convert("RGB")], small_model.image_processor,
+                                          small_model.model.config)[0].shape
+    palette = Image.new("RGB", (60, 30), (200, 10, 30)).convert("P")
+    # a palette image is padded in its own mode, as the official ScienceQA script does
+    assert (common.preprocess_image(palette, small_model.image_processor, small_model.model.config)
+            == process_images([palette], small_model.image_processor, small_model.model.config)[0]).all()
+
+
+def test_text_only_science_questions_are_answered_on_request(data, tmp_path, loaded_model):
+    answers = tmp_path / "sqa.jsonl"
+    argv = ["--model-path", "x", "--question-file", str(data / "scienceqa/llava_test_CQM-A.json"),
+            "--image-folder", str(data / "scienceqa/images/test"), "--answers-file", str(answers),
+            "--single-pred-prompt", "--max_new_tokens", "2", "--answer-text-only"]
+    assert science.main(argv) == 0
+    problems = json.loads((data / "scienceqa/llava_test_CQM-A.json").read_text())
+    lines = read_lines(answers)
+    assert [line["question_id"] for line in lines] == [p["id"] for p in problems]
+    assert [line["prompt"].startswith("<image>\n") for line in lines] == ["image" in p for p in problems]
+
+
+def test_entry_point_loads_checkpoint_and_applies_reduction(data, tmp_path, small_checkpoint, capsys):
+    answers = tmp_path / "a.jsonl"
+    argv = gqa_args(data, answers, "--base", "holov", "--n_vis", "16", "--restore", "--dtype", "float32",
+                    model=small_checkpoint)
+    assert vqa_loader.main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"loading model {small_checkpoint}" in out and "reduction: HoloV, 16 visual tokens, RESTORE" in out
+    lines = read_lines(answers)
+    assert {line["model_id"] for line in lines} == {small_checkpoint.name}
+    meta = json.loads(Path(str(answers) + ".meta.json").read_text())
+    assert meta["settings"]["base"] == "HoloV" and meta["settings"]["restore"] is True
+    assert f"{len(lines)} answered now" in out and "tokens/s" in out
