@@ -51,7 +51,8 @@ def parse_yes_no(text: str) -> str:
 def read_ground_truth(release: Path) -> dict[tuple[str, str, str], str]:
     """(category, txt file name, question) -> "yes"/"no" from the release folder."""
     truth = {}
-    for category_dir in sorted(p for p in release.iterdir() if p.is_dir()):
+    # Only the 14 subtask folders: a release copy may also hold eval_tool/ or other notes.
+    for category_dir in sorted(p for p in release.iterdir() if p.is_dir() and p.name in PERCEPTION + COGNITION):
         qa_dir = category_dir / "questions_answers_YN" if (category_dir / "images").is_dir() else category_dir
         for txt in sorted(qa_dir.glob("*.txt")):
             for line in txt.read_text(encoding="utf-8").splitlines():

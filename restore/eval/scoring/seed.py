@@ -10,6 +10,8 @@ expected (the run evaluated SEED-IMG only); total and video accuracy are then No
 says so. As soon as one video question is answered, every annotation question is expected.
 Missing predictions count as wrong, as in the official converter (which then crashes writing
 the upload file; here the upload file lists the answered questions only, in annotation order).
+The official converter also raises KeyError when every question of a dimension is answered and
+none correctly; here that dimension scores 0.
 """
 from __future__ import annotations
 
