@@ -2,13 +2,20 @@
 
     import restore
     model = restore.apply(model, base="HoloV", n_vis=64, restore=True)
-"""
-from .apply import apply, is_applied, remove, settings_of
-from .merge import anchor_merge, anchor_scores, group_medians
-from .reduce import ReducedImages, reduce_visual_tokens, retained_budget
 
-__all__ = [
-    "apply", "remove", "is_applied", "settings_of",
-    "anchor_merge", "anchor_scores", "group_medians",
-    "ReducedImages", "reduce_visual_tokens", "retained_budget",
-]
+Attributes load lazily, so ``python -m restore.report`` and the scorers start without torch or llava.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "apply": "apply", "remove": "apply", "is_applied": "apply", "settings_of": "apply",
+    "anchor_merge": "merge", "anchor_scores": "merge", "group_medians": "merge",
+    "ReducedImages": "reduce", "reduce_visual_tokens": "reduce", "retained_budget": "reduce",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'restore' has no attribute {name!r}")
