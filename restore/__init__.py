@@ -8,7 +8,7 @@ Attributes load lazily, so ``python -m restore.report`` and the scorers start wi
 from importlib import import_module
 
 _EXPORTS = {
-    "apply": "apply", "remove": "apply", "is_applied": "apply", "settings_of": "apply",
+    "apply": "api", "remove": "api", "is_applied": "api", "settings_of": "api",
     "anchor_merge": "merge", "anchor_scores": "merge", "group_medians": "merge",
     "ReducedImages": "reduce", "reduce_visual_tokens": "reduce", "retained_budget": "reduce",
 }

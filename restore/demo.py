@@ -1,8 +1,9 @@
 """End-to-end demo on the CPU: `python -m restore.demo` (or `make demo`).
 
 Builds (or reuses) the small random LLaVA-1.5-shaped checkpoint, loads it, asks a question about a
-synthetic image and prints stock LLaVA's greedy answer with timings. With ``--checkpoint`` it runs a
-real LLaVA-1.5 checkpoint instead (e.g. liuhaotian/llava-v1.5-7b, if available locally or online).
+synthetic image and answers it three ways: stock LLaVA (576 visual tokens), the base method alone and
+the base method with RESTORE, printing the visual tokens before and after and the time of each stage.
+With ``--checkpoint`` it runs a real LLaVA-1.5 checkpoint instead (e.g. liuhaotian/llava-v1.5-7b).
 """
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ from typing import Any
 import torch
 from PIL import Image
 
+import restore
+import tokenreduction as tr
 from llava_patches.loading import load_model, make_inputs
+from llava_patches.vision import encode_with_cls_attention
+from restore.reduce import reduce_visual_tokens, retained_budget
 from restore.small_checkpoint import (
     DEFAULT_CHECKPOINT_DIR,
     MANIFEST_NAME,
@@ -91,6 +96,88 @@ def generate_stock(loaded: LoadedCheckpoint, question: str, image: Image.Image, 
     return Generation(token_ids, text, seconds)
 
 
+@dataclass
+class StageTimes:
+    """Seconds per stage of one answer; reduction stages are 0 for stock LLaVA."""
+
+    vision: float
+    selection: float
+    merging: float
+    llm_prefill: float
+    decode_per_token: float
+    total: float
+    visual_tokens: int
+
+
+def _timed(fn):
+    started = time.perf_counter()
+    result = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - started
+
+
+@torch.inference_mode()
+def time_stages(loaded: LoadedCheckpoint, input_ids, images, max_new_tokens: int) -> tuple[StageTimes, list[int]]:
+    """Time the vision encoder, selection and merging on their own, then a prefill and a greedy decode loop
+    through the (possibly patched) model. LLM prefill = forward time minus the stages inside it."""
+    model = loaded.model
+    settings = restore.settings_of(model)
+    tower = model.get_vision_tower()
+    (raw, attention), vision = _timed(lambda: encode_with_cls_attention(tower, images))
+    features, projector = _timed(lambda: model.get_model().mm_projector(raw))
+    vision += projector
+    selection = merging = 0.0
+    if settings is not None:
+        tokens = tr.VisualTokens(features=features, raw_features=raw, cls_attention=attention)
+        budget = retained_budget(settings.n_vis, settings.restore)
+        _, selection = _timed(lambda: tr.get_selector(settings.base)(tokens, budget))
+        _, reduction = _timed(lambda: reduce_visual_tokens(tokens, settings.base, settings.n_vis, settings.restore))
+        merging = max(reduction - selection, 0.0)
+    started = time.perf_counter()
+    output, prefill = _timed(lambda: model(input_ids=input_ids, images=images, use_cache=True))
+    token = output.logits[:, -1].argmax(dim=-1, keepdim=True)
+    generated, past = [int(token)], output.past_key_values
+    decode_started = time.perf_counter()
+    for _ in range(max_new_tokens - 1):
+        if generated[-1] == loaded.tokenizer.eos_token_id:
+            break
+        output = model(input_ids=token, past_key_values=past, use_cache=True)
+        token, past = output.logits[:, -1].argmax(dim=-1, keepdim=True), output.past_key_values
+        generated.append(int(token))
+    decode = time.perf_counter() - decode_started
+    visual = settings.n_vis if settings is not None else tower.num_patches
+    times = StageTimes(vision, selection, merging, max(prefill - vision - selection - merging, 0.0),
+                       decode / max(len(generated) - 1, 1), time.perf_counter() - started, visual)
+    return times, generated
+
+
+def compare_methods(loaded: LoadedCheckpoint, question: str, image: Image.Image, base: str, n_vis: int,
+                    max_new_tokens: int, conv_mode: str = "vicuna_v1") -> None:
+    """Answer with stock LLaVA, the base alone and the base with RESTORE; print a table of stages."""
+    model = loaded.model
+    input_ids, images = make_inputs(loaded.tokenizer, loaded.image_processor, question, image, conv_mode,
+                                    model_config=model.config, device=model.device, dtype=model.dtype)
+    rows = []
+    for label, settings in (("stock LLaVA", None), (f"{base} only", False), (f"{base} + RESTORE", True)):
+        if settings is None:
+            restore.remove(model)
+        else:
+            restore.apply(model, base=base, n_vis=n_vis, restore=settings)
+        time_stages(loaded, input_ids, images, 2)  # warm-up
+        times, ids = time_stages(loaded, input_ids, images, max_new_tokens)
+        rows.append((label, times, loaded.tokenizer.decode(ids, skip_special_tokens=True).strip()))
+    restore.remove(model)
+    ms = lambda seconds: f"{1000 * seconds:8.1f}"  # noqa: E731
+    print(f"\n{'method':22s} {'visual':>6s} {'vision':>8s} {'select':>8s} {'merge':>8s} {'prefill':>8s} "
+          f"{'decode/t':>8s} {'total':>8s}   (milliseconds; tokens before -> after: {model.get_vision_tower().num_patches} -> {n_vis})")
+    for label, t, _ in rows:
+        print(f"{label:22s} {t.visual_tokens:6d} {ms(t.vision)} {ms(t.selection)} {ms(t.merging)} "
+              f"{ms(t.llm_prefill)} {ms(t.decode_per_token)} {ms(t.total)}")
+    for label, _, text in rows:
+        print(f"[{label}] {text!r}")
+
+
 def describe_checkpoint(loaded: LoadedCheckpoint) -> None:
     model = loaded.model
     print(f"checkpoint   {loaded.path}")
@@ -126,6 +213,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--question", default=DEFAULT_QUESTION)
     parser.add_argument("--conv-mode", default="vicuna_v1")
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--base", default="HoloV", help=f"reduction method: {', '.join(tr.available_selectors())}")
+    parser.add_argument("--n_vis", "--n-vis", dest="n_vis", type=int, default=64, help="visual tokens kept per image")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
     parser.add_argument("--dtype", default="auto", help="auto (fp16 on CUDA, fp32 on CPU), float32, float16, bfloat16")
     parser.add_argument("--threads", type=int, default=None,
@@ -149,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"question     {args.question!r}")
     stock = generate_stock(loaded, args.question, image, args.max_new_tokens, args.conv_mode)
     describe_generation("stock LLaVA", stock)
+    compare_methods(loaded, args.question, image, args.base, args.n_vis, args.max_new_tokens, args.conv_mode)
     return 0
 
 
