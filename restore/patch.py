@@ -5,8 +5,8 @@ settings, and :func:`restore.remove` puts the original classes back.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 
@@ -35,7 +35,6 @@ class RestoreContext:
     masks: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (first layer, later layers), one forward
     rope_length: int = 0
     padding_side: Optional[str] = None  # overrides the config's while generating
-    stats: Dict[str, float] = field(default_factory=dict)
 
 
 def _cache_length(past_key_values) -> int:
