@@ -138,6 +138,15 @@ def test_vqa_loader_uses_question_text_as_is(data):
     assert len(set(common.numbered_keys(i.key for i in items))) == len(items)
 
 
+def test_seed_image_questions_alone(data):
+    s = settings_for(data, "seed_bench/llava-seed-bench.jsonl", "seed_bench")
+    everything = vqa_loader.build_items(s)
+    images_only = vqa_loader.build_items({**s, "only_images_under": "SEED-Bench-image/"})
+    assert 0 < len(images_only) < len(everything)
+    assert [i.fields for i in images_only] == [i.fields for i in everything
+                                               if "/SEED-Bench-image/" in i.image.path]
+
+
 def test_mmbench_prompt_has_hint_question_options_and_letter_instruction(tmp_path):
     tsv = tmp_path / "mm.tsv"
     header = ["index", "question", "hint", "A", "B", "C", "D", "answer", "image"]

@@ -168,22 +168,36 @@ def validate_reduction(base: Optional[str], n_vis: Optional[int], restore: bool)
     return tokenreduction.canonical_name(base)
 
 
+def chunk_source(num_chunks: Optional[int], chunk_idx: Optional[int], env: Mapping[str, str]) -> str:
+    """Where this process's chunk comes from: flags, a SLURM array, torchrun, or nowhere ("")."""
+    if num_chunks is not None or chunk_idx is not None:
+        return "--num-chunks/--chunk-idx"
+    if env.get("SLURM_ARRAY_TASK_COUNT") and env.get("SLURM_ARRAY_TASK_ID"):
+        return "SLURM_ARRAY_TASK_COUNT/SLURM_ARRAY_TASK_ID"
+    if env.get("WORLD_SIZE") and env.get("RANK"):
+        return "WORLD_SIZE/RANK"
+    return ""
+
+
 def resolve_chunk(num_chunks: Optional[int], chunk_idx: Optional[int],
                   env: Mapping[str, str] = os.environ) -> Tuple[int, int]:
     """(number of chunks, this chunk): explicit flags, else a SLURM array, else torchrun, else (1, 0)."""
-    if num_chunks is not None or chunk_idx is not None:
-        if num_chunks is None:
-            raise SetupError("--chunk-idx needs --num-chunks")
-        n, k, source = num_chunks, 0 if chunk_idx is None else chunk_idx, "--num-chunks/--chunk-idx"
-    elif env.get("SLURM_ARRAY_TASK_COUNT") and env.get("SLURM_ARRAY_TASK_ID"):
-        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0") or 0)
-        n = int(env["SLURM_ARRAY_TASK_COUNT"])
-        k = int(env["SLURM_ARRAY_TASK_ID"]) - first
-        source = "SLURM_ARRAY_TASK_COUNT/SLURM_ARRAY_TASK_ID"
-    elif env.get("WORLD_SIZE") and env.get("RANK"):
-        n, k, source = int(env["WORLD_SIZE"]), int(env["RANK"]), "WORLD_SIZE/RANK"
-    else:
-        return 1, 0
+    source = chunk_source(num_chunks, chunk_idx, env)
+    try:
+        if source.startswith("--"):
+            if num_chunks is None:
+                raise SetupError("--chunk-idx needs --num-chunks")
+            n, k = num_chunks, 0 if chunk_idx is None else chunk_idx
+        elif source.startswith("SLURM"):
+            # array indices may start anywhere (--array=1-8): count from the first
+            n = int(env["SLURM_ARRAY_TASK_COUNT"])
+            k = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0") or 0)
+        elif source:
+            n, k = int(env["WORLD_SIZE"]), int(env["RANK"])
+        else:
+            return 1, 0
+    except ValueError:
+        raise SetupError(f"{source} must be integers") from None
     if n < 1 or not 0 <= k < n:
         raise SetupError(f"chunk {k} of {n} (from {source}) is impossible: need 0 <= chunk < number of chunks")
     return n, k
@@ -323,9 +337,15 @@ class Plan:
     repaired: bool  # the answers file must be rewritten (cut-off line, overwrite)
 
 
+def local_or_hub(path: str) -> str:
+    """An existing local path made absolute (resume works from any directory); a hub name as it is."""
+    expanded = os.path.expanduser(path)
+    return os.path.abspath(expanded) if os.path.exists(expanded) else path
+
+
 def common_settings(args: argparse.Namespace, base: Optional[str]) -> Dict[str, Any]:
     return {
-        "model_path": args.model_path,
+        "model_path": local_or_hub(args.model_path),
         "model_base": args.model_base,
         "question_file": os.path.abspath(os.path.expanduser(args.question_file)),
         "image_folder": os.path.abspath(os.path.expanduser(args.image_folder)) if args.image_folder else None,
@@ -461,7 +481,9 @@ def run(entry: EntryPoint, argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser(entry).parse_args(argv)
     try:
         plan = plan_run(entry, args)
-        print(f"[{entry.name}] chunk {plan.chunk_idx + 1}/{plan.num_chunks}: {len(plan.items)} items, "
+        source = chunk_source(args.num_chunks, args.chunk_idx, os.environ)
+        print(f"[{entry.name}] chunk {plan.chunk_idx + 1}/{plan.num_chunks}"
+              f"{f' (from {source})' if source else ''}: {len(plan.items)} items, "
               f"{len(plan.items) - len(plan.pending)} already answered; reduction: "
               f"{describe_reduction(plan.settings['base'], args.n_vis, args.restore)}", flush=True)
         if not args.no_image_check:
@@ -719,21 +741,24 @@ def write_result_record(results_dir: str, benchmark: str, answers_file: str, met
     with open(answers_file, encoding="utf-8") as f:
         n_items = sum(1 for line in f if line.strip())
     now = datetime.datetime.now(datetime.timezone.utc)
+    base = settings.get("base")
     record = {
         "benchmark": benchmark,
-        "base": settings.get("base"),
-        "n_vis": settings.get("n_vis"),
+        # restore.report's convention for "no reduction"
+        "base": base if base else "none",
+        "n_vis": settings.get("n_vis") if base else MAX_VISUAL_TOKENS,
         "restore": bool(settings.get("restore", False)),
         "model": model,
         "metrics": scored.get("metrics", {}),
         "main_metric": scored.get("main_metric"),
         "n_items": n_items,
+        "n_missing": scored.get("n_missing", 0),
         "wall_time_s": round(float(wall_time_s), 3),
         "timestamp": now.isoformat(timespec="seconds"),
         "settings": settings,
         "answers_file": os.path.abspath(answers_file),
     }
-    tag = run_tag(record["base"], record["n_vis"], record["restore"])
+    tag = run_tag(base, record["n_vis"], record["restore"])
     path = os.path.join(results_dir, f"{benchmark}__{model}__{tag}__{now:%Y%m%dT%H%M%S}-{os.getpid()}.json")
     write_atomic(path, json.dumps(record, indent=1) + "\n")
     return path, record
@@ -757,7 +782,7 @@ def finish_run(benchmark: str, chunk_files: Sequence[str], answers_dir: str, dat
     main_metric = record["main_metric"]
     value = record["metrics"].get(main_metric) if main_metric else None
     shown = f"{main_metric} = {value:.2f}" if isinstance(value, (int, float)) else "no local score"
-    print(f"[{benchmark}] {model}, {describe_reduction(record['base'], record['n_vis'], record['restore'])}: "
+    print(f"[{benchmark}] {model}, {describe_reduction(record['settings'].get('base'), record['n_vis'], record['restore'])}: "
           f"{shown} ({record['n_items']} answers, inference {wall_time_s:.0f} s); result: {path}")
     return 0
 

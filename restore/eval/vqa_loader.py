@@ -22,11 +22,14 @@ from .common import EntryPoint, ImageRef, Item, SetupError, read_jsonl, require_
 
 
 def _add_arguments(group: argparse._ArgumentGroup) -> None:
-    pass
+    group.add_argument("--only-images-under", metavar="DIR", default=None,
+                       help="answer only the questions whose image lies under DIR (relative to --image-folder); "
+                            "SEED-Bench without its video frames: --only-images-under SEED-Bench-image")
 
 
 def _settings(args: argparse.Namespace) -> Dict[str, Any]:
-    return {}
+    under = args.only_images_under
+    return {"only_images_under": under.strip("/") + "/" if under else None}
 
 
 def _key(question_id: Any, prompt: str) -> str:
@@ -36,11 +39,14 @@ def _key(question_id: Any, prompt: str) -> str:
 
 def build_items(settings: Mapping[str, Any]) -> List[Item]:
     path, folder = settings["question_file"], settings["image_folder"]
+    under = settings.get("only_images_under")
     items = []
     for number, q in enumerate(read_jsonl(path), 1):
         require_fields(q, ("question_id", "image", "text"), f"{path}, question {number}")
         if not isinstance(q["text"], str) or not isinstance(q["image"], str):
             raise SetupError(f"{path}, question {number}: 'text' and 'image' must be strings")
+        if under and not q["image"].startswith(under):
+            continue
         items.append(Item(
             key=_key(q["question_id"], q["text"]),
             text=q["text"],

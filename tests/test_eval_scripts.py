@@ -1,0 +1,201 @@
+"""scripts/llava1_5/<bench>.sh end to end on the CPU: few-item fixtures, the small checkpoint, 2 new tokens.
+
+The nine scripts run concurrently (one module fixture) to keep the file's wall time down; the sharding
+tests fake two GPUs with CUDA_VISIBLE_DEVICES="0,1" and --device cpu.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from restore.eval.fixtures import make_fixtures
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts" / "llava1_5"
+MAX_NEW_TOKENS = "2"
+
+# benchmark -> reduction flags it runs with, and the answers subfolder they give
+CONFIGS = {
+    "gqa": (["--base", "HoloV", "--n_vis", "16", "--restore"], "holov-16-restore"),
+    "vqav2": ([], "full"),
+    "seed": (["--base", "DivPrune", "--n_vis", "8"], "divprune-8"),
+    "mmbench": (["--base", "VisPruner", "--n_vis", "32", "--restore"], "vispruner-32-restore"),
+    "mme": (["--base", "DivPrune", "--n_vis", "8"], "divprune-8"),  # 28 questions: few tokens keep it fast
+    "pope": (["--base=holov", "--n_vis=64"], "holov-64"),
+    "sqa": ([], "full"),
+    "textvqa": (["--base", "DivPrune", "--n_vis", "24", "--restore"], "divprune-24-restore"),
+    "ocrbench": ([], "full"),
+}
+
+
+def script_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **extra)
+    return env
+
+
+def script_command(bench: str, checkpoint: Path, data: Path, out: Path, *extra: str) -> list:
+    return ["bash", str(SCRIPTS / f"{bench}.sh"), "--model-path", str(checkpoint), "--data-root", str(data),
+            "--answers-root", str(out / "answers"), "--results-dir", str(out / "results"),
+            "--device", "cpu", "--max_new_tokens", MAX_NEW_TOKENS, *extra]
+
+
+def run_script(bench, checkpoint, data, out, *extra, cwd=None, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(script_command(bench, checkpoint, data, out, *extra), cwd=cwd or out,
+                          env=script_env(**env), capture_output=True, text=True, timeout=600)
+
+
+def read_lines(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def answer_texts(path: Path) -> list:
+    return [(line.get("question_id", line.get("id")), line.get("prompt", line.get("question")),
+             line.get("text", line.get("predict"))) for line in read_lines(path)]
+
+
+def expected_ids(bench: str, data: Path) -> list:
+    """Question ids in question-file order, read straight from the fixture files."""
+    def jsonl(path):
+        return [json.loads(line)["question_id"] for line in (data / path).read_text().splitlines() if line.strip()]
+
+    files = {"gqa": "gqa/llava_gqa_testdev_balanced.jsonl", "vqav2": "vqav2/llava_vqav2_mscoco_test-dev2015.jsonl",
+             "seed": "seed_bench/llava-seed-bench.jsonl", "mme": "MME/llava_mme.jsonl",
+             "pope": "pope/llava_pope_test.jsonl", "textvqa": "textvqa/llava_textvqa_val_v051_ocr.jsonl"}
+    if bench in files:
+        return jsonl(files[bench])
+    if bench == "mmbench":
+        rows = (data / "mmbench/mmbench_dev_20230712.tsv").read_text().splitlines()[1:]
+        return [int(row.split("\t")[0]) for row in rows if row.strip()]
+    if bench == "sqa":
+        return [p["id"] for p in json.loads((data / "scienceqa/llava_test_CQM-A.json").read_text()) if "image" in p]
+    return [q["id"] for q in json.loads((data / "ocrbench/OCRBench.json").read_text())]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("eval-data")
+    make_fixtures(root, n=2, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def all_runs(data, small_checkpoint, tmp_path_factory):
+    """Every script once, all at the same time, from a directory outside the repository."""
+    out = tmp_path_factory.mktemp("runs")
+    procs = {}
+    for bench, (flags, _) in CONFIGS.items():
+        log = open(out / f"{bench}.out", "w+")
+        procs[bench] = (subprocess.Popen(script_command(bench, small_checkpoint, data, out, *flags), cwd=out,
+                                         env=script_env(OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT,
+                                         text=True), log)
+    results = {}
+    for bench, (proc, log) in procs.items():
+        rc = proc.wait(timeout=900)
+        log.seek(0)
+        results[bench] = (rc, log.read())
+        log.close()
+    return out, results
+
+
+@pytest.mark.parametrize("bench", list(CONFIGS))
+def test_script_end_to_end(bench, all_runs, data, small_checkpoint):
+    out, results = all_runs
+    rc, output = results[bench]
+    assert rc == 0, output
+    flags, tag = CONFIGS[bench]
+    answers_dir = out / "answers" / bench / small_checkpoint.name / tag
+    merged = read_lines(answers_dir / "merge.jsonl")
+    assert [line.get("question_id", line.get("id")) for line in merged] == expected_ids(bench, data)
+
+    records = [json.loads(p.read_text()) for p in (out / "results").glob(f"{bench}__*.json")]
+    assert len(records) == 1
+    record = records[0]
+    metrics = json.loads((answers_dir / "scores" / "metrics.json").read_text())
+    assert record["benchmark"] == bench and record["model"] == small_checkpoint.name
+    assert record["n_items"] == len(merged)
+    assert record["metrics"] == metrics["metrics"] and record["main_metric"] == metrics["main_metric"]
+    assert record["wall_time_s"] > 0 and record["timestamp"]
+    expected_base = {"full": "none", "holov": "HoloV", "divprune": "DivPrune", "vispruner": "VisPruner"}[
+        tag.split("-")[0]]
+    assert (record["base"], record["restore"]) == (expected_base, tag.endswith("-restore"))
+    assert record["n_vis"] == (int(tag.split("-")[1]) if tag != "full" else 576)
+    assert record["settings"]["max_new_tokens"] == int(MAX_NEW_TOKENS)
+    assert f"[{bench}] {small_checkpoint.name}" in output and "result:" in output
+
+
+def copy_benchmark(data: Path, folder: str, dest: Path) -> Path:
+    shutil.copytree(data / folder, dest / folder)
+    return dest
+
+
+def test_two_shards_give_the_single_run_answers_and_a_failing_shard_fails(all_runs, data, small_checkpoint, tmp_path):
+    out, results = all_runs
+    assert results["mme"][0] == 0
+    flags, tag = CONFIGS["mme"]
+    reference = answer_texts(out / "answers/mme" / small_checkpoint.name / tag / "merge.jsonl")
+    root = copy_benchmark(data, "MME", tmp_path / "data")
+    questions = [json.loads(x) for x in (root / "MME/llava_mme.jsonl").read_text().splitlines()]
+    last_image = root / "MME/MME_Benchmark_release_version" / questions[-1]["image"]
+    half = len(questions) // 2 + len(questions) % 2
+    assert all(q["image"] != questions[-1]["image"] for q in questions[:half]), "needs an image only chunk 1 uses"
+    good = last_image.read_bytes()
+    last_image.write_bytes(good[: len(good) // 3])  # truncated: fails when chunk 1 checks its images
+
+    failed = run_script("mme", small_checkpoint, root, tmp_path, *flags, CUDA_VISIBLE_DEVICES="0,1")
+    assert failed.returncode == 1
+    assert "2 shard(s)" in failed.stdout and "CUDA_VISIBLE_DEVICES=1" in failed.stdout
+    assert "shard 1 FAILED" in failed.stderr and last_image.name in failed.stderr and "truncated" in failed.stderr
+    answers_dir = tmp_path / "answers/mme" / small_checkpoint.name / tag
+    assert not (answers_dir / "merge.jsonl").exists() and not list((tmp_path / "results").glob("*.json"))
+    chunk0 = json.loads((answers_dir / "chunks/2_0.jsonl.meta.json").read_text())
+    assert chunk0["complete"] and chunk0["n_items"] == half
+
+    # Fixed and rerun: chunk 0 is kept, chunk 1 answered, and the merge equals the single-process run.
+    last_image.write_bytes(good)
+    fixed = run_script("mme", small_checkpoint, root, tmp_path, *flags, CUDA_VISIBLE_DEVICES="0,1")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert f"{half} already answered" in (answers_dir / "logs/2_0.log").read_text()
+    assert answer_texts(answers_dir / "merge.jsonl") == reference
+    assert len(list((tmp_path / "results").glob("mme__*.json"))) == 1
+
+
+def test_nodes_share_a_benchmark_and_the_last_one_scores(all_runs, data, small_checkpoint, tmp_path):
+    out, results = all_runs
+    reference = answer_texts(out / "answers/pope" / small_checkpoint.name / "holov-64/merge.jsonl")
+    root = copy_benchmark(data, "pope", tmp_path / "data")
+    flags = [*CONFIGS["pope"][0], "--nodes", "2"]
+    first = run_script("pope", small_checkpoint, root, tmp_path, *flags, "--node-rank", "0")
+    assert first.returncode == 0, first.stderr
+    assert "other nodes' chunks are not complete yet" in first.stdout
+    assert not list((tmp_path / "results").glob("*.json"))
+    second = run_script("pope", small_checkpoint, root, tmp_path, *flags, "--node-rank", "1")
+    assert second.returncode == 0, second.stderr
+    assert answer_texts(tmp_path / "answers/pope" / small_checkpoint.name / "holov-64/merge.jsonl") == reference
+    assert len(list((tmp_path / "results").glob("pope__*.json"))) == 1
+
+
+def test_script_rejects_bad_usage_before_starting_shards(data, small_checkpoint, tmp_path):
+    chunks = run_script("gqa", small_checkpoint, data, tmp_path, "--num-chunks", "2")
+    assert chunks.returncode == 2 and "--num-chunks is set by this script" in chunks.stderr
+    missing = run_script("gqa", small_checkpoint, tmp_path / "nowhere", tmp_path)
+    assert missing.returncode == 2 and "data root" in missing.stderr and "not found" in missing.stderr
+    assert not (tmp_path / "answers").exists()
+
+    # An entry-point error surfaces from the shard's log, and the script fails.
+    unknown = run_script("gqa", small_checkpoint, data, tmp_path, "--base", "Nope", "--n_vis", "8")
+    assert unknown.returncode == 1
+    assert "shard 0 FAILED" in unknown.stderr and "unknown --base 'Nope'" in unknown.stderr
+    assert "loading model" not in unknown.stderr
+
+
+def test_help_lists_the_options():
+    shown = subprocess.run(["bash", str(SCRIPTS / "ocrbench.sh"), "--help"], capture_output=True, text=True)
+    assert shown.returncode == 0
+    for option in ("--model-path", "--data-root", "--shards", "--nodes", "--node-rank", "--run-name"):
+        assert option in shown.stdout
