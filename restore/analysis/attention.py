@@ -1,0 +1,148 @@
+"""How much attention visual tokens receive, layer by layer (the analysis of the paper's Figure 2).
+
+For one prompt, a prefill with ``output_attentions=True`` returns each decoder layer's attention
+probabilities. transformers 4.37 computes them with eager attention (SDPA cannot return them) and
+with the mask the patched model installs, so under RESTORE they include its calibration bias.
+Per layer: average over heads; for every query row sum the probabilities on visual keys (its
+visual share, in [0, 1]); average the rows of a query group: the visual tokens themselves, and
+the text after the image (the question and the assistant prompt).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from llava.constants import IMAGE_TOKEN_INDEX
+
+import restore
+
+QUERY_GROUPS = ("visual", "text")
+
+
+@dataclass
+class AttentionShares:
+    """Per-layer mean visual share of each query group, for one configuration."""
+
+    label: str
+    n_visual: int  # visual tokens in the sequence
+    seq_len: int
+    shares: Dict[str, List[float]]  # query group -> one value per decoder layer
+
+
+def row_shares(probs: torch.Tensor, visual_keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(visual share, non-visual share) of every query row of ``probs`` [..., Lq, Lk]; they sum to the row sum."""
+    probs = probs.float()
+    visual = (probs * visual_keys.to(probs.dtype)).sum(dim=-1)
+    return visual, probs.sum(dim=-1) - visual
+
+
+def sequence_visual_mask(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """[L] bool: which positions of the assembled prefill (one sample) hold visual tokens.
+
+    A patched model records it in its layout; stock LLaVA puts all N patches where the single
+    ``<image>`` placeholder was.
+    """
+    if restore.is_applied(model):
+        layout = model._restore_ctx.layout
+        if layout is None:
+            raise RuntimeError("the patched model has no layout: run a prefill with images first")
+        return layout.is_visual[0]
+    ids = input_ids[0]
+    slots = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten()
+    if len(slots) != 1:
+        raise ValueError(f"the prompt must hold exactly one <image> placeholder, found {len(slots)}")
+    num_patches = int(model.get_vision_tower().num_patches)
+    mask = torch.zeros(ids.shape[0] - 1 + num_patches, dtype=torch.bool, device=ids.device)
+    mask[int(slots[0]): int(slots[0]) + num_patches] = True
+    return mask
+
+
+def query_groups(is_visual: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Row masks: the visual tokens, and the text after the last visual token."""
+    after = torch.zeros_like(is_visual)
+    last_visual = int(is_visual.nonzero().max())
+    after[last_visual + 1:] = True
+    return {"visual": is_visual, "text": after}
+
+
+@torch.inference_mode()
+def prefill_attentions(model, input_ids, images, image_sizes) -> Tuple[Tuple[torch.Tensor, ...], torch.Tensor]:
+    """Each layer's attention probabilities [1, H, L, L] for one prompt, and the visual mask [L]."""
+    if input_ids.shape[0] != 1:
+        raise ValueError("attention analysis takes one prompt at a time (batch size 1)")
+    out = model(input_ids=input_ids, images=images, image_sizes=image_sizes, output_attentions=True, use_cache=False)
+    if not out.attentions or out.attentions[0] is None:
+        raise RuntimeError("the model returned no attention probabilities (flash attention cannot); "
+                           "load it with attn_implementation='eager' or 'sdpa'")
+    return out.attentions, sequence_visual_mask(model, input_ids)
+
+
+def layer_shares(attentions, is_visual: torch.Tensor) -> Dict[str, List[float]]:
+    """Mean visual share per query group and layer, heads averaged first."""
+    groups = query_groups(is_visual)
+    result: Dict[str, List[float]] = {name: [] for name in QUERY_GROUPS}
+    for probs in attentions:
+        visual, _ = row_shares(probs[0].float().mean(dim=0), is_visual)
+        for name in QUERY_GROUPS:
+            result[name].append(float(visual[groups[name]].mean()))
+    return result
+
+
+def analyse_configs(model, input_ids, images, image_sizes, base: str, n_vis: int) -> List[AttentionShares]:
+    """Full (stock), ``base`` alone and ``base`` + RESTORE at ``n_vis``; the model is left stock."""
+    configs = [("full", None, False), (base, base, False), (f"{base}+RESTORE", base, True)]
+    results = []
+    try:
+        for label, method, use_restore in configs:
+            if method is None:
+                restore.remove(model)
+            else:
+                restore.apply(model, base=method, n_vis=n_vis, restore=use_restore)
+            attentions, is_visual = prefill_attentions(model, input_ids, images, image_sizes)
+            results.append(AttentionShares(label, int(is_visual.sum()), int(is_visual.shape[0]),
+                                           layer_shares(attentions, is_visual)))
+    finally:
+        restore.remove(model)
+    return results
+
+
+def format_table(results: List[AttentionShares]) -> str:
+    header = ["layer"] + [f"{r.label} {group}-q" for group in QUERY_GROUPS for r in results]
+    n_layers = len(results[0].shares["visual"])
+    rows = [header]
+    for layer in range(n_layers):
+        rows.append([str(layer)] + [f"{r.shares[group][layer]:.3f}" for group in QUERY_GROUPS for r in results])
+    rows.append(["mean"] + [f"{sum(r.shares[group]) / n_layers:.3f}" for group in QUERY_GROUPS for r in results])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def plot(results: List[AttentionShares], path, title: Optional[str] = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    styles = {0: ("black", ":", "o"), 1: ("tab:orange", "--", "s"), 2: ("tab:blue", "-", "^")}
+    for ax, group, name in zip(axes, QUERY_GROUPS, ("visual queries", "text queries (after the image)")):
+        for index, r in enumerate(results):
+            color, line, marker = styles.get(index, (None, "-", "o"))
+            values = r.shares[group]
+            ax.plot(range(len(values)), values, color=color, linestyle=line, marker=marker,
+                    label=f"{r.label} ({r.n_visual} visual tokens)")
+        ax.set_title(name)
+        ax.set_xlabel("decoder layer")
+        ax.set_xticks(range(len(results[0].shares[group])))
+        ax.grid(alpha=0.3)
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("attention mass on visual tokens")
+    axes[0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

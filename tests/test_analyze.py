@@ -1,0 +1,116 @@
+"""restore.analyze: attention shares per layer and token maps, on the small checkpoint."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import restore
+from restore import analyze
+from restore.analysis import attention as att
+from restore.analysis.models import BenchModel, prompt_inputs
+from restore.analysis.token_map import build_token_map, draw_token_map
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def bench_model(small_model):
+    tok, model, proc = small_model
+    try:
+        yield BenchModel(tok, model, proc, "small")
+    finally:
+        restore.remove(model)
+
+
+@pytest.fixture
+def prompt(bench_model, synthetic_image):
+    return prompt_inputs(bench_model, synthetic_image(3, (400, 300)), "Is there a red circle?")
+
+
+def test_row_shares_split_each_row_into_visual_and_other():
+    probs = torch.softmax(torch.randn(3, 7, 7), dim=-1)
+    visual_keys = torch.tensor([False, True, True, False, True, False, False])
+    visual, other = att.row_shares(probs, visual_keys)
+    torch.testing.assert_close(visual + other, torch.ones(3, 7))
+    torch.testing.assert_close(visual, probs[..., 1] + probs[..., 2] + probs[..., 4])
+
+
+@pytest.mark.parametrize("use_restore", [False, True])
+def test_prefill_probabilities_are_distributions_and_shares_in_unit_interval(bench_model, prompt, use_restore):
+    ids, images, sizes = prompt
+    restore.apply(bench_model.model, base="HoloV", n_vis=64, restore=use_restore)
+    attentions, is_visual = att.prefill_attentions(bench_model.model, ids, images, sizes)
+    assert int(is_visual.sum()) == 64 and is_visual.shape[0] == ids.shape[1] - 1 + 64
+    assert len(attentions) == bench_model.model.config.num_hidden_layers
+    for probs in attentions:
+        heads_mean = probs[0].float().mean(dim=0)
+        torch.testing.assert_close(heads_mean.sum(dim=-1), torch.ones(heads_mean.shape[0]))
+        visual, other = att.row_shares(heads_mean, is_visual)
+        torch.testing.assert_close(visual + other, torch.ones_like(visual))
+        assert bool(((visual >= 0) & (visual <= 1 + 1e-6)).all())
+        first_visual = int(is_visual.nonzero().min())
+        assert float(visual[:first_visual].abs().max()) == 0.0  # causal: the system prompt sees no image
+
+
+def test_stock_visual_mask_matches_the_patched_layout(bench_model, prompt):
+    ids, images, sizes = prompt
+    model = bench_model.model
+    stock = att.sequence_visual_mask(model, ids)
+    restore.apply(model, base="VisPruner", n_vis=576)  # everything kept, in patch order
+    with torch.inference_mode():
+        model(input_ids=ids, images=images, image_sizes=sizes)
+    assert torch.equal(att.sequence_visual_mask(model, ids), stock)
+    groups = att.query_groups(stock)
+    assert int(groups["text"].sum()) == stock.shape[0] - 1 - int(stock.nonzero().max())
+
+
+def test_analyse_configs_compares_three_settings_and_leaves_the_model_stock(bench_model, prompt):
+    results = att.analyse_configs(bench_model.model, *prompt, base="HoloV", n_vis=64)
+    assert [r.label for r in results] == ["full", "HoloV", "HoloV+RESTORE"]
+    assert [r.n_visual for r in results] == [576, 64, 64]
+    n_layers = bench_model.model.config.num_hidden_layers
+    for r in results:
+        for group in att.QUERY_GROUPS:
+            assert len(r.shares[group]) == n_layers and all(0 <= v <= 1 for v in r.shares[group])
+    assert results[1].shares != results[2].shares  # RESTORE's bias changes the attention
+    assert not restore.is_applied(bench_model.model)
+
+
+def test_token_map_with_restore_covers_every_patch_once(bench_model, prompt, tmp_path):
+    _, images, _ = prompt
+    token_map = build_token_map(bench_model, images, "HoloV", 64, restore=True)
+    assert token_map.source.shape == (576,) and token_map.grid == 24
+    assert token_map.source.min() >= 0 and token_map.source.max() < 64  # every patch in exactly one token
+    sizes = token_map.group_sizes()
+    assert sizes.sum() == 576 and (sizes >= 1).all()
+    assert len(token_map.kept) == 32 and (sizes[token_map.source[token_map.kept]] == 1).all()
+    # The model's view: LLaVA pads the 400 x 300 image to a square with the CLIP mean colour.
+    mean = np.round(np.array(bench_model.image_processor.image_mean) * 255)
+    assert token_map.image.shape == (336, 336, 3)
+    assert np.abs(token_map.image[0, 0].astype(float) - mean).max() <= 1
+    path = tmp_path / "map.png"
+    draw_token_map(token_map, path)
+    assert path.read_bytes()[:8] == PNG
+
+
+def test_token_map_without_restore_keeps_only_the_selected(bench_model, prompt):
+    _, images, _ = prompt
+    token_map = build_token_map(bench_model, images, "DivPrune", 48, restore=False)
+    represented = np.flatnonzero(token_map.source >= 0)
+    assert sorted(represented) == sorted(token_map.kept.tolist()) and len(represented) == 48
+    assert (token_map.group_sizes() == 1).all()
+
+
+def test_cli_writes_outputs(small_checkpoint, tmp_path, capsys):
+    out = tmp_path / "analysis"
+    assert analyze.main(["tokens", "--model-path", str(small_checkpoint), "--seed", "2", "--base", "VisPruner",
+                         "--n-vis", "32", "--restore", "--out", str(out)]) == 0
+    assert (out / "tokens_seed2_VisPruner_restore_32.png").read_bytes()[:8] == PNG
+    assert "576 of 576 patches" in capsys.readouterr().out
+
+    assert analyze.main(["attention", "--model-path", str(small_checkpoint), "--n-vis", "32", "--out", str(out)]) == 0
+    payload = json.loads((out / "attention_seed0_HoloV_32.json").read_text())
+    assert [c["label"] for c in payload["configs"]] == ["full", "HoloV", "HoloV+RESTORE"]
+    assert (out / "attention_seed0_HoloV_32.png").read_bytes()[:8] == PNG
+    assert analyze.main(["tokens", "--model-path", str(small_checkpoint), "--base", "nope", "--out", str(out)]) == 2
