@@ -118,6 +118,28 @@ def test_holov_order_is_crop_by_crop(n):
                     assert float(attention.min()) == float(inside.topk(len(members)).values.min())
 
 
+@pytest.mark.parametrize("name", ["HoloV", "VisPruner"])
+@pytest.mark.parametrize("n", SIZES)
+def test_tied_attention_is_ordered_like_the_reference(name, n):
+    # Attention with many exact ties (as half-precision attention has): sorting and top-k order
+    # tied values in implementation-defined ways, and the selectors must follow the official calls.
+    tokens = make_tokens(2, n, seed=11)
+    g = torch.Generator().manual_seed(11)
+    tokens.cls_attention = torch.randint(1, 6, (2, n), generator=g).float() / 100
+    for n_keep in budgets(n):
+        assert torch.equal(tr.get_selector(name)(tokens, n_keep), REFERENCES[name](tokens, n_keep)), n_keep
+
+
+def test_holov_identical_crops_share_the_budget_like_the_reference():
+    # 16 copies of one crop: every crop weight ties exactly, so which crops get the leftover
+    # tokens is decided by how top-k orders ties, as in the official per-sample calls.
+    crop = make_tokens(2, 36, seed=12)
+    tokens = tr.VisualTokens(features=crop.features.repeat(1, 16, 1), cls_attention=crop.cls_attention.repeat(1, 16))
+    for n_keep in (1, 7, 40, 100, 575):
+        keep = tr.get_selector("HoloV")(tokens, n_keep)
+        assert torch.equal(keep, REFERENCES["HoloV"](tokens, n_keep)), n_keep
+
+
 def test_divprune_first_pick_is_the_most_isolated_token():
     tokens = make_tokens(1, 40, seed=8)
     outlier = 17

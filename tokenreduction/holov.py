@@ -83,7 +83,7 @@ def _allocate(scores: torch.Tensor, sizes: torch.Tensor, n_keep: int) -> torch.T
     """
     weights = scores / (scores.sum(dim=-1, keepdim=True) + EPS)
     allocation = (weights * n_keep).floor().long()
-    allocation += _top_crops(weights, n_keep - allocation.sum(dim=-1))
+    _add_one_to_top(allocation, weights, n_keep - allocation.sum(dim=-1))
     for _ in range(n_keep):
         allocation = torch.minimum(allocation, sizes)
         deficit = n_keep - allocation.sum(dim=-1)
@@ -91,30 +91,45 @@ def _allocate(scores: torch.Tensor, sizes: torch.Tensor, n_keep: int) -> torch.T
         extra = torch.minimum(deficit, has_room.sum(dim=-1)).clamp(min=0)
         if not bool(extra.any()):
             break
-        allocation += _top_crops(weights.masked_fill(~has_room, float("-inf")), extra)
+        _add_one_to_top(allocation, weights.masked_fill(~has_room, float("-inf")), extra)
     return allocation
 
 
-def _top_crops(weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """0/1 per crop [B, n_crops]: 1 for the counts[b] crops of sample b with the highest weights."""
-    order = torch.topk(weights, k=weights.shape[-1], dim=-1).indices
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    return (rank < counts[:, None]).long()
+def _add_one_to_top(allocation: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> None:
+    """Add 1 (in place) to the counts[b] highest-weight crops of every sample b.
+
+    One top-k call per distinct count, with that k, as the official code calls it per sample:
+    which of two exactly tied weights top-k prefers depends on k.
+    """
+    counts = counts.clamp(0, weights.shape[-1])
+    for count in counts[counts > 0].unique().tolist():
+        rows = (counts == count).nonzero()[:, 0]
+        top = torch.topk(weights[rows], k=count, dim=-1).indices
+        allocation[rows[:, None], top] += 1
 
 
 def _take_per_crop(attention: torch.Tensor, groups: List[Tuple[int, int, int, int]], allocation: torch.Tensor) -> torch.Tensor:
-    """Indices [B, n_keep], crop by crop: the `allocation` highest-attention tokens of each crop."""
-    batch_size = attention.shape[0]
+    """Indices [B, n_keep], crop by crop: the `allocation` highest-attention tokens of each crop.
+
+    A fully kept crop keeps its own order, a partly kept one descending attention order.
+    """
+    batch_size, device = attention.shape[0], attention.device
     width = max(size for _, _, _, size in groups)
     orders = []
     first_crop = 0
     for lo, hi, n_crops, size in groups:
-        by_attention = torch.topk(attention[:, lo:hi].reshape(batch_size, n_crops, size), k=size, dim=-1).indices
-        fully_kept = allocation[:, first_crop : first_crop + n_crops, None] == size
-        order = torch.where(fully_kept, torch.arange(size, device=attention.device), by_attention)
-        order = order + (lo + size * torch.arange(n_crops, device=attention.device))[:, None]
+        counts = allocation[:, first_crop : first_crop + n_crops]
+        crop_attention = attention[:, lo:hi].reshape(batch_size, n_crops, size)
+        order = torch.arange(size, device=device).repeat(batch_size, n_crops, 1)
+        partly_kept = (counts > 0) & (counts < size)
+        # One top-k per distinct count (a few), not one full sort: top-k orders tied attention
+        # values differently for different k, and ties are common in half-precision attention.
+        for count in counts[partly_kept].unique().tolist():
+            chosen = partly_kept & (counts == count)
+            order[..., :count][chosen] = torch.topk(crop_attention[chosen], k=count, dim=-1).indices
+        order += (lo + size * torch.arange(n_crops, device=device))[:, None]
         orders.append(torch.nn.functional.pad(order, (0, width - size)))
         first_crop += n_crops
     order = torch.cat(orders, dim=1)  # [B, n_crops, width]; the padding is never taken
-    taken = torch.arange(width, device=attention.device) < allocation[..., None]
+    taken = torch.arange(width, device=device) < allocation[..., None]
     return order[taken].view(batch_size, -1)

@@ -45,7 +45,7 @@ def vispruner(tokens: VisualTokens, n_keep: int) -> torch.Tensor:
             break
         even, odd = remaining[:, ::2], remaining[:, 1::2]
         # Redundancy of an even-position token: its highest similarity to an odd-position one.
-        redundancy = similarity[rows, even[:, :, None], odd[:, None, :]].max(dim=-1).values
+        redundancy = similarity[rows, even[:, :, None], odd[:, None, :]].amax(dim=-1)
         survivors = redundancy.argsort(dim=-1, descending=True)[:, n_removed:]
         remaining = torch.cat([even.gather(1, survivors), odd], dim=1)
 
