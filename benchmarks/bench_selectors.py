@@ -3,7 +3,9 @@
     python benchmarks/bench_selectors.py [--device cpu|cuda] [--repeats N] [--batch B] [--dtype float16]
 
 LLaVA-1.5 sizes: N = 576 visual tokens, projected width D = 4096, vision width C = 1024.
-Each time is the median of --repeats runs after warm-up; on a GPU, CUDA events bracket each run.
+Each time is the median of --repeats runs after warm-up, selector and restatement alternating;
+on a GPU, CUDA events bracket each run. --threads sets torch's CPU threads (on a busy machine,
+one thread gives steadier numbers).
 The "same picks" column checks that both give identical indices on the benchmark's inputs.
 """
 from __future__ import annotations
@@ -42,23 +44,31 @@ def make_inputs(batch: int, dtype: torch.dtype, device: torch.device, seed: int)
     )
 
 
-def median_ms(run: Callable[[], torch.Tensor], repeats: int, device: torch.device, warmup: int = 2) -> float:
-    for _ in range(warmup):
+def time_ms(run: Callable[[], torch.Tensor], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         run()
-    times: List[float] = []
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    began = time.perf_counter()
+    run()
+    return (time.perf_counter() - began) * 1e3
+
+
+def compare_ms(runs: List[Callable[[], torch.Tensor]], repeats: int, device: torch.device, warmup: int = 2) -> List[float]:
+    """Median time of each run; the runs alternate, so load from other processes hits them alike."""
+    for _ in range(warmup):
+        for run in runs:
+            run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    times: List[List[float]] = [[] for _ in runs]
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            began = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - began) * 1e3)
-    return statistics.median(times)
+        for run, spent in zip(runs, times):
+            spent.append(time_ms(run, device))
+    return [statistics.median(spent) for spent in times]
 
 
 def main(argv: List[str] | None = None) -> None:
@@ -70,12 +80,15 @@ def main(argv: List[str] | None = None) -> None:
                         help="feature dtype (default: float32 on cpu, float16 on cuda, as LLaVA runs there)")
     parser.add_argument("--methods", nargs="+", default=sorted(REFERENCES), choices=sorted(REFERENCES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     if args.repeats < 1 or args.batch < 1:
         parser.error("--repeats and --batch must be at least 1")
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
     tokens = make_inputs(args.batch, dtype, device, args.seed)
@@ -88,8 +101,9 @@ def main(argv: List[str] | None = None) -> None:
     for method in args.methods:
         selector, reference = tr.get_selector(method), REFERENCES[method]
         for n_keep in BUDGETS:
-            ours_ms = median_ms(lambda: selector(tokens, n_keep), args.repeats, device)
-            reference_ms = median_ms(lambda: reference(tokens, n_keep), args.repeats, device)
+            ours_ms, reference_ms = compare_ms(
+                [lambda: selector(tokens, n_keep), lambda: reference(tokens, n_keep)], args.repeats, device
+            )
             same = torch.equal(selector(tokens, n_keep), reference(tokens, n_keep))
             print(f"{method:<10} {n_keep:>6} {ours_ms:>12.2f} {reference_ms:>13.2f} "
                   f"{reference_ms / ours_ms:>8.1f}x {'yes' if same else 'NO':>11}")

@@ -38,14 +38,16 @@ def vispruner(tokens: VisualTokens, n_keep: int) -> torch.Tensor:
 
     unit = raw / raw.norm(dim=-1, keepdim=True)
     similarity = unit @ unit.transpose(1, 2)  # [B, N, N], in the raw features' dtype
-    rows = torch.arange(batch_size, device=raw.device)[:, None, None]
+    rows = torch.arange(batch_size, device=raw.device)[:, None]
     while True:
         n_removed = min(MAX_REMOVED_PER_ROUND, remaining.shape[1] - n_diverse)
         if n_removed <= 0:
             break
         even, odd = remaining[:, ::2], remaining[:, 1::2]
         # Redundancy of an even-position token: its highest similarity to an odd-position one.
-        redundancy = similarity[rows, even[:, :, None], odd[:, None, :]].amax(dim=-1)
+        # Whole rows with the other columns at -inf: faster than gathering the even x odd block.
+        only_odd = torch.full_like(similarity[:, 0], float("-inf")).scatter_(1, odd, 0.0)
+        redundancy = (similarity[rows, even] + only_odd[:, None, :]).amax(dim=-1)
         survivors = redundancy.argsort(dim=-1, descending=True)[:, n_removed:]
         remaining = torch.cat([even.gather(1, survivors), odd], dim=1)
 
