@@ -181,17 +181,12 @@ def test_nodes_share_a_benchmark_and_the_last_one_scores(all_runs, data, small_c
 
 
 def test_script_rejects_bad_usage_before_starting_shards(data, small_checkpoint, tmp_path):
+    # (an entry point's own errors reach the user through the failing shard's log, see above)
     chunks = run_script("gqa", small_checkpoint, data, tmp_path, "--num-chunks", "2")
     assert chunks.returncode == 2 and "--num-chunks is set by this script" in chunks.stderr
     missing = run_script("gqa", small_checkpoint, tmp_path / "nowhere", tmp_path)
     assert missing.returncode == 2 and "data root" in missing.stderr and "not found" in missing.stderr
     assert not (tmp_path / "answers").exists()
-
-    # An entry-point error surfaces from the shard's log, and the script fails.
-    unknown = run_script("gqa", small_checkpoint, data, tmp_path, "--base", "Nope", "--n_vis", "8")
-    assert unknown.returncode == 1
-    assert "shard 0 FAILED" in unknown.stderr and "unknown --base 'Nope'" in unknown.stderr
-    assert "loading model" not in unknown.stderr
 
 
 def test_help_lists_the_options():

@@ -527,7 +527,6 @@ def generate_answers(plan: Plan) -> None:
 
 def _generate(plan: Plan, answers_file: str) -> Tuple[int, float]:
     """Load the model and answer the pending items; (generated tokens, seconds spent generating)."""
-    import shortuuid  # noqa: F401  (answer lines use it; fail here rather than after loading)
     import torch
     from tqdm import tqdm
 

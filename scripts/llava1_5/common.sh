@@ -8,6 +8,11 @@
 
 set -euo pipefail
 
+if ((BASH_VERSINFO[0] < 5)); then
+    echo "error: these scripts need bash 5 or later (this is $BASH_VERSION)" >&2
+    exit 2
+fi
+
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd)
 if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then
@@ -182,6 +187,8 @@ run_benchmark() {
     for ((i = 0; i < shards; i++)); do
         chunk=$((first + i))
         local log="$answers_dir/logs/${total}_$chunk.log"
+        # Appended: the log of an earlier failed attempt stays readable after a rerun.
+        echo "===== $(date '+%Y-%m-%d %H:%M:%S') $BENCH chunk $chunk of $total =====" >> "$log"
         local -a pin=()
         ((n_gpus > 0)) && pin+=("CUDA_VISIBLE_DEVICES=${gpus[i % n_gpus]}")
         [[ -n $cpu_threads ]] && pin+=("OMP_NUM_THREADS=$cpu_threads")
@@ -194,7 +201,7 @@ run_benchmark() {
             --answers-file "${chunk_files[chunk]}" \
             --num-chunks "$total" --chunk-idx "$chunk" \
             ${ENTRY_ARGS[@]+"${ENTRY_ARGS[@]}"} ${pass[@]+"${pass[@]}"} \
-            > "$log" 2>&1 &
+            >> "$log" 2>&1 &
         pids+=("$!")
         logs+=("$log")
         running[$!]=$i
@@ -248,6 +255,14 @@ run_benchmark() {
     (
         # Several nodes may finish together: merge and score under a lock when flock exists.
         if command -v flock > /dev/null 2>&1; then flock 9; fi
+        if ((nodes > 1)) && [[ -f $answers_dir/merge.jsonl ]]; then
+            local newer=0 f
+            for f in "${chunk_files[@]}"; do [[ $f -nt $answers_dir/merge.jsonl ]] && newer=1; done
+            if ((newer == 0)); then
+                echo "[$BENCH] another node has merged and scored these chunks already"
+                exit 0
+            fi
+        fi
         "$PY" -m restore.eval.common finish --benchmark "$BENCH" --answers-dir "$answers_dir" \
             --data-root "$data_root" --results-dir "$results_dir" --model "$model_name" --wall-time "$wall" \
             "${chunk_files[@]}"
