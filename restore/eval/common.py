@@ -391,6 +391,10 @@ def plan_run(entry: EntryPoint, args: argparse.Namespace, env: Mapping[str, str]
 
     if args.model_base is None:
         check_model_path(args.model_path)
+    from llava.conversation import conv_templates
+
+    if args.conv_mode not in conv_templates:
+        raise SetupError(f"unknown --conv-mode {args.conv_mode!r}; available: {', '.join(sorted(conv_templates))}")
     settings = {**common_settings(args, base), **entry.settings(args)}
     items = chunk_items(entry, settings, num_chunks, chunk_idx)
 
@@ -605,8 +609,6 @@ def build_prompt(text: str, has_image: bool, conv_mode: str, im_start_end: bool)
     from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
     from llava.conversation import conv_templates
 
-    if conv_mode not in conv_templates:
-        raise SetupError(f"unknown --conv-mode {conv_mode!r}; available: {', '.join(sorted(conv_templates))}")
     if has_image:
         placeholder = (DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
                        if im_start_end else DEFAULT_IMAGE_TOKEN)
