@@ -20,6 +20,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m restore.demo
+	bash scripts/demo_benchmarks.sh
 
 test: $(STAMP)
 	$(PY) -m pytest -q
