@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 import restore
-from restore.eval import common, mmbench, ocrbench, science, vqa_loader
+from restore.eval import answer_files, arguments, entry_point, mmbench, ocrbench, runner, science, shards, vqa_loader
 from restore.eval.fixtures import make_fixtures
 
 REPO = Path(__file__).resolve().parents[1]
-SHORT = common.SHORT_ANSWER_SUFFIX
-LETTER = common.OPTION_LETTER_SUFFIX
+SHORT = entry_point.SHORT_ANSWER_SUFFIX
+LETTER = entry_point.OPTION_LETTER_SUFFIX
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +56,8 @@ def loaded_model(small_model, monkeypatch):
             else restore.apply(small_model.model, base=None)
         return small_model.tokenizer, model, small_model.image_processor, "llava-small-test"
 
-    monkeypatch.setattr(common, "load_model_for_eval", fake_load)
-    monkeypatch.setattr(common, "check_model_path", lambda path: None)
+    monkeypatch.setattr(runner, "load_model_for_eval", fake_load)
+    monkeypatch.setattr(arguments, "check_model_path", lambda path: None)
     try:
         yield calls
     finally:
@@ -81,7 +81,7 @@ def test_chunks_are_llava_slices_and_cover_everything_once():
         for n in range(1, 7):
             chunks = []
             for k in range(n):
-                start, stop = common.chunk_bounds(total, n, k)
+                start, stop = answer_files.chunk_bounds(total, n, k)
                 assert items[start:stop] == llava_chunk(items, n, k)
                 chunks += items[start:stop]
             assert chunks == items
@@ -90,19 +90,19 @@ def test_chunks_are_llava_slices_and_cover_everything_once():
 def test_chunk_comes_from_flags_then_slurm_then_torchrun():
     slurm = {"SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1"}
     torchrun = {"WORLD_SIZE": "8", "RANK": "5"}
-    assert common.resolve_chunk(None, None, {}) == (1, 0)
-    assert common.resolve_chunk(None, None, slurm) == (4, 2)
-    assert common.resolve_chunk(None, None, torchrun) == (8, 5)
-    assert common.resolve_chunk(None, None, {**torchrun, **slurm}) == (4, 2)
-    assert common.resolve_chunk(3, 1, {**torchrun, **slurm}) == (3, 1)
+    assert arguments.resolve_chunk(None, None, {}) == (1, 0)
+    assert arguments.resolve_chunk(None, None, slurm) == (4, 2)
+    assert arguments.resolve_chunk(None, None, torchrun) == (8, 5)
+    assert arguments.resolve_chunk(None, None, {**torchrun, **slurm}) == (4, 2)
+    assert arguments.resolve_chunk(3, 1, {**torchrun, **slurm}) == (3, 1)
     for bad in [(2, 2, {}), (0, 0, {}), (None, 1, {}), (None, None, {"WORLD_SIZE": "2", "RANK": "2"})]:
-        with pytest.raises(common.SetupError):
-            common.resolve_chunk(*bad)
+        with pytest.raises(entry_point.SetupError):
+            arguments.resolve_chunk(*bad)
 
 
 def test_reduction_arguments_are_checked_and_canonicalised():
-    assert common.validate_reduction(None, None, False) is None
-    assert common.validate_reduction("holov", 64, True) == "HoloV"
+    assert arguments.validate_reduction(None, None, False) is None
+    assert arguments.validate_reduction("holov", 64, True) == "HoloV"
     cases = {
         ("NoSuchMethod", 64, False): "available: DivPrune, HoloV, VisPruner",
         ("HoloV", None, False): "needs --n_vis",
@@ -113,8 +113,8 @@ def test_reduction_arguments_are_checked_and_canonicalised():
         (None, 64, False): "--n_vis needs --base",
     }
     for (base, n_vis, use_restore), message in cases.items():
-        with pytest.raises(common.SetupError, match=message.replace("(", r"\(").replace(".", r"\.")):
-            common.validate_reduction(base, n_vis, use_restore)
+        with pytest.raises(entry_point.SetupError, match=message.replace("(", r"\(").replace(".", r"\.")):
+            arguments.validate_reduction(base, n_vis, use_restore)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,13 +128,13 @@ def settings_for(data: Path, question_file: str, image_folder: str | None, **ext
 
 def test_vqa_loader_uses_question_text_as_is(data):
     items = vqa_loader.build_items(settings_for(data, "MME/llava_mme.jsonl", "MME/MME_Benchmark_release_version"))
-    questions = common.read_jsonl(str(data / "MME/llava_mme.jsonl"))
+    questions = entry_point.read_jsonl(str(data / "MME/llava_mme.jsonl"))
     assert [i.text for i in items] == [q["text"] for q in questions]
     assert [i.image.path for i in items] == [str(data / "MME/MME_Benchmark_release_version" / q["image"]) for q in questions]
     assert all(i.image.convert_rgb for i in items)
     # MME repeats a question_id for the two questions of an image: keys still tell them apart.
     assert len({q["question_id"] for q in questions}) < len(questions)
-    assert len(set(common.numbered_keys(i.key for i in items))) == len(items)
+    assert len(set(answer_files.numbered_keys(i.key for i in items))) == len(items)
 
 
 def test_seed_image_questions_alone(data):
@@ -224,7 +224,7 @@ def test_answers_match_the_official_loop_and_formats(data, tmp_path, small_model
     gqa = tmp_path / "gqa.jsonl"
     assert vqa_loader.main(gqa_args(data, gqa, "--base", "DivPrune", "--n_vis", "32")) == 0
     lines = read_lines(gqa)
-    questions = common.read_jsonl(str(data / "gqa/llava_gqa_testdev_balanced.jsonl"))
+    questions = entry_point.read_jsonl(str(data / "gqa/llava_gqa_testdev_balanced.jsonl"))
     assert [list(line) for line in lines] == [["question_id", "prompt", "text", "answer_id", "model_id", "metadata"]] * len(questions)
     assert [line["question_id"] for line in lines] == [q["question_id"] for q in questions]
     assert {line["model_id"] for line in lines} == {"llava-small-test"}
@@ -271,11 +271,11 @@ def test_bad_inputs_fail_before_the_model_is_loaded(data, tmp_path, monkeypatch,
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the inputs were validated")
 
-    monkeypatch.setattr(common, "load_model_for_eval", must_not_load)
-    monkeypatch.setattr(common, "check_model_path", lambda path: None)
+    monkeypatch.setattr(runner, "load_model_for_eval", must_not_load)
+    monkeypatch.setattr(arguments, "check_model_path", lambda path: None)
     images = tmp_path / "images"
     images.mkdir()
-    questions = common.read_jsonl(str(data / "gqa/llava_gqa_testdev_balanced.jsonl"))
+    questions = entry_point.read_jsonl(str(data / "gqa/llava_gqa_testdev_balanced.jsonl"))
     names = sorted({q["image"] for q in questions})
     for name in names:
         (images / name).write_bytes((data / "gqa/data/images" / name).read_bytes())
@@ -370,8 +370,8 @@ def test_resume_refuses_other_settings_and_foreign_answers(data, tmp_path, loade
     assert "no record of the settings" in capsys.readouterr().err
 
     assert vqa_loader.main(gqa_args(data, answers, "--num-chunks", "2", "--chunk-idx", "1", "--overwrite")) == 0
-    questions = common.read_jsonl(str(data / "gqa/llava_gqa_testdev_balanced.jsonl"))
-    start, stop = common.chunk_bounds(len(questions), 2, 1)
+    questions = entry_point.read_jsonl(str(data / "gqa/llava_gqa_testdev_balanced.jsonl"))
+    start, stop = answer_files.chunk_bounds(len(questions), 2, 1)
     assert [line["question_id"] for line in read_lines(answers)] == [q["question_id"] for q in questions[start:stop]]
 
     # An answer to a question outside the chunk means the file belongs to another run.
@@ -398,9 +398,9 @@ def test_chunks_merge_into_the_single_run_answers(data, tmp_path, loaded_model, 
         monkeypatch.setenv("WORLD_SIZE", "3")
         monkeypatch.setenv("RANK", str(k))
         assert vqa_loader.main([*mme, "--answers-file", str(path)]) == 0
-    assert [len(read_lines(p)) for p in chunks] == [len(range(*common.chunk_bounds(n, 3, k))) for k in range(3)]
+    assert [len(read_lines(p)) for p in chunks] == [len(range(*answer_files.chunk_bounds(n, 3, k))) for k in range(3)]
     merged = tmp_path / "merge.jsonl"
-    assert common.merge_chunks([str(p) for p in chunks], str(merged)) == n
+    assert shards.merge_chunks([str(p) for p in chunks], str(merged)) == n
     assert texts(read_lines(merged)) == texts(read_lines(whole))
 
     # Refused: chunks out of order, a missing chunk, an incomplete chunk, a chunk of another chunking.
@@ -409,16 +409,16 @@ def test_chunks_merge_into_the_single_run_answers(data, tmp_path, loaded_model, 
         ([chunks[0], chunks[1], tmp_path / "3_9.jsonl"], "missing"),
         ([chunks[0], chunks[1]], "expected chunk 0 of 2"),
     ]:
-        with pytest.raises(common.SetupError, match=message):
-            common.merge_chunks([str(p) for p in bad], str(tmp_path / "bad.jsonl"))
+        with pytest.raises(entry_point.SetupError, match=message):
+            shards.merge_chunks([str(p) for p in bad], str(tmp_path / "bad.jsonl"))
     lines = chunks[2].read_text().splitlines(keepends=True)
     chunks[2].write_text("".join(lines[:-1]))
-    with pytest.raises(common.SetupError, match=r"3_2.jsonl: \d+ answers, expected"):
-        common.merge_chunks([str(p) for p in chunks], str(tmp_path / "bad.jsonl"))
+    with pytest.raises(entry_point.SetupError, match=r"3_2.jsonl: \d+ answers, expected"):
+        shards.merge_chunks([str(p) for p in chunks], str(tmp_path / "bad.jsonl"))
     meta = Path(str(chunks[2]) + ".meta.json")
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "complete": False}))
-    with pytest.raises(common.SetupError, match="incomplete"):
-        common.merge_chunks([str(p) for p in chunks], str(tmp_path / "bad.jsonl"))
+    with pytest.raises(entry_point.SetupError, match="incomplete"):
+        shards.merge_chunks([str(p) for p in chunks], str(tmp_path / "bad.jsonl"))
 
 
 def test_an_empty_chunk_writes_an_empty_complete_file(data, tmp_path, loaded_model):
@@ -434,14 +434,14 @@ def test_images_in_modes_llava_cannot_pad_are_converted(small_model):
     from PIL import Image
 
     grey = Image.new("L", (60, 30), 128)
-    pixels = common.preprocess_image(grey, small_model.image_processor, small_model.model.config)
+    pixels = runner.preprocess_image(grey, small_model.image_processor, small_model.model.config)
     from llava.mm_utils import process_images
 
     assert pixels.shape == process_images([grey.convert("RGB")], small_model.image_processor,
                                           small_model.model.config)[0].shape
     palette = Image.new("RGB", (60, 30), (200, 10, 30)).convert("P")
     # a palette image is padded in its own mode, as the official ScienceQA script does
-    assert (common.preprocess_image(palette, small_model.image_processor, small_model.model.config)
+    assert (runner.preprocess_image(palette, small_model.image_processor, small_model.model.config)
             == process_images([palette], small_model.image_processor, small_model.model.config)[0]).all()
 
 

@@ -17,7 +17,8 @@ import os
 import sys
 from typing import Any, Dict, List, Mapping
 
-from .common import OPTION_LETTER_SUFFIX, EntryPoint, ImageRef, Item, SetupError, run
+from .entry_point import OPTION_LETTER_SUFFIX, EntryPoint, ImageRef, Item, SetupError
+from .runner import run
 
 OPTION_LETTERS = ("A", "B", "C", "D")
 LETTER_SUFFIX_CN = "请直接回答选项字母。"

@@ -16,7 +16,8 @@ import os
 import sys
 from typing import Any, Dict, List, Mapping
 
-from .common import SHORT_ANSWER_SUFFIX, EntryPoint, ImageRef, Item, SetupError, read_json, require_fields, run
+from .entry_point import SHORT_ANSWER_SUFFIX, EntryPoint, ImageRef, Item, read_question_list, require_fields
+from .runner import run
 
 FIELDS = ("dataset_name", "id", "image_path", "question", "answers", "type")
 
@@ -36,9 +37,7 @@ def _key(line: Mapping[str, Any]) -> str:
 
 def build_items(settings: Mapping[str, Any]) -> List[Item]:
     path, folder = settings["question_file"], settings["image_folder"]
-    questions = read_json(path)
-    if not isinstance(questions, list):
-        raise SetupError(f"{path}: expected a JSON list of questions (OCRBench.json)")
+    questions = read_question_list(path, "OCRBench.json")
     items = []
     for number, q in enumerate(questions, 1):
         require_fields(q, FIELDS, f"{path}, question {number}")

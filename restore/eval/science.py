@@ -17,7 +17,9 @@ import os
 import sys
 from typing import Any, Dict, List, Mapping
 
-from .common import OPTION_LETTER_SUFFIX, EntryPoint, ImageRef, Item, SetupError, read_json, require_fields, run
+from .entry_point import (OPTION_LETTER_SUFFIX, EntryPoint, ImageRef, Item, model_vqa_answer_line, read_question_list,
+                          require_fields)
+from .runner import run
 
 
 def _add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -31,9 +33,7 @@ def _settings(args: argparse.Namespace) -> Dict[str, Any]:
 
 def build_items(settings: Mapping[str, Any]) -> List[Item]:
     path, folder = settings["question_file"], settings["image_folder"]
-    problems = read_json(path)
-    if not isinstance(problems, list):
-        raise SetupError(f"{path}: expected a JSON list of questions (llava_test_CQM-A.json)")
+    problems = read_question_list(path, "llava_test_CQM-A.json")
     items = []
     for number, q in enumerate(problems, 1):
         require_fields(q, ("id", "conversations"), f"{path}, question {number}")
@@ -55,13 +55,6 @@ def build_items(settings: Mapping[str, Any]) -> List[Item]:
     return items
 
 
-def answer_line(item: Item, text: str, model_id: str) -> Dict[str, Any]:
-    import shortuuid
-
-    return {"question_id": item.fields["question_id"], "prompt": item.fields["prompt"], "text": text,
-            "answer_id": shortuuid.uuid(), "model_id": model_id, "metadata": {}}
-
-
 def answer_key(line: Mapping[str, Any]) -> str:
     return json.dumps([line["question_id"]])
 
@@ -75,7 +68,7 @@ ENTRY = EntryPoint(
     add_arguments=_add_arguments,
     settings=_settings,
     build_items=build_items,
-    answer_line=answer_line,
+    answer_line=model_vqa_answer_line,
     answer_key=answer_key,
     single_pred_prompt=True,
 )

@@ -18,7 +18,8 @@ import os
 import sys
 from typing import Any, Dict, List, Mapping
 
-from .common import EntryPoint, ImageRef, Item, SetupError, read_jsonl, require_fields, run
+from .entry_point import EntryPoint, ImageRef, Item, SetupError, model_vqa_answer_line, read_jsonl, require_fields
+from .runner import run
 
 
 def _add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -56,13 +57,6 @@ def build_items(settings: Mapping[str, Any]) -> List[Item]:
     return items
 
 
-def answer_line(item: Item, text: str, model_id: str) -> Dict[str, Any]:
-    import shortuuid
-
-    return {"question_id": item.fields["question_id"], "prompt": item.fields["prompt"], "text": text,
-            "answer_id": shortuuid.uuid(), "model_id": model_id, "metadata": {}}
-
-
 def answer_key(line: Mapping[str, Any]) -> str:
     return _key(line["question_id"], line["prompt"])
 
@@ -76,7 +70,7 @@ ENTRY = EntryPoint(
     add_arguments=_add_arguments,
     settings=_settings,
     build_items=build_items,
-    answer_line=answer_line,
+    answer_line=model_vqa_answer_line,
     answer_key=answer_key,
 )
 

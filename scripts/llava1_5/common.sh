@@ -246,7 +246,7 @@ run_benchmark() {
     fi
 
     if ((nodes > 1)); then
-        if ! "$PY" -m restore.eval.common merge --check --out "$answers_dir/merge.jsonl" "${chunk_files[@]}" > /dev/null; then
+        if ! "$PY" -m restore.eval.shards merge --check --out "$answers_dir/merge.jsonl" "${chunk_files[@]}" > /dev/null; then
             echo "[$BENCH] this node's chunks are done; other nodes' chunks are not complete yet." \
                  "The last node to finish merges and scores (or rerun any node when all are done)."
             exit 0
@@ -263,7 +263,7 @@ run_benchmark() {
                 exit 0
             fi
         fi
-        "$PY" -m restore.eval.common finish --benchmark "$BENCH" --answers-dir "$answers_dir" \
+        "$PY" -m restore.eval.shards finish --benchmark "$BENCH" --answers-dir "$answers_dir" \
             --data-root "$data_root" --results-dir "$results_dir" --model "$model_name" --wall-time "$wall" \
             "${chunk_files[@]}"
     ) 9> "$answers_dir/.merge.lock"

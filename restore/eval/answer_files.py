@@ -1,0 +1,171 @@
+"""Answers files: chunking, keys, the settings record next to each file, resume and question order.
+
+Next to every answers file ``X.jsonl`` lies ``X.jsonl.meta.json``: the settings that produced it, the
+chunk it covers and whether it is complete. A resume with other settings is refused, and
+``python -m restore.eval.shards merge`` uses it to check every chunk before concatenating them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from .entry_point import EntryPoint, Item, SetupError
+
+META_SUFFIX = ".meta.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# Chunks and keys
+
+
+def chunk_bounds(total: int, num_chunks: int, chunk_idx: int) -> Tuple[int, int]:
+    """[start, stop) of a chunk: contiguous slices of ceil(total / num_chunks), as LLaVA's get_chunk."""
+    size = math.ceil(total / num_chunks) if total else 0
+    start = min(chunk_idx * size, total)
+    return start, min(start + size, total)
+
+
+def numbered_keys(base_keys: Iterable[str]) -> List[str]:
+    """Make keys unique by counting repeats: MME asks two questions per image under one question_id."""
+    seen: Dict[str, int] = {}
+    out = []
+    for key in base_keys:
+        n = seen.get(key, 0)
+        seen[key] = n + 1
+        out.append(f"{key}#{n}")
+    return out
+
+
+def chunk_items(entry: EntryPoint, settings: Mapping[str, Any], num_chunks: int, chunk_idx: int) -> List[Item]:
+    """This chunk's items in question order, keys numbered over the whole question file."""
+    items = entry.build_items(settings)
+    keys = numbered_keys(item.key for item in items)
+    items = [Item(key=k, text=it.text, image=it.image, fields=it.fields) for k, it in zip(keys, items)]
+    start, stop = chunk_bounds(len(items), num_chunks, chunk_idx)
+    return items[start:stop]
+
+
+def answer_keys(entry: EntryPoint, lines: Iterable[Mapping[str, Any]]) -> List[str]:
+    return numbered_keys(entry.answer_key(line) for line in lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+
+
+def meta_path(answers_file: str) -> str:
+    return answers_file + META_SUFFIX
+
+
+def read_meta(answers_file: str) -> Optional[Dict[str, Any]]:
+    path = meta_path(answers_file)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def write_atomic(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_meta(answers_file: str, meta: Mapping[str, Any]) -> None:
+    write_atomic(meta_path(answers_file), json.dumps(meta, indent=1, sort_keys=True) + "\n")
+
+
+def read_answer_lines(path: str) -> Tuple[List[Dict[str, Any]], bool]:
+    """Parsed answer lines, and whether the file needs rewriting before appending to it: a cut-off last
+    line (a killed run) was left out, or the last line lacks its newline."""
+    with open(path, encoding="utf-8") as f:
+        raw = f.read()
+    segments = raw.split("\n")
+    lines: List[Dict[str, Any]] = []
+    dropped = False
+    for number, segment in enumerate(segments, 1):
+        if not segment.strip():
+            continue
+        try:
+            lines.append(json.loads(segment))
+        except json.JSONDecodeError:
+            if number == len(segments):  # last segment, no newline after it: an interrupted write
+                dropped = True
+                continue
+            raise SetupError(f"{path}, line {number} is not valid JSON: the file is damaged; "
+                             "delete it or pass --overwrite") from None
+    return lines, dropped or (raw.strip() != "" and not raw.endswith("\n"))
+
+
+def dumps_line(entry: EntryPoint, line: Mapping[str, Any]) -> str:
+    return json.dumps(line, ensure_ascii=entry.ensure_ascii) + "\n"
+
+
+def write_in_order(entry: EntryPoint, answers_file: str, items: Sequence[Item],
+                   by_key: Mapping[str, Mapping[str, Any]]) -> None:
+    """Rewrite the file with the answers of ``items`` that ``by_key`` holds, in the items' order."""
+    write_atomic(answers_file, "".join(dumps_line(entry, by_key[i.key]) for i in items if i.key in by_key))
+
+
+# --------------------------------------------------------------------------------------------------
+# Resume
+
+
+def existing_answers(entry: EntryPoint, answers_file: str, items: Sequence[Item], settings: Mapping[str, Any],
+                     num_chunks: int, chunk_idx: int, overwrite: bool) -> Tuple[Dict[str, Dict[str, Any]], bool]:
+    """(key -> answer line already in the file, whether the file must be rewritten before appending)."""
+    done: Dict[str, Dict[str, Any]] = {}
+    if not os.path.exists(answers_file):
+        return done, False
+    if overwrite:
+        return done, True
+    lines, repaired = read_answer_lines(answers_file)
+    if lines:
+        check_resumable(entry, answers_file, settings, num_chunks, chunk_idx)
+        wanted = {item.key for item in items}
+        for key, line in zip(answer_keys(entry, lines), lines):
+            if key not in wanted:
+                raise SetupError(f"{answers_file} holds an answer ({key.rsplit('#', 1)[0]}) to a question that is "
+                                 "not in this chunk: it belongs to another run; delete it or pass --overwrite")
+            done[key] = line
+    return done, repaired
+
+
+def check_resumable(entry: EntryPoint, answers_file: str, settings: Mapping[str, Any],
+                    num_chunks: int, chunk_idx: int) -> None:
+    meta = read_meta(answers_file)
+    if meta is None:
+        raise SetupError(f"{answers_file} already holds answers but no record of the settings that produced them "
+                         f"({meta_path(answers_file)} is missing); pass --overwrite to start over")
+    ours = {"entry": entry.name, "num_chunks": num_chunks, "chunk_idx": chunk_idx, **settings}
+    theirs = {"entry": meta.get("entry"), "num_chunks": meta.get("num_chunks"),
+              "chunk_idx": meta.get("chunk_idx"), **meta.get("settings", {})}
+    changed = [f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in sorted(set(ours) | set(theirs))
+               if ours.get(k) != theirs.get(k)]
+    if changed:
+        raise SetupError(f"{answers_file} was produced with other settings ({'; '.join(changed)}); "
+                         "pass --overwrite to discard it, or write to another --answers-file")
+
+
+def put_in_question_order(entry: EntryPoint, answers_file: str, items: Sequence[Item]) -> None:
+    """Resumed answers may come from runs in another order: rewrite the finished file in question order."""
+    lines, _ = read_answer_lines(answers_file)
+    by_key = dict(zip(answer_keys(entry, lines), lines))
+    missing = [i.key for i in items if i.key not in by_key]
+    if missing:  # cannot happen unless someone wrote to the file meanwhile
+        raise RuntimeError(f"{answers_file}: {len(missing)} answers missing after the run, e.g. {missing[0]}")
+    write_in_order(entry, answers_file, items, by_key)

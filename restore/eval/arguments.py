@@ -1,0 +1,193 @@
+"""Command-line arguments of the entry points, and every check on them that needs no model.
+
+Heavy imports (llava, tokenreduction) happen inside functions so that argument errors come back at once.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+from .entry_point import MAX_VISUAL_TOKENS, OPTION_LETTER_SUFFIX, EntryPoint, SetupError
+
+DEFAULT_MODEL_PATH = "liuhaotian/llava-v1.5-7b"
+
+
+def build_parser(entry: EntryPoint) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"python -m restore.eval.{entry.name}",
+        description=entry.description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("LLaVA evaluation arguments")
+    g.add_argument("--model-path", default=DEFAULT_MODEL_PATH)
+    g.add_argument("--model-base", default=None, help="base LLM for LoRA / projector-only checkpoints")
+    g.add_argument("--question-file", required=True)
+    g.add_argument("--image-folder", default=None, help="folder the question file's image paths are relative to")
+    g.add_argument("--answers-file", required=True)
+    g.add_argument("--conv-mode", default="vicuna_v1")
+    g.add_argument("--num-chunks", type=int, default=None,
+                   help="split the questions into this many contiguous chunks (default: from SLURM_ARRAY_TASK_COUNT "
+                        "or WORLD_SIZE when set, else 1)")
+    g.add_argument("--chunk-idx", type=int, default=None,
+                   help="which chunk this process answers (default: from SLURM_ARRAY_TASK_ID or RANK, else 0)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (official VQAv2 script: 0.2)")
+    g.add_argument("--top_p", "--top-p", dest="top_p", type=float, default=None)
+    g.add_argument("--num_beams", "--num-beams", dest="num_beams", type=int, default=1)
+    g.add_argument("--max_new_tokens", "--max-new-tokens", dest="max_new_tokens", type=int,
+                   default=entry.max_new_tokens)
+    if entry.single_pred_prompt:
+        g.add_argument("--single-pred-prompt", action="store_true",
+                       help=f"append {OPTION_LETTER_SUFFIX!r} (the official scripts pass it)")
+    entry.add_arguments(g)
+
+    r = p.add_argument_group("token reduction")
+    r.add_argument("--base", default=None,
+                   help="base selector (case-insensitive, see tokenreduction.available_selectors()); "
+                        "absent = no reduction, all visual tokens")
+    r.add_argument("--n_vis", "--n-vis", dest="n_vis", type=int, default=None,
+                   help=f"visual tokens kept, 1..{MAX_VISUAL_TOKENS}; required with --base")
+    r.add_argument("--restore", action="store_true", help="apply RESTORE on top of --base (needs --n_vis >= 2)")
+
+    x = p.add_argument_group("execution")
+    x.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    x.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
+                   help="auto = float16 on cuda, float32 on cpu")
+    x.add_argument("--num-workers", type=int, default=None,
+                   help="image preprocessing workers (default 4 on cuda, 0 on cpu)")
+    x.add_argument("--overwrite", action="store_true",
+                   help="discard an existing answers file instead of resuming it")
+    x.add_argument("--no-image-check", action="store_true",
+                   help="skip decoding every image up front (a corrupt image then fails mid-run)")
+    return p
+
+
+def check_arguments(entry: EntryPoint, args: argparse.Namespace,
+                    env: Mapping[str, str] = os.environ) -> Tuple[Dict[str, Any], int, int]:
+    """(settings that change the answers, number of chunks, this chunk); raises SetupError on any problem
+    that can be found without the model."""
+    base = validate_reduction(args.base, args.n_vis, args.restore)
+    num_chunks, chunk_idx = resolve_chunk(args.num_chunks, args.chunk_idx, env)
+    if args.max_new_tokens < 1:
+        raise SetupError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    if args.num_beams < 1:
+        raise SetupError(f"--num_beams must be at least 1, got {args.num_beams}")
+    if args.temperature < 0:
+        raise SetupError(f"--temperature must be >= 0, got {args.temperature}")
+
+    question_file = os.path.expanduser(args.question_file)
+    if not os.path.isfile(question_file):
+        raise SetupError(f"question file not found: {question_file} (see docs/evaluation.md for the data layout)")
+    if entry.needs_image_folder:
+        if not args.image_folder:
+            raise SetupError("--image-folder is required: the folder the question file's image paths are relative to")
+        if not os.path.isdir(os.path.expanduser(args.image_folder)):
+            raise SetupError(f"image folder not found: {args.image_folder}")
+
+    if args.model_base is None:
+        check_model_path(args.model_path)
+    from llava.conversation import conv_templates
+
+    if args.conv_mode not in conv_templates:
+        raise SetupError(f"unknown --conv-mode {args.conv_mode!r}; available: {', '.join(sorted(conv_templates))}")
+    return {**common_settings(args, base), **entry.settings(args)}, num_chunks, chunk_idx
+
+
+def validate_reduction(base: Optional[str], n_vis: Optional[int], restore: bool) -> Optional[str]:
+    """Canonical selector name (or None for no reduction); raises SetupError on impossible settings."""
+    if base is None:
+        if n_vis is not None:
+            raise SetupError("--n_vis needs --base: name the selector that keeps the tokens "
+                             "(leave both out to run without reduction)")
+        if restore:
+            raise SetupError("--restore needs --base and --n_vis, e.g. --base HoloV --n_vis 64 --restore")
+        return None
+    import tokenreduction
+
+    available = tokenreduction.available_selectors()
+    if str(base).lower() not in {name.lower() for name in available}:
+        raise SetupError(f"unknown --base {base!r}; available: {', '.join(available)}")
+    if n_vis is None:
+        raise SetupError(f"--base {base} needs --n_vis (visual tokens to keep, 1..{MAX_VISUAL_TOKENS})")
+    if not 1 <= n_vis <= MAX_VISUAL_TOKENS:
+        raise SetupError(f"--n_vis must be in 1..{MAX_VISUAL_TOKENS} (LLaVA-1.5 has {MAX_VISUAL_TOKENS} "
+                         f"visual tokens), got {n_vis}")
+    if restore and n_vis < 2:
+        raise SetupError("--restore needs --n_vis >= 2 (half of the budget is kept, the rest merged)")
+    return tokenreduction.canonical_name(base)
+
+
+def describe_reduction(base: Optional[str], n_vis: Optional[int], restore: bool) -> str:
+    if base is None:
+        return "none (all visual tokens)"
+    return f"{base}, {n_vis} visual tokens" + (", RESTORE" if restore else "")
+
+
+def chunk_source(num_chunks: Optional[int], chunk_idx: Optional[int], env: Mapping[str, str]) -> str:
+    """Where this process's chunk comes from: flags, a SLURM array, torchrun, or nowhere ("")."""
+    if num_chunks is not None or chunk_idx is not None:
+        return "--num-chunks/--chunk-idx"
+    if env.get("SLURM_ARRAY_TASK_COUNT") and env.get("SLURM_ARRAY_TASK_ID"):
+        return "SLURM_ARRAY_TASK_COUNT/SLURM_ARRAY_TASK_ID"
+    if env.get("WORLD_SIZE") and env.get("RANK"):
+        return "WORLD_SIZE/RANK"
+    return ""
+
+
+def resolve_chunk(num_chunks: Optional[int], chunk_idx: Optional[int],
+                  env: Mapping[str, str] = os.environ) -> Tuple[int, int]:
+    """(number of chunks, this chunk): explicit flags, else a SLURM array, else torchrun, else (1, 0)."""
+    source = chunk_source(num_chunks, chunk_idx, env)
+    try:
+        if source.startswith("--"):
+            if num_chunks is None:
+                raise SetupError("--chunk-idx needs --num-chunks")
+            n, k = num_chunks, 0 if chunk_idx is None else chunk_idx
+        elif source.startswith("SLURM"):
+            # array indices may start anywhere (--array=1-8): count from the first
+            n = int(env["SLURM_ARRAY_TASK_COUNT"])
+            k = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0") or 0)
+        elif source:
+            n, k = int(env["WORLD_SIZE"]), int(env["RANK"])
+        else:
+            return 1, 0
+    except ValueError:
+        raise SetupError(f"{source} must be integers") from None
+    if n < 1 or not 0 <= k < n:
+        raise SetupError(f"chunk {k} of {n} (from {source}) is impossible: need 0 <= chunk < number of chunks")
+    return n, k
+
+
+def check_model_path(model_path: str) -> None:
+    """The checkpoint exists and LLaVA can load it (from its config alone; no weights are read)."""
+    from llava_patches.loading import CheckpointError, check_checkpoint
+
+    try:
+        check_checkpoint(os.path.expanduser(model_path))
+    except (FileNotFoundError, CheckpointError) as e:
+        raise SetupError(f"--model-path: {e}") from None
+
+
+def local_or_hub(path: str) -> str:
+    """An existing local path made absolute (resume works from any directory); a hub name as it is."""
+    expanded = os.path.expanduser(path)
+    return os.path.abspath(expanded) if os.path.exists(expanded) else path
+
+
+def common_settings(args: argparse.Namespace, base: Optional[str]) -> Dict[str, Any]:
+    """The settings every entry point records in its answers file's meta (a resume must match them)."""
+    return {
+        "model_path": local_or_hub(args.model_path),
+        "model_base": args.model_base,
+        "question_file": os.path.abspath(os.path.expanduser(args.question_file)),
+        "image_folder": os.path.abspath(os.path.expanduser(args.image_folder)) if args.image_folder else None,
+        "conv_mode": args.conv_mode,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "num_beams": args.num_beams,
+        "max_new_tokens": args.max_new_tokens,
+        "base": base,
+        "n_vis": args.n_vis,
+        "restore": bool(args.restore),
+        "dtype": args.dtype,
+    }

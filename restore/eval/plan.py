@@ -1,0 +1,87 @@
+"""Everything an evaluation run decides and checks before the model loads.
+
+Parse and validate every argument, read the questions, take this process's chunk, reconcile with an
+existing answers file (resume) and open and decode every image still to be answered, so that any problem
+with the arguments or the data comes back at once, not after minutes of loading or hours of generating.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+from .answer_files import chunk_items, existing_answers
+from .arguments import check_arguments
+from .entry_point import EntryPoint, ImageRef, Item, SetupError
+
+
+@dataclass
+class Plan:
+    """Everything decided before the model loads."""
+
+    entry: EntryPoint
+    args: argparse.Namespace
+    settings: Dict[str, Any]
+    num_chunks: int
+    chunk_idx: int
+    answers_file: str
+    items: List[Item]  # this chunk, question order (keys numbered)
+    done: Dict[str, Dict[str, Any]]  # key -> existing answer line
+    pending: List[Item]
+    repaired: bool  # the answers file must be rewritten (cut-off line, overwrite)
+
+    @property
+    def chunk_label(self) -> str:
+        return f"chunk {self.chunk_idx + 1}/{self.num_chunks}"
+
+
+def plan_run(entry: EntryPoint, args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> Plan:
+    """Validate everything that can be checked without the model (images aside: see check_images)."""
+    settings, num_chunks, chunk_idx = check_arguments(entry, args, env)
+    items = chunk_items(entry, settings, num_chunks, chunk_idx)
+    answers_file = os.path.expanduser(args.answers_file)
+    done, repaired = existing_answers(entry, answers_file, items, settings, num_chunks, chunk_idx, args.overwrite)
+    pending = [item for item in items if item.key not in done]
+    return Plan(entry, args, settings, num_chunks, chunk_idx, answers_file, items, done, pending, repaired)
+
+
+def check_images(items: Sequence[Item], decode: bool = True) -> None:
+    """Every pending image exists and decodes; lists the first few that do not."""
+    missing = [it.image.path for it in items if it.image and it.image.path and not os.path.isfile(it.image.path)]
+    missing = list(dict.fromkeys(missing))
+    if missing:
+        raise SetupError(f"{len(missing)} image(s) of this chunk not found:{_first_five(missing)}")
+    if not decode:
+        return
+    refs = list(dict.fromkeys(it.image for it in items if it.image is not None))
+    if not refs:
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    def try_open(ref: ImageRef) -> Optional[str]:
+        try:
+            ref.open()
+            return None
+        except Exception as e:  # PIL raises many types for bad files
+            return f"{ref.path or ref.label}: {type(e).__name__}: {e}"
+
+    workers = min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:  # decoding releases the GIL
+        problems = [p for p in tqdm(pool.map(try_open, refs), total=len(refs), desc="checking images",
+                                    disable=len(refs) < 50, mininterval=progress_interval()) if p]
+    if problems:
+        raise SetupError(f"{len(problems)} image(s) of this chunk cannot be decoded:{_first_five(problems)}")
+
+
+def _first_five(problems: Sequence[str]) -> str:
+    shown = "\n  " + "\n  ".join(problems[:5])
+    return shown + (f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else "")
+
+
+def progress_interval() -> float:
+    """Seconds between tqdm updates: a log file gets a line every 30 s, not a flood."""
+    return 0.1 if sys.stderr.isatty() else 30.0

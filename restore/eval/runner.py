@@ -1,0 +1,198 @@
+"""An evaluation run: plan and check (restore.eval.plan), then load the model, reduce, generate, summarise.
+
+Only once every check has passed is the model loaded and the token reduction applied; then one flushed
+answer line is appended per item, and at the end the file is put in question order, its settings record
+marked complete, and one summary line printed.
+
+Heavy imports (torch, PIL, llava) happen inside functions so that argument errors come back at once.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+from .answer_files import dumps_line, put_in_question_order, write_in_order, write_meta
+from .arguments import build_parser, chunk_source, describe_reduction
+from .entry_point import EntryPoint, Item, SetupError
+from .plan import Plan, check_images, plan_run, progress_interval
+
+
+def run(entry: EntryPoint, argv: Optional[Sequence[str]] = None) -> int:
+    """The whole run of an entry point; an exit status (2: a problem found before the model loaded)."""
+    args = build_parser(entry).parse_args(argv)
+    try:
+        plan = plan_run(entry, args)
+        source = chunk_source(args.num_chunks, args.chunk_idx, os.environ)
+        print(f"[{entry.name}] {plan.chunk_label}"
+              f"{f' (from {source})' if source else ''}: {len(plan.items)} items, "
+              f"{len(plan.items) - len(plan.pending)} already answered; reduction: "
+              f"{describe_reduction(plan.settings['base'], args.n_vis, args.restore)}", flush=True)
+        if not args.no_image_check:
+            check_images(plan.pending)
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    generate_answers(plan)
+    return 0
+
+
+def generate_answers(plan: Plan) -> None:
+    entry, answers_file = plan.entry, plan.answers_file
+    meta = {"entry": entry.name, "settings": plan.settings, "num_chunks": plan.num_chunks,
+            "chunk_idx": plan.chunk_idx, "n_items": len(plan.items), "complete": False}
+    write_meta(answers_file, meta)
+    if plan.repaired or not os.path.exists(answers_file):
+        write_in_order(entry, answers_file, plan.items, plan.done)
+
+    start = time.perf_counter()
+    n_tokens, generation_s = _answer_pending(plan) if plan.pending else (0, 0.0)
+    wall = time.perf_counter() - start
+
+    put_in_question_order(entry, answers_file, plan.items)
+    write_meta(answers_file, {**meta, "complete": True})
+
+    n_new = len(plan.pending)
+    rate = (f"{n_tokens} tokens generated in {generation_s:.1f} s, {n_tokens / max(generation_s, 1e-9):.1f} tokens/s"
+            if n_new else "nothing to generate")
+    print(f"[{entry.name}] {plan.chunk_label}: {len(plan.items)} items "
+          f"({n_new} answered now, {len(plan.items) - n_new} kept from an earlier run) in {wall:.1f} s, {rate}; "
+          f"answers: {answers_file}", flush=True)
+
+
+def _answer_pending(plan: Plan) -> Tuple[int, float]:
+    """Load the model and answer the pending items; (generated tokens, seconds spent generating)."""
+    import torch
+    from tqdm import tqdm
+
+    args, entry = plan.args, plan.entry
+    tokenizer, model, image_processor, model_name = load_model_for_eval(args, plan.settings["base"])
+    conv_mode = args.conv_mode
+    if "plain" in model_name and "finetune" not in model_name.lower() and "mmtag" not in conv_mode:
+        conv_mode += "_mmtag"  # as LLaVA's scripts: a pretrain-only checkpoint needs the mmtag template
+        print(f"{model_name} looks like a plain (pretrain-only) model: using conv mode {conv_mode}")
+
+    device = next(model.parameters()).device
+    dtype = next(model.get_model().mm_projector.parameters()).dtype
+    dataset = PreparedItems(plan.pending, tokenizer, image_processor, model.config, conv_mode)
+    workers = args.num_workers if args.num_workers is not None else (4 if device.type == "cuda" else 0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                                         collate_fn=_identity)
+    # Sampling parameters only when sampling: greedy decoding ignores them (and transformers warns).
+    sampling: Dict[str, Any] = {"do_sample": False}
+    if args.temperature > 0:
+        sampling = {"do_sample": True, "temperature": args.temperature}
+        if args.top_p is not None:
+            sampling["top_p"] = args.top_p
+    n_tokens = 0
+    started = time.perf_counter()
+    with open(plan.answers_file, "a", encoding="utf-8") as out:
+        for item, (input_ids, pixels, size) in tqdm(zip(plan.pending, loader), total=len(plan.pending),
+                                                    desc=f"{entry.name} {plan.chunk_label}",
+                                                    mininterval=progress_interval()):
+            with torch.inference_mode():
+                output_ids = model.generate(
+                    input_ids.unsqueeze(0).to(device),
+                    images=None if pixels is None else pixels.unsqueeze(0).to(device=device, dtype=dtype),
+                    image_sizes=None if size is None else [size],
+                    num_beams=args.num_beams,
+                    max_new_tokens=args.max_new_tokens,
+                    use_cache=True,
+                    **sampling,
+                )
+            n_tokens += int(output_ids.shape[-1])
+            text = tokenizer.batch_decode(output_ids, skip_special_tokens=True)[0].strip()
+            out.write(dumps_line(entry, entry.answer_line(item, text, model_name)))
+            out.flush()
+    return n_tokens, time.perf_counter() - started
+
+
+def _identity(x):
+    return x
+
+
+class PreparedItems:
+    """Map-style dataset: prompt ids, preprocessed image and original size of each pending item."""
+
+    def __init__(self, items: Sequence[Item], tokenizer, image_processor, model_config, conv_mode: str):
+        self.items, self.tokenizer, self.image_processor = items, tokenizer, image_processor
+        self.model_config, self.conv_mode = model_config, conv_mode
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        from llava.constants import IMAGE_TOKEN_INDEX
+        from llava.mm_utils import tokenizer_image_token
+
+        item = self.items[index]
+        prompt = build_prompt(item.text, item.image is not None, self.conv_mode,
+                              getattr(self.model_config, "mm_use_im_start_end", False))
+        input_ids = tokenizer_image_token(prompt, self.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
+        if item.image is None:
+            return input_ids, None, None
+        image = item.image.open()
+        return input_ids, preprocess_image(image, self.image_processor, self.model_config), image.size
+
+
+def build_prompt(text: str, has_image: bool, conv_mode: str, im_start_end: bool) -> str:
+    """The full conversation prompt: the image placeholder, a newline, the question; then the assistant turn."""
+    from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
+    from llava.conversation import conv_templates
+
+    if has_image:
+        placeholder = (DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
+                       if im_start_end else DEFAULT_IMAGE_TOKEN)
+        text = placeholder + "\n" + text
+    conv = conv_templates[conv_mode].copy()
+    conv.append_message(conv.roles[0], text)
+    conv.append_message(conv.roles[1], None)
+    return conv.get_prompt()
+
+
+def preprocess_image(image, image_processor, model_config):
+    from llava.mm_utils import process_images
+
+    try:
+        return process_images([image], image_processor, model_config)[0]
+    except TypeError:
+        # Padding an image whose mode takes no RGB fill colour (L, LA, I;16...) fails inside LLaVA, which
+        # would stop the official scripts; converting such an image to RGB first is the only way on.
+        return process_images([image.convert("RGB")], image_processor, model_config)[0]
+
+
+def load_model_for_eval(args: argparse.Namespace, base: Optional[str]):
+    """(tokenizer, model with the reduction applied, image processor, model_name)."""
+    import restore
+    from llava.mm_utils import get_model_name_from_path
+
+    model_path = os.path.expanduser(args.model_path)
+    model_name = get_model_name_from_path(model_path)
+    print(f"loading model {model_path} (device {args.device}, dtype {args.dtype})", flush=True)
+    if args.model_base is None:
+        from llava_patches.loading import load_model
+
+        tokenizer, model, image_processor, _ = load_model(model_path, device=args.device, dtype=args.dtype)
+    else:
+        tokenizer, model, image_processor = _load_with_base(model_path, args.model_base, model_name, args)
+    if base is None:
+        model = restore.apply(model, base=None)
+    else:
+        model = restore.apply(model, base=base, n_vis=args.n_vis, restore=args.restore)
+    print(f"model loaded; reduction: {describe_reduction(base, args.n_vis, args.restore)}", flush=True)
+    return tokenizer, model, image_processor, model_name
+
+
+def _load_with_base(model_path: str, model_base: str, model_name: str, args: argparse.Namespace):
+    """LoRA / projector-only checkpoints on top of --model-base: LLaVA's builder, then one device and dtype."""
+    from llava.model.builder import load_pretrained_model
+    from llava_patches.loading import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    tokenizer, model, image_processor, _ = load_pretrained_model(
+        model_path, model_base, model_name, device_map=str(device), device=str(device))
+    model.to(device=device, dtype=dtype).eval()
+    return tokenizer, model, image_processor

@@ -1,0 +1,170 @@
+"""Shard answer files of one run: check them, merge them, and finish the run (score, result record).
+
+scripts/llava1_5/common.sh calls it after its shards have run:
+
+    python -m restore.eval.shards merge [--check] --out merge.jsonl chunks/4_0.jsonl ... chunks/4_3.jsonl
+    python -m restore.eval.shards finish --benchmark gqa --answers-dir DIR --data-root DIR \\
+        --results-dir DIR --model NAME --wall-time SECONDS chunks/4_0.jsonl ... chunks/4_3.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .answer_files import answer_keys, chunk_items, read_answer_lines, read_meta, write_atomic, write_meta
+from .arguments import describe_reduction
+from .entry_point import MAX_VISUAL_TOKENS, SetupError, entry_by_name, read_json
+
+
+def chunk_problems(chunk_files: Sequence[str]) -> Tuple[List[str], Optional[Dict[str, Any]]]:
+    """What keeps these chunk files (given in chunk order) from being one complete answer set."""
+    problems: List[str] = []
+    reference: Optional[Dict[str, Any]] = None
+    for position, path in enumerate(chunk_files):
+        meta = read_meta(path)
+        if meta is None or not os.path.exists(path):
+            problems.append(f"{path}: missing (its shard has not run or died before writing)")
+            continue
+        if reference is None:
+            reference = meta
+        if meta.get("entry") != reference.get("entry") or meta.get("settings") != reference.get("settings"):
+            problems.append(f"{path}: produced with other settings than {chunk_files[0]}")
+            continue
+        if meta.get("num_chunks") != len(chunk_files) or meta.get("chunk_idx") != position:
+            problems.append(f"{path}: holds chunk {meta.get('chunk_idx')} of {meta.get('num_chunks')}, "
+                            f"expected chunk {position} of {len(chunk_files)}")
+            continue
+        if not meta.get("complete"):
+            problems.append(f"{path}: incomplete (its shard was interrupted or is still running)")
+            continue
+        entry = entry_by_name(meta["entry"])
+        expected = [i.key for i in chunk_items(entry, meta["settings"], len(chunk_files), position)]
+        lines, cut = read_answer_lines(path)
+        found = answer_keys(entry, lines)
+        if cut or found != expected:
+            problems.append(f"{path}: {len(found)} answers, expected {len(expected)} in question order")
+    return problems, reference
+
+
+def merge_chunks(chunk_files: Sequence[str], out: str) -> int:
+    """Concatenate complete chunk files in order into ``out`` (atomically); returns the number of answers."""
+    problems, meta = chunk_problems(chunk_files)
+    if problems:
+        raise SetupError("cannot merge:\n  " + "\n  ".join(problems))
+    assert meta is not None
+    parts = []
+    for path in chunk_files:
+        with open(path, encoding="utf-8") as f:
+            parts.append(f.read())
+    text = "".join(parts)
+    write_atomic(out, text)
+    n = text.count("\n")
+    write_meta(out, {"entry": meta["entry"], "settings": meta["settings"], "num_chunks": 1, "chunk_idx": 0,
+                     "n_items": n, "complete": True, "merged_from": list(chunk_files)})
+    return n
+
+
+def merge_and_report(chunk_files: Sequence[str], out: str) -> None:
+    n = merge_chunks(chunk_files, out)
+    print(f"merged {len(chunk_files)} chunk file(s), {n} answers -> {out}")
+
+
+def write_result_record(results_dir: str, benchmark: str, answers_file: str, metrics_file: str,
+                        model: str, wall_time_s: float) -> Tuple[str, Dict[str, Any]]:
+    """One JSON file per run under results_dir, as restore.report reads them; (path, record)."""
+    import datetime
+
+    meta = read_meta(answers_file) or {}
+    settings = meta.get("settings", {})
+    scored = read_json(metrics_file)
+    with open(answers_file, encoding="utf-8") as f:
+        n_items = sum(1 for line in f if line.strip())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    base = settings.get("base")
+    record = {
+        "benchmark": benchmark,
+        # restore.report's convention for "no reduction"
+        "base": base if base else "none",
+        "n_vis": settings.get("n_vis") if base else MAX_VISUAL_TOKENS,
+        "restore": bool(settings.get("restore", False)),
+        "model": model,
+        "metrics": scored.get("metrics", {}),
+        "main_metric": scored.get("main_metric"),
+        "n_items": n_items,
+        "n_missing": scored.get("n_missing", 0),
+        "wall_time_s": round(float(wall_time_s), 3),
+        "timestamp": now.isoformat(timespec="seconds"),
+        "settings": settings,
+        "answers_file": os.path.abspath(answers_file),
+    }
+    tag = run_tag(base, record["n_vis"], record["restore"])
+    path = os.path.join(results_dir, f"{benchmark}__{model}__{tag}__{now:%Y%m%dT%H%M%S}-{os.getpid()}.json")
+    write_atomic(path, json.dumps(record, indent=1) + "\n")
+    return path, record
+
+
+def run_tag(base: Optional[str], n_vis: Optional[int], restore: bool) -> str:
+    if base is None:
+        return "full"
+    return f"{base}-{n_vis}" + ("-restore" if restore else "")
+
+
+def finish_run(benchmark: str, chunk_files: Sequence[str], answers_dir: str, data_root: str, results_dir: str,
+               model: str, wall_time_s: float) -> int:
+    """Merge the chunks, score with restore.eval.scoring, write the result record; an exit status."""
+    from restore.eval.scoring.__main__ import main as score_main
+
+    merged = os.path.join(answers_dir, "merge.jsonl")
+    merge_and_report(chunk_files, merged)
+    scores = os.path.join(answers_dir, "scores")
+    status = score_main([benchmark, "--answers", merged, "--data-root", data_root, "--out-dir", scores,
+                         "--model-id", model])
+    if status:
+        return status
+    path, record = write_result_record(results_dir, benchmark, merged, os.path.join(scores, "metrics.json"),
+                                       model, wall_time_s)
+    main_metric = record["main_metric"]
+    value = record["metrics"].get(main_metric) if main_metric else None
+    shown = f"{main_metric} = {value:.2f}" if isinstance(value, (int, float)) else "no local score"
+    print(f"[{benchmark}] {model}, {describe_reduction(record['settings'].get('base'), record['n_vis'], record['restore'])}: "
+          f"{shown} ({record['n_items']} answers, inference {wall_time_s:.0f} s); result: {path}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m restore.eval.shards",
+                                description="helpers of scripts/llava1_5/*.sh")
+    sub = p.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("merge", help="check chunk files (given in chunk order) and concatenate them")
+    m.add_argument("--out", required=True)
+    m.add_argument("--check", action="store_true", help="only check; exit 3 if some chunk is not complete yet")
+    m.add_argument("chunks", nargs="+")
+    f = sub.add_parser("finish", help="merge chunk files, score them, write a result record")
+    f.add_argument("--benchmark", required=True)
+    f.add_argument("--answers-dir", required=True)
+    f.add_argument("--data-root", required=True)
+    f.add_argument("--results-dir", required=True)
+    f.add_argument("--model", required=True)
+    f.add_argument("--wall-time", type=float, required=True)
+    f.add_argument("chunks", nargs="+")
+    a = p.parse_args(argv)
+    try:
+        if a.command == "merge":
+            if a.check:
+                problems, _ = chunk_problems(a.chunks)
+                for problem in problems:
+                    print(problem)
+                return 3 if problems else 0
+            merge_and_report(a.chunks, a.out)
+            return 0
+        return finish_run(a.benchmark, a.chunks, a.answers_dir, a.data_root, a.results_dir, a.model, a.wall_time)
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
