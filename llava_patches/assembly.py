@@ -37,6 +37,12 @@ class SequenceLayout:
     def length(self) -> int:
         return self.positions.shape[1]
 
+    def repeat_samples(self, times: int) -> "SequenceLayout":
+        """Each sample repeated ``times`` times in a row, as generate() expands a batch for beams or
+        several returned sequences (repeats share one prompt, so beam reordering cannot mix them up)."""
+        fields = ("positions", "sizes", "is_visual", "valid", "next_position")
+        return SequenceLayout(**{f: getattr(self, f).repeat_interleave(times, dim=0) for f in fields}, fresh=self.fresh)
+
     def decode_positions(self, past_length: int, q_len: int) -> torch.Tensor:
         """Position ids of ``q_len`` new tokens after ``past_length`` cached ones (one per step and sample)."""
         steps = torch.arange(q_len, device=self.positions.device) + (past_length - self.length)

@@ -95,11 +95,13 @@ class CalibratedLlamaModelMixin:
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, **kwargs):
         ctx = self._restore_ctx
-        q_len = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
+        batch, q_len = (inputs_embeds if inputs_embeds is not None else input_ids).shape[:2]
         past = _cache_length(past_key_values)
         layout = ctx.layout
         if past == 0:  # a new prompt: only a layout assembled for exactly this prefill applies
-            if layout is not None and layout.fresh and layout.length == q_len:
+            rows = layout.positions.shape[0] if layout is not None else 0
+            if layout is not None and layout.fresh and layout.length == q_len and rows and batch % rows == 0:
+                ctx.layout = layout = layout.repeat_samples(batch // rows) if batch != rows else layout
                 layout.fresh = False
             else:
                 ctx.layout = layout = None
@@ -124,7 +126,7 @@ class CalibratedLlamaModelMixin:
         # The first decoder layer sees every visual token as N / n_vis patches (the official choice).
         uniform = torch.full_like(layout.sizes, settings.num_patches / settings.n_vis).log() * layout.is_visual
         if past == 0:
-            valid = layout.valid if attention_mask is None else attention_mask.bool()
+            valid = layout.valid
             head_dim = self.config.hidden_size // self.config.num_attention_heads
             dist = distance_bias(layout.positions, dtype, head_dim, getattr(self.config, "rope_theta", 10000.0))
             return tuple(prefill_bias(layout.positions, s, valid, dtype, dist=dist) for s in (uniform, real))

@@ -201,6 +201,17 @@ def test_plain_forward_matches_generate_first_step(model, prompts):
     torch.testing.assert_close(prefill_logits(model, ids, img)[0, -1], scores[0, 0], rtol=1e-5, atol=1e-5)
 
 
+def test_beam_search_and_several_sequences(model, prompts):
+    ids, img = prompts[0]
+    restore.apply(model, base="HoloV", n_vis=64, restore=True)
+    greedy, _ = generate(model, ids, img, n=4)
+    with torch.inference_mode():
+        beams = model.generate(ids, images=img, max_new_tokens=4, num_beams=2, num_return_sequences=2, do_sample=False)
+        assert model._restore_ctx.layout.positions.shape[0] == 2  # the prompt's layout, once per beam
+        one_beam = model.generate(ids, images=img, max_new_tokens=4, num_beams=1, do_sample=False)
+    assert beams.shape[0] == 2 and torch.equal(one_beam, greedy)
+
+
 def test_sampling_runs(model, prompts):
     ids, img = prompts[0]
     restore.apply(model, base="HoloV", n_vis=64, restore=True)
