@@ -31,7 +31,12 @@ class SequenceLayout:
     is_visual: torch.Tensor  # bool
     valid: torch.Tensor  # bool, False on padding
     next_position: torch.Tensor  # [B] position id of the first token generated after this prefill
+    max_next: int  # the largest next_position, as a Python int (no device read needed)
     fresh: bool = True  # set until the LLM has consumed it in a prefill
+
+    def rope_length(self, past_length: int, q_len: int) -> int:
+        """An upper bound of the position ids of a forward, known without reading the GPU."""
+        return self.max_next + max(past_length + q_len - self.length, 0)
 
     @property
     def length(self) -> int:
@@ -41,7 +46,8 @@ class SequenceLayout:
         """Each sample repeated ``times`` times in a row, as generate() expands a batch for beams or
         several returned sequences (repeats share one prompt, so beam reordering cannot mix them up)."""
         fields = ("positions", "sizes", "is_visual", "valid", "next_position")
-        return SequenceLayout(**{f: getattr(self, f).repeat_interleave(times, dim=0) for f in fields}, fresh=self.fresh)
+        repeated = {f: getattr(self, f).repeat_interleave(times, dim=0) for f in fields}
+        return SequenceLayout(**repeated, max_next=self.max_next, fresh=self.fresh)
 
     def decode_positions(self, past_length: int, q_len: int) -> torch.Tensor:
         """Position ids of ``q_len`` new tokens after ``past_length`` cached ones (one per step and sample)."""
@@ -134,6 +140,7 @@ def assemble(
     layout = SequenceLayout(
         positions=positions, sizes=sizes, is_visual=visual, valid=valid,
         next_position=torch.tensor([r["next"] for r in rows], device=device),
+        max_next=max(r["next"] for r in rows),
     )
     mask_out = None if attention_mask is None else valid.to(attention_mask.dtype)
     return embeds_out, mask_out, (None if labels is None else labels_out), layout

@@ -110,7 +110,7 @@ class CalibratedLlamaModelMixin:
                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs)
 
         position_ids = layout.positions if past == 0 else layout.decode_positions(past, q_len)
-        ctx.rope_length = int(position_ids.max()) + 1
+        ctx.rope_length = layout.rope_length(past, q_len)
         if ctx.settings.restore:
             ctx.masks = self._restore_masks(layout, attention_mask, past, q_len)
         try:
@@ -131,9 +131,12 @@ class CalibratedLlamaModelMixin:
             dist = distance_bias(layout.positions, dtype, head_dim, getattr(self.config, "rope_theta", 10000.0))
             return tuple(prefill_bias(layout.positions, s, valid, dtype, dist=dist) for s in (uniform, real))
         total = past + q_len
-        valid = (torch.ones(layout.valid.shape[0], total, dtype=torch.bool, device=layout.valid.device)
-                 if attention_mask is None else attention_mask[:, -total:].bool())
-        pad = torch.zeros(valid.shape[0], total - layout.length, device=real.device)
+        new_keys = total - layout.length
+        if attention_mask is None:  # a hand-written decoding loop: the prompt's padding, then new tokens
+            valid = torch.cat([layout.valid, layout.valid.new_ones(layout.valid.shape[0], new_keys)], dim=1)
+        else:
+            valid = attention_mask[:, -total:].bool()
+        pad = torch.zeros(valid.shape[0], new_keys, device=real.device)
         return tuple(decode_bias(torch.cat([s, pad], dim=1), valid, dtype, q_len=q_len) for s in (uniform, real))
 
 
