@@ -63,7 +63,8 @@ def run_attention(args) -> int:
     input_ids, images, sizes = prompt_inputs(bench, image, args.question)
     results = attention_analysis.analyse_configs(bench.model, input_ids, images, sizes, tr.canonical_name(args.base),
                                                  args.n_vis)
-    title = f"{bench.description} | image {_image_name(args)} | {tr.canonical_name(args.base)} at {args.n_vis} tokens"
+    title = (f"{bench.description} | image {_image_name(args)} | {tr.canonical_name(args.base)} at {args.n_vis} tokens | "
+             f"mean over heads and query rows")
     table = attention_analysis.format_table(results)
     print(title)
     print("share of attention mass on visual tokens, mean over heads and query rows "
