@@ -9,6 +9,8 @@ mass of all of them.
 """
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 
 
@@ -69,3 +71,33 @@ def decode_bias(log_sizes: torch.Tensor, key_valid: torch.Tensor, dtype: torch.d
     allowed = key_valid.unsqueeze(1) & causal
     bias = log_sizes.unsqueeze(1).masked_fill(~allowed, torch.finfo(torch.float32).min)
     return bias.to(dtype).clamp(min=torch.finfo(dtype).min).unsqueeze(1)
+
+
+def layer_log_sizes(sizes: torch.Tensor, is_visual: torch.Tensor, num_patches: int, n_vis: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """log token sizes (first decoder layer, later layers) for tokens [B, L].
+
+    The first layer sees every visual token as ``num_patches / n_vis`` patches (the official choice,
+    closer to the full model's attention there); later layers see the real group sizes.
+    """
+    uniform = torch.full_like(sizes, num_patches / n_vis).log() * is_visual
+    return uniform, sizes.log()
+
+
+def calibrated_prefill_masks(
+    positions: torch.Tensor, sizes: torch.Tensor, is_visual: torch.Tensor, valid: torch.Tensor,
+    num_patches: int, n_vis: int, dtype: torch.dtype, head_dim: int = 128, rope_base: float = 10000.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The additive masks [B, 1, L, L] of a RESTORE prefill: (first decoder layer, later layers)."""
+    dist = distance_bias(positions, dtype, head_dim, rope_base)
+    first, later = layer_log_sizes(sizes, is_visual, num_patches, n_vis)
+    return prefill_bias(positions, first, valid, dtype, dist=dist), prefill_bias(positions, later, valid, dtype, dist=dist)
+
+
+def calibrated_decode_masks(
+    sizes: torch.Tensor, is_visual: torch.Tensor, key_valid: torch.Tensor,
+    num_patches: int, n_vis: int, dtype: torch.dtype, q_len: int = 1,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The additive masks [B, 1, q_len, K] of a decoding step: prompt sizes [B, L] then size-1 new keys."""
+    first, later = layer_log_sizes(sizes, is_visual, num_patches, n_vis)
+    new_keys = sizes.new_zeros(sizes.shape[0], key_valid.shape[1] - sizes.shape[1])
+    return tuple(decode_bias(torch.cat([s, new_keys], dim=1), key_valid, dtype, q_len=q_len) for s in (first, later))

@@ -33,7 +33,7 @@ from restore.analysis.models import (
     DEFAULT_QUESTION, SHAPES, BenchModel, load_bench_model, load_image, prompt_inputs, visual_tokens,
 )
 from restore.analysis.timing import PeakMemory, Timer, Timing
-from restore.attention import distance_bias, prefill_bias
+from restore.attention import calibrated_prefill_masks
 from restore.flops import LLAVA_7B, LLMShape, exact_prefill_flops, fastv_prefill_flops, kv_cache_bytes
 from restore.merge import anchor_merge, group_medians
 from restore.reduce import reduce_visual_tokens, retained_budget
@@ -134,12 +134,11 @@ def time_bias(model, config: Config, timer: Timer) -> Optional[float]:
     llm_config = model.config
     dtype = next(model.parameters()).dtype
     head_dim = llm_config.hidden_size // llm_config.num_attention_heads
-    real = layout.sizes.log()
-    uniform = torch.full_like(layout.sizes, config_patches(model) / config.n_vis).log() * layout.is_visual
 
     def build():
-        dist = distance_bias(layout.positions, dtype, head_dim, getattr(llm_config, "rope_theta", 10000.0))
-        return [prefill_bias(layout.positions, s, layout.valid, dtype, dist=dist) for s in (uniform, real)]
+        return calibrated_prefill_masks(layout.positions, layout.sizes, layout.is_visual, layout.valid,
+                                        config_patches(model), config.n_vis, dtype, head_dim,
+                                        getattr(llm_config, "rope_theta", 10000.0))
 
     return timer.measure(build).ms
 

@@ -14,7 +14,7 @@ import tokenreduction as tr
 from llava_patches.assembly import ImageTokens, SequenceLayout, assemble, split_images
 from llava_patches.vision import encode_with_cls_attention
 
-from .attention import decode_bias, distance_bias, prefill_bias
+from .attention import calibrated_decode_masks, calibrated_prefill_masks
 from .reduce import reduce_visual_tokens
 
 
@@ -122,22 +122,18 @@ class CalibratedLlamaModelMixin:
     def _restore_masks(self, layout: SequenceLayout, attention_mask, past: int, q_len: int):
         settings = self._restore_ctx.settings
         dtype = self.embed_tokens.weight.dtype
-        real = layout.sizes.log()
-        # The first decoder layer sees every visual token as N / n_vis patches (the official choice).
-        uniform = torch.full_like(layout.sizes, settings.num_patches / settings.n_vis).log() * layout.is_visual
+        common = dict(num_patches=settings.num_patches, n_vis=settings.n_vis, dtype=dtype)
         if past == 0:
-            valid = layout.valid
             head_dim = self.config.hidden_size // self.config.num_attention_heads
-            dist = distance_bias(layout.positions, dtype, head_dim, getattr(self.config, "rope_theta", 10000.0))
-            return tuple(prefill_bias(layout.positions, s, valid, dtype, dist=dist) for s in (uniform, real))
+            return calibrated_prefill_masks(layout.positions, layout.sizes, layout.is_visual, layout.valid,
+                                            head_dim=head_dim, rope_base=getattr(self.config, "rope_theta", 10000.0),
+                                            **common)
         total = past + q_len
-        new_keys = total - layout.length
         if attention_mask is None:  # a hand-written decoding loop: the prompt's padding, then new tokens
-            valid = torch.cat([layout.valid, layout.valid.new_ones(layout.valid.shape[0], new_keys)], dim=1)
+            valid = torch.cat([layout.valid, layout.valid.new_ones(layout.valid.shape[0], total - layout.length)], dim=1)
         else:
             valid = attention_mask[:, -total:].bool()
-        pad = torch.zeros(valid.shape[0], new_keys, device=real.device)
-        return tuple(decode_bias(torch.cat([s, pad], dim=1), valid, dtype, q_len=q_len) for s in (uniform, real))
+        return calibrated_decode_masks(layout.sizes, layout.is_visual, valid, q_len=q_len, **common)
 
 
 class CalibratedAttentionMixin:
