@@ -6,7 +6,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m restore.demo
 	bash scripts/demo_benchmarks.sh
+
+bench: $(STAMP)
+	$(PY) -m restore.bench --threads 1
 
 test: $(STAMP)
 	$(PY) -m pytest -q
