@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Second half of `make demo`: the nine benchmark scripts end to end on the CPU, on few-item fixtures in the
-# official file formats, with the small random checkpoint, for HoloV at 64 tokens with and without RESTORE;
+# official file formats, with the small random checkpoint: no reduction, HoloV at 64 tokens, HoloV + RESTORE;
 # then the results table. The checkpoint's weights are random: the scores mean nothing, the pipeline is real.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -13,9 +13,9 @@ benchmarks=(gqa vqav2 seed mmbench mme pope sqa textvqa ocrbench)
 rm -rf "$demo"
 "$python" -c "from restore.small_checkpoint import ensure_small_checkpoint as e; e('$checkpoint')"
 "$python" -m restore.eval.fixtures --out "$demo/data" --n 4 > /dev/null
-for config in "--base HoloV --n_vis 64" "--base HoloV --n_vis 64 --restore"; do
+for config in "" "--base HoloV --n_vis 64" "--base HoloV --n_vis 64 --restore"; do
     for bench in "${benchmarks[@]}"; do
-        echo "== $bench $config"
+        echo "== $bench ${config:-(no reduction)}"
         # shellcheck disable=SC2086  # $config is a list of flags
         bash "$root/scripts/llava1_5/$bench.sh" --model-path "$checkpoint" --data-root "$demo/data" \
             --answers-root "$demo/answers" --results-dir "$demo/results" --device cpu --max_new_tokens 4 \
