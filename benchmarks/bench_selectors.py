@@ -22,15 +22,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tokenreduction as tr  # noqa: E402
-from tokenreduction.reference import divprune_reference, holov_reference, vispruner_reference  # noqa: E402
+from tokenreduction.reference import REFERENCES  # noqa: E402
 
 N_TOKENS, WIDTH, RAW_WIDTH = 576, 4096, 1024
 BUDGETS = (32, 64, 96, 192)
-REFERENCES = {
-    "DivPrune": lambda t, k: divprune_reference(t.features, k),
-    "HoloV": lambda t, k: holov_reference(t.features, t.cls_attention, k),
-    "VisPruner": lambda t, k: vispruner_reference(t.raw_features, t.cls_attention, k),
-}
 
 
 def make_inputs(batch: int, dtype: torch.dtype, device: torch.device, seed: int) -> tr.VisualTokens:

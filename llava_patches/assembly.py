@@ -56,11 +56,17 @@ class SequenceLayout:
 
 
 def split_images(images) -> torch.Tensor:
-    """LLaVA-1.5 images as one [I, 3, H, W] tensor (a list or a 5-D tensor is flattened, one crop each)."""
+    """LLaVA-1.5 images as one [I, 3, H, W] tensor, one entry per ``<image>`` placeholder."""
     if isinstance(images, (list, tuple)):
-        images = torch.cat([x.unsqueeze(0) if x.ndim == 3 else x for x in images], dim=0)
-    elif images.ndim == 5:
-        images = images.flatten(0, 1)
+        images = [x.unsqueeze(0) if x.ndim == 3 else x for x in images]
+        crops = max(x.shape[0] for x in images)
+        images = torch.cat(images, dim=0)
+    else:
+        crops = images.shape[1] if images.ndim == 5 else 1
+        images = images.flatten(0, 1) if images.ndim == 5 else images
+    if crops > 1:
+        raise NotImplementedError("token reduction supports one crop per image (LLaVA-1.5); "
+                                  "multi-crop (anyres) images are not supported")
     return images
 
 
@@ -103,7 +109,9 @@ def assemble(
                            torch.ones(n_text, device=device), torch.zeros(n_text, dtype=torch.bool, device=device)))
             cursor += n_text
             if slot < ids.shape[0]:
-                image = next(image_iter)
+                image = next(image_iter, None)
+                if image is None:
+                    raise ValueError(f"the prompts have more <image> placeholders than the {len(images)} images given")
                 n_img = image.features.shape[0]
                 pos = cursor + (image.positions.to(device) if retain_positions else torch.arange(n_img, device=device))
                 pieces.append((image.features.to(device=device, dtype=embeds.dtype),

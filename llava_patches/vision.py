@@ -10,6 +10,8 @@ from typing import Tuple
 
 import torch
 
+import tokenreduction as tr
+
 
 def _layer_indices(select_layer: int, num_layers: int) -> Tuple[int, int]:
     """(hidden-state index, attention-layer index) that LLaVA's ``select_layer`` picks.
@@ -51,3 +53,11 @@ def encode_with_cls_attention(vision_tower, images: torch.Tensor) -> Tuple[torch
     features = selected[:, 1:].to(images.dtype)
     cls_attention = cls_attention.to(images.dtype).mean(dim=1).float()
     return features, cls_attention
+
+
+def encode_visual_tokens(model, images: torch.Tensor) -> tr.VisualTokens:
+    """What every selector sees for ``images`` [I, 3, H, W] on a LLaVA model: projected features,
+    the select layer's features and its CLS attention."""
+    llm = model.get_model()
+    raw, cls_attention = encode_with_cls_attention(llm.get_vision_tower(), images)
+    return tr.VisualTokens(features=llm.mm_projector(raw), raw_features=raw, cls_attention=cls_attention)

@@ -89,6 +89,8 @@ def calibrated_prefill_masks(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The additive masks [B, 1, L, L] of a RESTORE prefill: (first decoder layer, later layers)."""
     dist = distance_bias(positions, dtype, head_dim, rope_base)
+    # A prompt without an image in a batch with images runs as stock LLaVA would run it alone.
+    dist = dist.masked_fill(~is_visual.any(dim=-1)[:, None, None], 0.0)
     first, later = layer_log_sizes(sizes, is_visual, num_patches, n_vis)
     return prefill_bias(positions, first, valid, dtype, dist=dist), prefill_bias(positions, later, valid, dtype, dist=dist)
 

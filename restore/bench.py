@@ -35,19 +35,14 @@ from restore.analysis.models import (
 from restore.analysis.timing import PeakMemory, Timer, Timing
 from restore.attention import calibrated_prefill_masks
 from restore.flops import LLAVA_7B, LLMShape, exact_prefill_flops, fastv_prefill_flops, kv_cache_bytes
-from restore.merge import anchor_merge, group_medians
+from restore.merge import anchor_merge, complement, group_medians
 from restore.reduce import reduce_visual_tokens, retained_budget
-from tokenreduction.reference import divprune_reference, holov_reference, vispruner_reference
+from tokenreduction.reference import REFERENCES
 
 DEFAULT_OUT = Path("playground/bench")
 OVERHEAD_TARGET = 0.05  # selection + merging + bias < 5% of the reduced prefill (7B shape, n_vis 64)
 SPEEDUP_TARGET = 3.0  # each selector >= 3x faster than its loop-based restatement (CPU)
 
-REFERENCES: Dict[str, Callable[[tr.VisualTokens, int], torch.Tensor]] = {
-    "DivPrune": lambda t, k: divprune_reference(t.features, k),
-    "HoloV": lambda t, k: holov_reference(t.features, t.cls_attention, k),
-    "VisPruner": lambda t, k: vispruner_reference(t.raw_features, t.cls_attention, k),
-}
 
 
 @dataclass(frozen=True)
@@ -100,9 +95,7 @@ def time_vision(bench: BenchModel, prompt: Prompt, timer: Timer) -> Dict[str, fl
 
 def _unselected(tokens: tr.VisualTokens, keep: torch.Tensor):
     B, N, D = tokens.features.shape
-    mask = torch.ones(B, N, dtype=torch.bool, device=keep.device)
-    mask.scatter_(1, keep, False)
-    indices = mask.nonzero()[:, 1].view(B, N - keep.shape[1])
+    indices = complement(keep, N)
     return indices, tokens.features.gather(1, indices.unsqueeze(-1).expand(-1, -1, D))
 
 

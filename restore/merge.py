@@ -20,6 +20,14 @@ class MergedGroups:
     anchors: torch.Tensor  # [B, K]    index (into M) of each group's anchor, ascending
 
 
+def complement(indices: torch.Tensor, n: int) -> torch.Tensor:
+    """The indices in 0..n-1 that are not in ``indices`` [B, k], ascending -> [B, n - k] (rows distinct)."""
+    B, k = indices.shape
+    absent = torch.ones(B, n, dtype=torch.bool, device=indices.device)
+    absent.scatter_(1, indices, False)
+    return absent.nonzero()[:, 1].view(B, n - k)
+
+
 def anchor_scores(features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cosine similarity [B, M, M] and distinctiveness score [B, M] of every token.
 
@@ -50,9 +58,7 @@ def anchor_merge(features: torch.Tensor, n_groups: int) -> MergedGroups:
     sim, scores = anchor_scores(features)
     anchors = scores.topk(n_groups, dim=-1).indices.sort(dim=-1).values  # [B, K]
 
-    is_anchor = torch.zeros(B, M, dtype=torch.bool, device=features.device)
-    is_anchor.scatter_(1, anchors, True)
-    members = (~is_anchor).nonzero()[:, 1].view(B, M - n_groups)  # ascending non-anchor indices
+    members = complement(anchors, M)
 
     to_anchor = sim.gather(1, members.unsqueeze(-1).expand(B, M - n_groups, M))
     to_anchor = to_anchor.gather(2, anchors.unsqueeze(1).expand(B, M - n_groups, n_groups))

@@ -10,9 +10,8 @@ from typing import Optional, Tuple
 
 import torch
 
-import tokenreduction as tr
 from llava_patches.assembly import ImageTokens, SequenceLayout, assemble, split_images
-from llava_patches.vision import encode_with_cls_attention
+from llava_patches.vision import encode_visual_tokens
 
 from .attention import calibrated_decode_masks, calibrated_prefill_masks
 from .reduce import reduce_visual_tokens
@@ -69,12 +68,7 @@ class ReducedLlavaMixin:
         settings = self._restore_ctx.settings
         model = self.get_model()
         pixels = split_images(images)
-        raw, cls_attention = encode_with_cls_attention(model.get_vision_tower(), pixels)
-        features = model.mm_projector(raw)
-        reduced = reduce_visual_tokens(
-            tr.VisualTokens(features=features, raw_features=raw, cls_attention=cls_attention),
-            settings.base, settings.n_vis, settings.restore,
-        )
+        reduced = reduce_visual_tokens(encode_visual_tokens(self, pixels), settings.base, settings.n_vis, settings.restore)
         per_image = [ImageTokens(reduced.features[i], reduced.positions[i], reduced.sizes[i]) for i in range(pixels.shape[0])]
         embeds, attention_mask, labels, layout = assemble(
             model.embed_tokens, input_ids, attention_mask, labels, per_image,
@@ -106,6 +100,7 @@ class CalibratedLlamaModelMixin:
             else:
                 ctx.layout = layout = None
         if layout is None:
+            ctx.rope_length = 0
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs)
 

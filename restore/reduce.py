@@ -7,7 +7,7 @@ import torch
 
 import tokenreduction as tr
 
-from .merge import anchor_merge, group_medians
+from .merge import anchor_merge, complement, group_medians
 
 
 @dataclass
@@ -40,14 +40,12 @@ def reduce_visual_tokens(tokens: tr.VisualTokens, base: str, n_vis: int, restore
         return ReducedImages(kept, keep, torch.ones(keep.shape, device=keep.device), source)
 
     n_keep = keep.shape[1]
-    unselected_mask = torch.ones(B, N, dtype=torch.bool, device=keep.device)
-    unselected_mask.scatter_(1, keep, False)
-    unselected = unselected_mask.nonzero()[:, 1].view(B, N - n_keep)  # ascending patch indices
+    unselected = complement(keep, N)
     rest = tokens.features.gather(1, unselected.unsqueeze(-1).expand(-1, -1, D))
     groups = anchor_merge(rest, n_vis - n_keep)
     merged_positions = group_medians(unselected, groups.group_of, n_vis - n_keep)
 
-    features = torch.cat([kept.to(rest.dtype), groups.features], dim=1)
+    features = torch.cat([kept, groups.features], dim=1)
     positions = torch.cat([keep, merged_positions], dim=1)
     sizes = torch.cat([torch.ones(keep.shape, device=keep.device), groups.sizes], dim=1)
     order = positions.argsort(dim=-1)

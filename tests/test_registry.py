@@ -62,6 +62,25 @@ def test_wrong_output_shape_is_reported(scratch_registry):
         tr.get_selector("Broken")(tr.VisualTokens(features=torch.randn(1, 5, 4)), 3)
 
 
-def test_scratch_registrations_do_not_leak():
-    assert "TopAttention" not in tr.available_selectors()
-    assert "Broken" not in tr.available_selectors()
+@pytest.mark.parametrize("bad", [[[0, 0, 1]], [[0, 1, 5]], [[-1, 0, 1]]])
+def test_repeated_or_out_of_range_indices_are_reported(scratch_registry, bad):
+    @tr.register_selector("Careless")
+    def careless(tokens, n_keep):
+        return torch.tensor(bad)
+
+    with pytest.raises(RuntimeError, match=r"Careless must return 3 distinct indices in 0\.\.4 per sample"):
+        tr.get_selector("Careless")(tr.VisualTokens(features=torch.randn(1, 5, 4)), 3)
+
+
+def test_scratch_registrations_do_not_leak(scratch_registry):
+    @tr.register_selector("Temporary")
+    def temporary(tokens, n_keep):
+        return torch.arange(n_keep).expand(tokens.batch_size, n_keep)
+
+    assert "Temporary" in tr.available_selectors()
+    registry._SELECTORS.clear()  # the fixture's copy: the real registry must be untouched afterwards
+
+
+def test_the_real_registry_is_untouched():
+    assert {"Temporary", "TopAttention", "Broken", "Careless"}.isdisjoint(tr.available_selectors())
+    assert "holov" in registry._SELECTORS

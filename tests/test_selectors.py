@@ -6,13 +6,8 @@ import torch
 
 import tokenreduction as tr
 from tokenreduction.holov import N_CROPS
-from tokenreduction.reference import divprune_reference, holov_reference, vispruner_reference
+from tokenreduction.reference import REFERENCES, divprune_reference
 
-REFERENCES = {
-    "DivPrune": lambda t, k: divprune_reference(t.features, k),
-    "HoloV": lambda t, k: holov_reference(t.features, t.cls_attention, k),
-    "VisPruner": lambda t, k: vispruner_reference(t.raw_features, t.cls_attention, k),
-}
 SELECTORS = sorted(REFERENCES)
 # 576 = the LLaVA-1.5 grid (16 equal crops); 37 = odd and not a multiple of 16 (uneven crops).
 SIZES = (576, 37)

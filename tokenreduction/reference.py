@@ -139,3 +139,12 @@ def holov_reference(
                 kept.append(lo + torch.topk(attention[lo:hi], k=count).indices)
         picks_per_sample.append(torch.cat(kept))
     return torch.stack(picks_per_sample)
+
+
+# Name -> restatement, for tests and benchmarks that compare every built-in selector with its reference.
+# Each takes (VisualTokens, n_keep) like a registered selector.
+REFERENCES = {
+    "DivPrune": lambda tokens, n_keep: divprune_reference(tokens.features, n_keep),
+    "HoloV": lambda tokens, n_keep: holov_reference(tokens.features, tokens.cls_attention, n_keep),
+    "VisPruner": lambda tokens, n_keep: vispruner_reference(tokens.raw_features, tokens.cls_attention, n_keep),
+}

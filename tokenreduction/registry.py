@@ -33,7 +33,10 @@ def register_selector(name: str) -> Callable[[Selector], Selector]:
             keep = fn(tokens, n_keep)
             if tuple(keep.shape) != (tokens.batch_size, n_keep):
                 raise RuntimeError(f"{name} returned shape {tuple(keep.shape)}, expected {(tokens.batch_size, n_keep)}")
-            return keep.long()
+            keep = keep.long()
+            if bool((keep < 0).any() | (keep >= N).any() | (keep.sort(dim=-1).values.diff(dim=-1) == 0).any()):
+                raise RuntimeError(f"{name} must return {n_keep} distinct indices in 0..{N - 1} per sample")
+            return keep
 
         checked.__wrapped__ = fn  # type: ignore[attr-defined]
         checked.__doc__ = fn.__doc__

@@ -17,7 +17,7 @@ from PIL import Image
 
 import tokenreduction as tr
 from llava_patches.loading import load_model, make_inputs, resolve_device, resolve_dtype
-from llava_patches.vision import encode_with_cls_attention
+from llava_patches.vision import encode_visual_tokens
 from restore.flops import LLMShape
 from restore.small_checkpoint import DEFAULT_CHECKPOINT_DIR, VISION_SUBDIR, ensure_small_checkpoint, synthetic_image
 
@@ -200,9 +200,7 @@ def load_image(path: Optional[str] = None, seed: int = 0) -> Image.Image:
 
 def visual_tokens(bench: BenchModel, images: torch.Tensor) -> tr.VisualTokens:
     """What the reduced path feeds the selectors: projected features, raw features, CLS attention."""
-    llm = bench.model.get_model()
-    raw, cls_attention = encode_with_cls_attention(llm.get_vision_tower(), images)
-    return tr.VisualTokens(features=llm.mm_projector(raw), raw_features=raw, cls_attention=cls_attention)
+    return encode_visual_tokens(bench.model, images)
 
 
 def prompt_inputs(bench: BenchModel, image: Image.Image, question: str = DEFAULT_QUESTION):
