@@ -21,16 +21,20 @@ def rope_decay(distances: torch.Tensor, head_dim: int = 128, rope_base: float = 
 
 
 def distance_bias(
-    positions: torch.Tensor, dtype: torch.dtype, head_dim: int = 128, rope_base: float = 10000.0
+    positions: torch.Tensor, dtype: torch.dtype, head_dim: int = 128, rope_base: float = 10000.0,
+    max_distance: int | None = None,
 ) -> torch.Tensor:
     """log(2 - rho(p_i - p_j)) for positions [B, L] -> [B, L, L] in ``dtype``.
 
     Only pairs with p_i >= p_j are meaningful (the causal ones); others are clamped to distance 0.
     rho is looked up in a table over the distances that occur, so memory stays O(L^2), not O(L^2 * head_dim).
-    The subtraction and log run in ``dtype``, as the official implementation does.
+    The subtraction and log run in ``dtype``, as the official implementation does. ``max_distance``
+    (an upper bound of the distances, e.g. the largest position) saves reading it from the device.
     """
     distances = (positions.unsqueeze(-1) - positions.unsqueeze(-2)).clamp_(min=0)
-    table = rope_decay(torch.arange(int(distances.max()) + 1, device=positions.device), head_dim, rope_base)
+    if max_distance is None:
+        max_distance = int(distances.max())
+    table = rope_decay(torch.arange(max_distance + 1, device=positions.device), head_dim, rope_base)
     return torch.log(2.0 - table.to(dtype)[distances])
 
 
@@ -86,9 +90,10 @@ def layer_log_sizes(sizes: torch.Tensor, is_visual: torch.Tensor, num_patches: i
 def calibrated_prefill_masks(
     positions: torch.Tensor, sizes: torch.Tensor, is_visual: torch.Tensor, valid: torch.Tensor,
     num_patches: int, n_vis: int, dtype: torch.dtype, head_dim: int = 128, rope_base: float = 10000.0,
+    max_position: int | None = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The additive masks [B, 1, L, L] of a RESTORE prefill: (first decoder layer, later layers)."""
-    dist = distance_bias(positions, dtype, head_dim, rope_base)
+    dist = distance_bias(positions, dtype, head_dim, rope_base, max_distance=max_position)
     # A prompt without an image in a batch with images runs as stock LLaVA would run it alone.
     dist = dist.masked_fill(~is_visual.any(dim=-1)[:, None, None], 0.0)
     first, later = layer_log_sizes(sizes, is_visual, num_patches, n_vis)

@@ -82,14 +82,15 @@ def anchor_merge(features: torch.Tensor, n_groups: int) -> MergedGroups:
     )
 
 
-def group_medians(positions: torch.Tensor, group_of: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """Lower median of the ``positions`` [B, M] of each group's members -> [B, n_groups].
+def group_medians(positions: torch.Tensor, group_of: torch.Tensor, n_groups: int, span: int | None = None) -> torch.Tensor:
+    """Lower median of the ``positions`` [B, M] (non-negative) of each group's members -> [B, n_groups].
 
     With a group's member positions sorted ascending, the median is the one at index (count - 1) // 2,
-    so it is always one of the members' own positions.
+    so it is always one of the members' own positions. ``span``: any bound above every position.
     """
     B, M = positions.shape
-    span = int(positions.max().item()) + 1 if positions.numel() else 1
+    if span is None:
+        span = int(positions.max().item()) + 1 if positions.numel() else 1
     order = (group_of * span + positions).argsort(dim=-1)  # group-major, then ascending position
     sorted_pos = positions.gather(1, order)
     counts = torch.zeros(B, n_groups, dtype=torch.long, device=positions.device)

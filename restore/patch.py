@@ -122,7 +122,7 @@ class CalibratedLlamaModelMixin:
             head_dim = self.config.hidden_size // self.config.num_attention_heads
             return calibrated_prefill_masks(layout.positions, layout.sizes, layout.is_visual, layout.valid,
                                             head_dim=head_dim, rope_base=getattr(self.config, "rope_theta", 10000.0),
-                                            **common)
+                                            max_position=layout.max_next, **common)
         total = past + q_len
         if attention_mask is None:  # a hand-written decoding loop: the prompt's padding, then new tokens
             valid = torch.cat([layout.valid, layout.valid.new_ones(layout.valid.shape[0], total - layout.length)], dim=1)

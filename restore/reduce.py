@@ -43,7 +43,7 @@ def reduce_visual_tokens(tokens: tr.VisualTokens, base: str, n_vis: int, restore
     unselected = complement(keep, N)
     rest = tokens.features.gather(1, unselected.unsqueeze(-1).expand(-1, -1, D))
     groups = anchor_merge(rest, n_vis - n_keep)
-    merged_positions = group_medians(unselected, groups.group_of, n_vis - n_keep)
+    merged_positions = group_medians(unselected, groups.group_of, n_vis - n_keep, span=N)
 
     features = torch.cat([kept, groups.features], dim=1)
     positions = torch.cat([keep, merged_positions], dim=1)
