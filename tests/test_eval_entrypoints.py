@@ -411,14 +411,36 @@ def test_chunks_merge_into_the_single_run_answers(data, tmp_path, loaded_model, 
     ]:
         with pytest.raises(entry_point.SetupError, match=message):
             shards.merge_chunks([str(p) for p in bad], str(tmp_path / "bad.jsonl"))
+    # merge --check: 0 mergeable, 3 only when waiting can help (missing, incomplete), 1 for conflicts.
+    def check(paths) -> int:
+        return shards.main(["merge", "--check", "--out", str(tmp_path / "c.jsonl"), *map(str, paths)])
+
+    assert check(chunks) == 0
+    assert check([chunks[0], chunks[1], tmp_path / "3_9.jsonl"]) == 3
+    assert check([chunks[1], chunks[0], chunks[2]]) == 1  # another chunking / order
+    assert check([chunks[0], chunks[1]]) == 1
+    other = tmp_path / "other.jsonl"
+    other.write_text(chunks[2].read_text())
+    other_meta = json.loads(Path(str(chunks[2]) + ".meta.json").read_text())
+    other_meta["settings"]["max_new_tokens"] = 7
+    Path(str(other) + ".meta.json").write_text(json.dumps(other_meta))
+    assert check([chunks[0], chunks[1], other]) == 1
+    Path(str(other) + ".meta.json").write_text("{not json")
+    assert check([chunks[0], chunks[1], other]) == 1
+
     lines = chunks[2].read_text().splitlines(keepends=True)
     chunks[2].write_text("".join(lines[:-1]))
-    with pytest.raises(entry_point.SetupError, match=r"3_2.jsonl: \d+ answers, expected"):
+    with pytest.raises(entry_point.SetupError, match=r"3_2.jsonl: marked complete but holds \d+ answers, expected"):
         shards.merge_chunks([str(p) for p in chunks], str(tmp_path / "bad.jsonl"))
+    assert check(chunks) == 1
+    chunks[2].write_text("".join(lines[:-2]) + "{broken\n" + lines[-1])
+    assert check(chunks) == 1
+    chunks[2].write_text("".join(lines[:-1]))
     meta = Path(str(chunks[2]) + ".meta.json")
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "complete": False}))
     with pytest.raises(entry_point.SetupError, match="incomplete"):
         shards.merge_chunks([str(p) for p in chunks], str(tmp_path / "bad.jsonl"))
+    assert check(chunks) == 3
 
 
 def test_an_empty_chunk_writes_an_empty_complete_file(data, tmp_path, loaded_model):

@@ -180,6 +180,19 @@ def test_nodes_share_a_benchmark_and_the_last_one_scores(all_runs, data, small_c
     assert len(list((tmp_path / "results").glob("pope__*.json"))) == 1
 
 
+def test_nodes_with_conflicting_settings_fail_loudly(data, small_checkpoint, tmp_path):
+    root = copy_benchmark(data, "pope", tmp_path / "data")
+    flags = [*CONFIGS["pope"][0], "--nodes", "2"]
+    first = run_script("pope", small_checkpoint, root, tmp_path, *flags, "--node-rank", "0")
+    assert first.returncode == 0, first.stderr
+    # the second node was started with another answer-changing setting: waiting would never help
+    second = run_script("pope", small_checkpoint, root, tmp_path, *flags, "--node-rank", "1", "--max_new_tokens", "3")
+    assert second.returncode == 1, second.stdout + second.stderr
+    assert "cannot be merged" in second.stderr and "max_new_tokens: 2 vs 3" in second.stderr
+    assert not (tmp_path / "answers/pope" / small_checkpoint.name / "holov-64/merge.jsonl").exists()
+    assert not list((tmp_path / "results").glob("*.json"))
+
+
 def test_script_rejects_bad_usage_before_starting_shards(data, small_checkpoint, tmp_path):
     # (an entry point's own errors reach the user through the failing shard's log, see above)
     chunks = run_script("gqa", small_checkpoint, data, tmp_path, "--num-chunks", "2")

@@ -14,44 +14,67 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .answer_files import answer_keys, chunk_items, read_answer_lines, read_meta, write_atomic, write_meta
+from .answer_files import (answer_keys, chunk_items, meta_path, read_answer_lines, read_meta, write_atomic,
+                           write_meta)
 from .arguments import describe_reduction
 from .entry_point import MAX_VISUAL_TOKENS, SetupError, entry_by_name, read_json
 
 
-def chunk_problems(chunk_files: Sequence[str]) -> Tuple[List[str], Optional[Dict[str, Any]]]:
-    """What keeps these chunk files (given in chunk order) from being one complete answer set."""
-    problems: List[str] = []
+def chunk_problems(chunk_files: Sequence[str]) -> Tuple[List[str], List[str], Optional[Dict[str, Any]]]:
+    """What keeps these chunk files (given in chunk order) from being one complete answer set:
+    (not ready yet: missing or still incomplete, conflicts: other settings or chunking, damage; settings
+    record of the first chunk found). Waiting helps with the first kind only."""
+    not_ready: List[str] = []
+    conflicts: List[str] = []
     reference: Optional[Dict[str, Any]] = None
     for position, path in enumerate(chunk_files):
         meta = read_meta(path)
-        if meta is None or not os.path.exists(path):
-            problems.append(f"{path}: missing (its shard has not run or died before writing)")
+        if meta is None:
+            if os.path.exists(meta_path(path)):
+                conflicts.append(f"{meta_path(path)}: damaged (not a readable settings record); "
+                                 "delete the chunk and its .meta.json and rerun its node")
+            else:
+                not_ready.append(f"{path}: missing (its shard has not run or died before writing)")
             continue
         if reference is None:
             reference = meta
         if meta.get("entry") != reference.get("entry") or meta.get("settings") != reference.get("settings"):
-            problems.append(f"{path}: produced with other settings than {chunk_files[0]}")
+            conflicts.append(f"{path}: produced with other settings than the first chunk found "
+                             f"({describe_difference(reference, meta)}); every node must run the same command")
             continue
         if meta.get("num_chunks") != len(chunk_files) or meta.get("chunk_idx") != position:
-            problems.append(f"{path}: holds chunk {meta.get('chunk_idx')} of {meta.get('num_chunks')}, "
-                            f"expected chunk {position} of {len(chunk_files)}")
+            conflicts.append(f"{path}: holds chunk {meta.get('chunk_idx')} of {meta.get('num_chunks')}, "
+                             f"expected chunk {position} of {len(chunk_files)} (every node needs the same "
+                             "--shards and --nodes)")
             continue
         if not meta.get("complete"):
-            problems.append(f"{path}: incomplete (its shard was interrupted or is still running)")
+            not_ready.append(f"{path}: incomplete (its shard was interrupted or is still running)")
             continue
         entry = entry_by_name(meta["entry"])
         expected = [i.key for i in chunk_items(entry, meta["settings"], len(chunk_files), position)]
-        lines, cut = read_answer_lines(path)
+        try:
+            lines, cut = read_answer_lines(path)
+        except (OSError, SetupError) as e:
+            conflicts.append(f"{path}: damaged ({e})")
+            continue
         found = answer_keys(entry, lines)
         if cut or found != expected:
-            problems.append(f"{path}: {len(found)} answers, expected {len(expected)} in question order")
-    return problems, reference
+            conflicts.append(f"{path}: marked complete but holds {len(found)} answers, expected {len(expected)} "
+                             "in question order (damaged: delete it and its .meta.json and rerun its node)")
+    return not_ready, conflicts, reference
+
+
+def describe_difference(reference: Dict[str, Any], meta: Dict[str, Any]) -> str:
+    ours = {"entry": reference.get("entry"), **reference.get("settings", {})}
+    theirs = {"entry": meta.get("entry"), **meta.get("settings", {})}
+    return "; ".join(f"{k}: {ours.get(k)!r} vs {theirs.get(k)!r}" for k in sorted(set(ours) | set(theirs))
+                     if ours.get(k) != theirs.get(k))
 
 
 def merge_chunks(chunk_files: Sequence[str], out: str) -> int:
     """Concatenate complete chunk files in order into ``out`` (atomically); returns the number of answers."""
-    problems, meta = chunk_problems(chunk_files)
+    not_ready, conflicts, meta = chunk_problems(chunk_files)
+    problems = conflicts + not_ready
     if problems:
         raise SetupError("cannot merge:\n  " + "\n  ".join(problems))
     assert meta is not None
@@ -140,7 +163,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser("merge", help="check chunk files (given in chunk order) and concatenate them")
     m.add_argument("--out", required=True)
-    m.add_argument("--check", action="store_true", help="only check; exit 3 if some chunk is not complete yet")
+    m.add_argument("--check", action="store_true", help="only check: exit 0 if mergeable, 3 if some chunk is missing or not complete yet, "
+                        "1 on a conflict (other settings or chunking) or a damaged chunk")
     m.add_argument("chunks", nargs="+")
     f = sub.add_parser("finish", help="merge chunk files, score them, write a result record")
     f.add_argument("--benchmark", required=True)
@@ -154,10 +178,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if a.command == "merge":
             if a.check:
-                problems, _ = chunk_problems(a.chunks)
-                for problem in problems:
+                not_ready, conflicts, _ = chunk_problems(a.chunks)
+                if conflicts:
+                    print("error: these chunk files cannot be merged:\n  " + "\n  ".join(conflicts + not_ready),
+                          file=sys.stderr)
+                    return 1
+                for problem in not_ready:
                     print(problem)
-                return 3 if problems else 0
+                return 3 if not_ready else 0
             merge_and_report(a.chunks, a.out)
             return 0
         return finish_run(a.benchmark, a.chunks, a.answers_dir, a.data_root, a.results_dir, a.model, a.wall_time)

@@ -246,10 +246,19 @@ run_benchmark() {
     fi
 
     if ((nodes > 1)); then
-        if ! "$PY" -m restore.eval.shards merge --check --out "$answers_dir/merge.jsonl" "${chunk_files[@]}" > /dev/null; then
+        # 3: some chunk is missing or unfinished (another node is still at work); anything else but 0 is a
+        # conflict or damage that waiting cannot fix, so it must fail here, loudly.
+        local check_rc=0 check_out
+        check_out=$("$PY" -m restore.eval.shards merge --check --out "$answers_dir/merge.jsonl" "${chunk_files[@]}" 2>&1) \
+            || check_rc=$?
+        if ((check_rc == 3)); then
             echo "[$BENCH] this node's chunks are done; other nodes' chunks are not complete yet." \
                  "The last node to finish merges and scores (or rerun any node when all are done)."
             exit 0
+        elif ((check_rc != 0)); then
+            echo "[$BENCH] this node's chunks are done, but the chunks of all nodes cannot be merged:" >&2
+            echo "$check_out" | sed 's/^/    | /' >&2
+            exit 1
         fi
     fi
     (
