@@ -382,6 +382,38 @@ def test_resume_refuses_other_settings_and_foreign_answers(data, tmp_path, loade
     assert "not in this chunk" in capsys.readouterr().err
 
 
+def test_resume_compares_the_resolved_device_and_dtype(data, tmp_path, loaded_model, capsys):
+    answers = tmp_path / "a.jsonl"
+    assert vqa_loader.main(gqa_args(data, answers, "--dtype", "auto")) == 0
+    meta_file = Path(str(answers) + ".meta.json")
+    settings = json.loads(meta_file.read_text())["settings"]
+    assert (settings["device"], settings["dtype"]) == ("cpu", "float32")
+    calls = len(loaded_model)
+    # "auto" on a CPU is float32: the same precision, so the finished file is accepted as it is
+    assert vqa_loader.main(gqa_args(data, answers, "--dtype", "float32")) == 0
+    assert len(loaded_model) == calls
+    capsys.readouterr()
+    assert vqa_loader.main(gqa_args(data, answers, "--dtype", "bfloat16")) == 2
+    assert "dtype: 'float32' -> 'bfloat16'" in capsys.readouterr().err
+
+    # a file begun on a GPU in float16 (both "auto") is not resumed on a CPU in float32
+    meta = json.loads(meta_file.read_text())
+    meta["settings"].update(device="cuda", dtype="float16")
+    meta_file.write_text(json.dumps(meta))
+    assert vqa_loader.main(gqa_args(data, answers, "--device", "auto", "--dtype", "auto")) == 2
+    err = capsys.readouterr().err
+    assert "device: 'cuda' -> 'cpu'" in err and "dtype: 'float16' -> 'float32'" in err
+
+
+def test_cuda_requested_without_cuda_fails_before_loading(data, tmp_path, loaded_model, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert vqa_loader.main(gqa_args(data, tmp_path / "a.jsonl", "--device", "cuda")) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert loaded_model == [] and not (tmp_path / "a.jsonl").exists()
+
+
 def test_chunks_merge_into_the_single_run_answers(data, tmp_path, loaded_model, monkeypatch):
     whole = tmp_path / "whole.jsonl"
     # MME's first images: two questions each under one question_id, the case that needs numbered keys

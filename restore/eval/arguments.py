@@ -84,13 +84,28 @@ def check_arguments(entry: EntryPoint, args: argparse.Namespace,
         if not os.path.isdir(os.path.expanduser(args.image_folder)):
             raise SetupError(f"image folder not found: {args.image_folder}")
 
+    device_type, dtype_name = resolve_execution(args.device, args.dtype)
     if args.model_base is None:
         check_model_path(args.model_path)
     from llava.conversation import conv_templates
 
     if args.conv_mode not in conv_templates:
         raise SetupError(f"unknown --conv-mode {args.conv_mode!r}; available: {', '.join(sorted(conv_templates))}")
-    return {**common_settings(args, base), **entry.settings(args)}, num_chunks, chunk_idx
+    settings = {**common_settings(args, base), "device": device_type, "dtype": dtype_name}
+    return {**settings, **entry.settings(args)}, num_chunks, chunk_idx
+
+
+def resolve_execution(device: str, dtype: str) -> Tuple[str, str]:
+    """(device type, dtype name) the model will run with: what "auto" becomes on this machine. Recorded
+    instead of the flags, so that a resume on other hardware or in another precision is refused, and the
+    same precision spelled differently ("auto" and "float32" on a CPU) is not."""
+    from llava_patches.loading import resolve_device, resolve_dtype
+
+    try:
+        resolved = resolve_device(device)
+    except ValueError as e:
+        raise SetupError(f"--device {device}: {e}") from None
+    return resolved.type, str(resolve_dtype(dtype, resolved)).replace("torch.", "")
 
 
 def validate_reduction(base: Optional[str], n_vis: Optional[int], restore: bool) -> Optional[str]:
@@ -175,7 +190,8 @@ def local_or_hub(path: str) -> str:
 
 
 def common_settings(args: argparse.Namespace, base: Optional[str]) -> Dict[str, Any]:
-    """The settings every entry point records in its answers file's meta (a resume must match them)."""
+    """The settings every entry point records in its answers file's meta (a resume must match them);
+    check_arguments adds the resolved device type and dtype."""
     return {
         "model_path": local_or_hub(args.model_path),
         "model_base": args.model_base,
@@ -189,5 +205,4 @@ def common_settings(args: argparse.Namespace, base: Optional[str]) -> Dict[str, 
         "base": base,
         "n_vis": args.n_vis,
         "restore": bool(args.restore),
-        "dtype": args.dtype,
     }
