@@ -302,6 +302,8 @@ def test_bad_inputs_fail_before_the_model_is_loaded(data, tmp_path, monkeypatch,
 
     (images / names[-1]).unlink()
     fails(with_images, "1 image(s) of this chunk not found", str(images / names[-1]))
+    # --no-image-check skips decoding, never the existence check
+    fails([*with_images, "--no-image-check"], "1 image(s) of this chunk not found", str(images / names[-1]))
     (images / names[-1]).write_bytes(b"this is not an image file\n")
     fails(with_images, "1 image(s) of this chunk cannot be decoded", str(images / names[-1]))
     whole = (data / "gqa/data/images" / names[-1]).read_bytes()
@@ -412,6 +414,22 @@ def test_cuda_requested_without_cuda_fails_before_loading(data, tmp_path, loaded
     assert vqa_loader.main(gqa_args(data, tmp_path / "a.jsonl", "--device", "cuda")) == 2
     assert "CUDA is not available" in capsys.readouterr().err
     assert loaded_model == [] and not (tmp_path / "a.jsonl").exists()
+
+
+def test_a_second_writer_of_an_answers_file_is_refused(data, tmp_path, loaded_model, capsys):
+    answers = tmp_path / "a.jsonl"
+    other = answer_files.lock_answers_file(str(answers))  # another process writing the same chunk
+    try:
+        assert vqa_loader.main(gqa_args(data, answers)) == 2
+        assert "being written by another process" in capsys.readouterr().err
+        assert loaded_model == [] and not answers.exists()
+    finally:
+        other.close()
+    assert vqa_loader.main(gqa_args(data, answers)) == 0
+    # released at the end of the run (and after a refused one): the next writer gets it
+    answer_files.lock_answers_file(str(answers)).close()
+    assert vqa_loader.main(gqa_args(data, answers, "--base", "HoloV", "--n_vis", "8")) == 2
+    answer_files.lock_answers_file(str(answers)).close()
 
 
 def test_chunks_merge_into_the_single_run_answers(data, tmp_path, loaded_model, monkeypatch):

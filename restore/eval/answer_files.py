@@ -10,11 +10,12 @@ import json
 import math
 import os
 import tempfile
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import IO, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from .entry_point import EntryPoint, Item, SetupError
 
 META_SUFFIX = ".meta.json"
+LOCK_SUFFIX = ".lock"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -69,6 +70,31 @@ def read_meta(answers_file: str) -> Optional[Dict[str, Any]]:
             return json.load(f)
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def lock_answers_file(answers_file: str) -> IO[str]:
+    """Hold ``<answers_file>.lock`` exclusively until the returned file is closed (or the process ends).
+
+    Two processes appending to one answers file would lose answers: the first to finish replaces the file
+    and the second goes on writing to the replaced one. The second is refused instead."""
+    import fcntl
+
+    path = answers_file + LOCK_SUFFIX
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        raise SetupError(f"{answers_file} is being written by another process{f' ({holder})' if holder else ''}; "
+                         "wait for it to finish, or stop it, or use another --answers-file") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    handle.flush()
+    return handle
 
 
 def write_atomic(path: str, text: str) -> None:

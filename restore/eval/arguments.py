@@ -58,7 +58,8 @@ def build_parser(entry: EntryPoint) -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true",
                    help="discard an existing answers file instead of resuming it")
     x.add_argument("--no-image-check", action="store_true",
-                   help="skip decoding every image up front (a corrupt image then fails mid-run)")
+                   help="skip decoding every image up front (missing images are still found; a corrupt one "
+                        "then fails mid-run)")
     return p
 
 

@@ -10,9 +10,9 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import IO, Any, Dict, List, Mapping, Optional, Sequence
 
-from .answer_files import chunk_items, existing_answers
+from .answer_files import chunk_items, existing_answers, lock_answers_file
 from .arguments import check_arguments
 from .entry_point import EntryPoint, ImageRef, Item, SetupError
 
@@ -31,6 +31,12 @@ class Plan:
     done: Dict[str, Dict[str, Any]]  # key -> existing answer line
     pending: List[Item]
     repaired: bool  # the answers file must be rewritten (cut-off line, overwrite)
+    lock: Optional[IO[str]] = None  # held while this process owns the answers file; see release()
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
 
     @property
     def chunk_label(self) -> str:
@@ -42,9 +48,15 @@ def plan_run(entry: EntryPoint, args: argparse.Namespace, env: Mapping[str, str]
     settings, num_chunks, chunk_idx = check_arguments(entry, args, env)
     items = chunk_items(entry, settings, num_chunks, chunk_idx)
     answers_file = os.path.expanduser(args.answers_file)
-    done, repaired = existing_answers(entry, answers_file, items, settings, num_chunks, chunk_idx, args.overwrite)
+    lock = lock_answers_file(answers_file)  # before reading it: another writer may be appending
+    try:
+        done, repaired = existing_answers(entry, answers_file, items, settings, num_chunks, chunk_idx,
+                                          args.overwrite)
+    except BaseException:
+        lock.close()
+        raise
     pending = [item for item in items if item.key not in done]
-    return Plan(entry, args, settings, num_chunks, chunk_idx, answers_file, items, done, pending, repaired)
+    return Plan(entry, args, settings, num_chunks, chunk_idx, answers_file, items, done, pending, repaired, lock)
 
 
 def check_images(items: Sequence[Item], decode: bool = True) -> None:

@@ -25,13 +25,24 @@ def run(entry: EntryPoint, argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser(entry).parse_args(argv)
     try:
         plan = plan_run(entry, args)
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _run_planned(entry, args, plan)
+    finally:
+        plan.release()
+
+
+def _run_planned(entry: EntryPoint, args: argparse.Namespace, plan: Plan) -> int:
+    try:
         source = chunk_source(args.num_chunks, args.chunk_idx, os.environ)
         print(f"[{entry.name}] {plan.chunk_label}"
               f"{f' (from {source})' if source else ''}: {len(plan.items)} items, "
               f"{len(plan.items) - len(plan.pending)} already answered; reduction: "
               f"{describe_reduction(plan.settings['base'], args.n_vis, args.restore)}", flush=True)
-        if not args.no_image_check:
-            check_images(plan.pending)
+        # --no-image-check skips only the slow part (decoding); a missing file is always found here
+        check_images(plan.pending, decode=not args.no_image_check)
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
