@@ -293,6 +293,9 @@ def test_bad_inputs_fail_before_the_model_is_loaded(data, tmp_path, monkeypatch,
     fails([*args, "--base", "HoloV", "--n_vis", "600"], "1..576")
     fails([*args, "--base", "HoloV", "--n_vis", "1", "--restore"], "--n_vis >= 2")
     fails([*args, "--restore"], "--restore needs --base")
+    # a pretrain-only checkpoint switches to <conv>_mmtag, which vicuna_v1 lacks: found before loading
+    plain = [*args[:1], str(tmp_path / "llava-v1.5-7b-pretrain-plain"), *args[2:]]
+    fails([*plain, "--conv-mode", "vicuna_v1"], "'vicuna_v1_mmtag' would be used, but it does not exist")
     question_file = args.index("--question-file") + 1
     fails([*args[:question_file], str(tmp_path / "missing.jsonl"), *args[question_file + 1:]],
           f"question file not found: {tmp_path / 'missing.jsonl'}")

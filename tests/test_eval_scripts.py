@@ -199,6 +199,12 @@ def test_script_rejects_bad_usage_before_starting_shards(data, small_checkpoint,
     assert chunks.returncode == 2 and "--num-chunks is set by this script" in chunks.stderr
     missing = run_script("gqa", small_checkpoint, tmp_path / "nowhere", tmp_path)
     assert missing.returncode == 2 and "data root" in missing.stderr and "not found" in missing.stderr
+    # the scorer's annotation is checked before inference, not found missing after it
+    root = copy_benchmark(data, "seed_bench", tmp_path / "data")
+    (root / "seed_bench/SEED-Bench.json").unlink()
+    no_annotation = run_script("seed", small_checkpoint, root, tmp_path)
+    assert no_annotation.returncode == 2 and "SEED-Bench.json" in no_annotation.stderr, no_annotation.stderr
+    assert "shard" not in no_annotation.stdout
     assert not (tmp_path / "answers").exists()
 
 

@@ -435,3 +435,31 @@ def test_missing_data_files_raise_clear_error(tmp_path):
         score("gqa", answers, tmp_path, tmp_path / "out")
     with pytest.raises(DataFilesMissing, match="answer file"):
         score("gqa", tmp_path / "absent.jsonl", tmp_path, tmp_path / "out")
+
+
+def test_check_data_finds_each_scorer_file_missing_before_any_answers(tmp_path, capsys):
+    from restore.eval.fixtures import make_fixtures
+    from restore.eval.scoring import BENCHMARKS, check_data
+
+    make_fixtures(tmp_path, n=1, seed=0)
+    for bench in BENCHMARKS:
+        check_data(bench, tmp_path)
+    needed = {"gqa": "gqa/data/testdev_balanced_questions.json", "seed": "seed_bench/SEED-Bench.json",
+              "textvqa": "textvqa/TextVQA_0.5.1_val.json", "sqa": "scienceqa/pid_splits.json",
+              "ocrbench": "ocrbench/OCRBench.json", "mmbench": "mmbench/mmbench_dev_20230712.tsv",
+              "vqav2": "vqav2/llava_vqav2_mscoco_test2015.jsonl"}
+    for bench, relative in needed.items():
+        path = tmp_path / relative
+        kept = path.read_bytes()
+        path.unlink()
+        with pytest.raises(DataFilesMissing, match=path.name):
+            check_data(bench, tmp_path)
+        path.write_bytes(kept)
+    for label in (tmp_path / "pope/coco").glob("coco_pope_*.json"):
+        label.rename(label.with_suffix(".bak"))
+    with pytest.raises(DataFilesMissing, match="coco_pope_"):
+        check_data("pope", tmp_path)
+    (tmp_path / "MME/MME_Benchmark_release_version").rename(tmp_path / "MME/elsewhere")
+    assert cli(["mme", "--data-root", str(tmp_path), "--check-data"]) == 2
+    assert "MME_Benchmark_release_version" in capsys.readouterr().err
+    assert cli(["gqa", "--data-root", str(tmp_path), "--check-data"]) == 0

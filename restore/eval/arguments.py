@@ -92,6 +92,12 @@ def check_arguments(entry: EntryPoint, args: argparse.Namespace,
 
     if args.conv_mode not in conv_templates:
         raise SetupError(f"unknown --conv-mode {args.conv_mode!r}; available: {', '.join(sorted(conv_templates))}")
+    final_mode = effective_conv_mode(args.model_path, args.conv_mode)
+    if final_mode not in conv_templates:
+        mmtag = sorted(name for name in conv_templates if name.endswith("_mmtag"))
+        raise SetupError(f"{args.model_path} looks like a plain (pretrain-only) checkpoint, so LLaVA's template "
+                         f"{final_mode!r} would be used, but it does not exist; pass a --conv-mode that has an "
+                         f"_mmtag variant ({', '.join(m[:-len('_mmtag')] for m in mmtag)}) or its _mmtag name")
     settings = {**common_settings(args, base), "device": device_type, "dtype": dtype_name}
     return {**settings, **entry.settings(args)}, num_chunks, chunk_idx
 
@@ -107,6 +113,17 @@ def resolve_execution(device: str, dtype: str) -> Tuple[str, str]:
     except ValueError as e:
         raise SetupError(f"--device {device}: {e}") from None
     return resolved.type, str(resolve_dtype(dtype, resolved)).replace("torch.", "")
+
+
+def effective_conv_mode(model_path: str, conv_mode: str) -> str:
+    """The template a run uses: as LLaVA's scripts, a pretrain-only ("plain", not "finetune") checkpoint
+    gets the ``_mmtag`` variant of --conv-mode."""
+    from llava.mm_utils import get_model_name_from_path
+
+    model_name = get_model_name_from_path(os.path.expanduser(model_path))
+    if "plain" in model_name and "finetune" not in model_name.lower() and "mmtag" not in conv_mode:
+        return conv_mode + "_mmtag"
+    return conv_mode
 
 
 def validate_reduction(base: Optional[str], n_vis: Optional[int], restore: bool) -> Optional[str]:

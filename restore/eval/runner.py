@@ -15,7 +15,7 @@ import time
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from .answer_files import dumps_line, put_in_question_order, write_in_order, write_meta
-from .arguments import build_parser, chunk_source, describe_reduction
+from .arguments import build_parser, chunk_source, describe_reduction, effective_conv_mode
 from .entry_point import EntryPoint, Item, SetupError
 from .plan import Plan, check_images, plan_run, progress_interval
 
@@ -80,9 +80,8 @@ def _answer_pending(plan: Plan) -> Tuple[int, float]:
 
     args, entry = plan.args, plan.entry
     tokenizer, model, image_processor, model_name = load_model_for_eval(args, plan.settings["base"])
-    conv_mode = args.conv_mode
-    if "plain" in model_name and "finetune" not in model_name.lower() and "mmtag" not in conv_mode:
-        conv_mode += "_mmtag"  # as LLaVA's scripts: a pretrain-only checkpoint needs the mmtag template
+    conv_mode = effective_conv_mode(args.model_path, args.conv_mode)  # checked to exist before loading
+    if conv_mode != args.conv_mode:
         print(f"{model_name} looks like a plain (pretrain-only) model: using conv mode {conv_mode}")
 
     device = next(model.parameters()).device

@@ -125,6 +125,11 @@ run_benchmark() {
         die "image folder $data_root/$IMAGE_FOLDER not found (see docs/evaluation.md)"
     fi
 
+    # The scorer's own files (annotations, labels) are first read after inference: check them now.
+    local data_problem
+    data_problem=$("$PY" -m restore.eval.scoring "$BENCH" --data-root "$data_root" --check-data 2>&1) \
+        || die "${data_problem#error: }"
+
     # Answers are keyed by model and reduction setting, so no run ever merges another run's files.
     local model_name tag answers_dir
     model_name=$(model_name_of "$model_path")

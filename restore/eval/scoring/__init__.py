@@ -17,7 +17,7 @@ from .common import AnswerFile, BenchResult, DataError, DataFilesMissing, write_
 BENCHMARKS = ("gqa", "vqav2", "seed", "mmbench", "mme", "pope", "sqa", "textvqa", "ocrbench")
 DEFAULT_DATA_ROOT = Path("playground/data/eval")
 
-__all__ = ["BENCHMARKS", "DEFAULT_DATA_ROOT", "DataError", "DataFilesMissing", "score", "evaluate"]
+__all__ = ["BENCHMARKS", "DEFAULT_DATA_ROOT", "DataError", "DataFilesMissing", "check_data", "score", "evaluate"]
 
 
 def evaluate(bench: str, answers_path: str | Path, data_root: str | Path, out_dir: str | Path,
@@ -33,6 +33,17 @@ def evaluate(bench: str, answers_path: str | Path, data_root: str | Path, out_di
     out_dir.mkdir(parents=True, exist_ok=True)
     module = importlib.import_module(f"{__name__}.{bench}")
     return module.evaluate(answers, data_root, out_dir, model_id or answers.model_id())
+
+
+def check_data(bench: str, data_root: str | Path) -> None:
+    """Raise DataFilesMissing unless every data file the scorer of ``bench`` reads exists; no answers
+    needed, nothing parsed: run before inference so that a missing file is found in seconds, not after it."""
+    if bench not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {bench!r}; choose one of {', '.join(BENCHMARKS)}")
+    data_root = Path(data_root)
+    if not data_root.is_dir():
+        raise DataFilesMissing(f"data root {data_root} does not exist (see docs/data.md)")
+    importlib.import_module(f"{__name__}.{bench}").check_data(data_root)
 
 
 def score(bench: str, answers_path: str | Path, data_root: str | Path = DEFAULT_DATA_ROOT,

@@ -1,10 +1,11 @@
-"""Command line: python -m restore.eval.scoring BENCH --answers A.jsonl --data-root D --out-dir O."""
+"""Command line: python -m restore.eval.scoring BENCH --answers A.jsonl --data-root D --out-dir O,
+or python -m restore.eval.scoring BENCH --data-root D --check-data (do the scorer's data files exist?)."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import BENCHMARKS, DEFAULT_DATA_ROOT, DataError, score
+from . import BENCHMARKS, DEFAULT_DATA_ROOT, DataError, check_data, score
 
 EXIT_DATA_MISSING = 2
 EXIT_INCOMPLETE = 3
@@ -36,12 +37,23 @@ def format_table(summary: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m restore.eval.scoring", description=__doc__)
     parser.add_argument("bench", choices=BENCHMARKS)
-    parser.add_argument("--answers", required=True, help="answer file (JSONL) written by the entry point")
+    parser.add_argument("--answers", help="answer file (JSONL) written by the entry point (required unless --check-data)")
     parser.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT), help="folder holding gqa/, MME/, pope/, ...")
-    parser.add_argument("--out-dir", required=True, help="where metrics.json and submission files go")
+    parser.add_argument("--out-dir", help="where metrics.json and submission files go (required unless --check-data)")
+    parser.add_argument("--check-data", action="store_true",
+                        help=f"only check that the data files the scorer reads exist (exit {EXIT_DATA_MISSING} if not)")
     parser.add_argument("--model-id", default=None, help="name used in submission file names (default: the answers' model_id)")
     parser.add_argument("--strict", action="store_true", help=f"exit {EXIT_INCOMPLETE} if any expected item is unanswered")
     args = parser.parse_args(argv)
+    if args.check_data:
+        try:
+            check_data(args.bench, args.data_root)
+        except DataError as error:
+            print(f"error: cannot score {args.bench} later: {error}", file=sys.stderr)
+            return EXIT_DATA_MISSING
+        return 0
+    if not args.answers or not args.out_dir:
+        parser.error("--answers and --out-dir are required (unless --check-data)")
     try:
         summary = score(args.bench, args.answers, args.data_root, args.out_dir, args.model_id)
     except DataError as error:

@@ -28,7 +28,13 @@ def annotation_path(data_root: Path) -> Path:
     return data_root / "gqa" / "data" / "testdev_balanced_questions.json"
 
 
+def check_data(data_root: Path) -> None:
+    """The data files the scorer reads exist (cheap: nothing is parsed); raises DataFilesMissing."""
+    require_file(annotation_path(data_root), "official GQA testdev_balanced_questions.json")
+
+
 def evaluate(answers: AnswerFile, data_root: Path, out_dir: Path, model_id: str) -> BenchResult:
+    check_data(data_root)
     questions = load_json(require_file(annotation_path(data_root), "official GQA testdev_balanced_questions.json"))
     balanced = {qid: q for qid, q in questions.items() if q.get("isBalanced", True)}
     matched = match_answers(answers.records, lambda r: str(r["question_id"]), balanced)

@@ -102,7 +102,13 @@ def _write_submission(table, predictions: dict[int, str], path: Path) -> str:
     return str(path)
 
 
+def check_data(data_root: Path) -> None:
+    """The data files the scorer reads exist (cheap: nothing is parsed); raises DataFilesMissing."""
+    require_file(data_root / "mmbench" / f"{SPLIT}.tsv", "official MMBench dev TSV")
+
+
 def evaluate(answers: AnswerFile, data_root: Path, out_dir: Path, model_id: str) -> BenchResult:
+    check_data(data_root)
     tsv = require_file(data_root / "mmbench" / f"{SPLIT}.tsv", "official MMBench dev TSV")
     table = _read_tsv(tsv)
     if "index" not in table.columns:

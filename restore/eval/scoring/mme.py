@@ -82,7 +82,14 @@ def _one_line(text: str) -> str:
     return text.replace("\t", " ").replace("\r", " ").replace("\n", " ")
 
 
+def check_data(data_root: Path) -> None:
+    """The data files the scorer reads exist (cheap: nothing is parsed); raises DataFilesMissing."""
+    require_file(data_root / "MME" / "llava_mme.jsonl", "LLaVA's MME question file (eval.zip)")
+    require_dir(data_root / "MME" / RELEASE, "the official MME release folder")
+
+
 def evaluate(answers: AnswerFile, data_root: Path, out_dir: Path, model_id: str) -> BenchResult:
+    check_data(data_root)
     folder = data_root / "MME"
     questions = load_jsonl(require_file(folder / "llava_mme.jsonl", "LLaVA's MME question file (eval.zip)"))
     truth = read_ground_truth(require_dir(folder / RELEASE, "the official MME release folder"))

@@ -48,7 +48,13 @@ def item_key(item: dict) -> tuple[str, str, str, str]:
     return str(item["dataset_name"]), str(item["id"]), str(item["image_path"]), str(item["question"])
 
 
+def check_data(data_root: Path) -> None:
+    """The data files the scorer reads exist (cheap: nothing is parsed); raises DataFilesMissing."""
+    require_file(data_root / "ocrbench" / "OCRBench.json", "official OCRBench.json")
+
+
 def evaluate(answers: AnswerFile, data_root: Path, out_dir: Path, model_id: str) -> BenchResult:
+    check_data(data_root)
     items = load_json(require_file(data_root / "ocrbench" / "OCRBench.json", "official OCRBench.json"))
     keys = [item_key(item) for item in items]
     matched = match_answers(answers.records, item_key, keys)

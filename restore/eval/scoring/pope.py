@@ -51,7 +51,16 @@ def split_metrics(predictions: list[str], labels: list[str]) -> dict[str, float]
     }
 
 
+def check_data(data_root: Path) -> None:
+    """The data files the scorer reads exist (cheap: nothing is parsed); raises DataFilesMissing."""
+    require_file(data_root / "pope" / "llava_pope_test.jsonl", "LLaVA's POPE question file (eval.zip)")
+    label_dir = require_dir(data_root / "pope" / "coco", "POPE's coco_pope_*.json label files")
+    if not any(label_dir.glob(f"{LABEL_PREFIX}*.json")):
+        raise DataFilesMissing(f"no {LABEL_PREFIX}*.json label files in {label_dir} (see docs/data.md)")
+
+
 def evaluate(answers: AnswerFile, data_root: Path, out_dir: Path, model_id: str) -> BenchResult:
+    check_data(data_root)
     folder = data_root / "pope"
     questions = load_jsonl(require_file(folder / "llava_pope_test.jsonl", "LLaVA's POPE question file (eval.zip)"))
     label_dir = require_dir(folder / "coco", "POPE's coco_pope_*.json label files")

@@ -22,7 +22,13 @@ from .common import AnswerFile, BenchResult, load_json, make_result, match_answe
 NAME = "seed"
 
 
+def check_data(data_root: Path) -> None:
+    """The data files the scorer reads exist (cheap: nothing is parsed); raises DataFilesMissing."""
+    require_file(data_root / "seed_bench" / "SEED-Bench.json", "official SEED-Bench.json annotation")
+
+
 def evaluate(answers: AnswerFile, data_root: Path, out_dir: Path, model_id: str) -> BenchResult:
+    check_data(data_root)
     annotation = load_json(require_file(data_root / "seed_bench" / "SEED-Bench.json", "official SEED-Bench.json annotation"))
     dimension_name = {type_id: name for name, type_id in annotation["question_type"].items()}
     questions = annotation["questions"]

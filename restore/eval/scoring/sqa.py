@@ -43,7 +43,14 @@ def choice_index(letter: str, n_choices: int) -> int:
     return LETTERS.index(letter) if letter in LETTERS[:n_choices] else -1
 
 
+def check_data(data_root: Path) -> None:
+    """The data files the scorer reads exist (cheap: nothing is parsed); raises DataFilesMissing."""
+    require_file(data_root / "scienceqa" / "problems.json", "ScienceQA problems.json")
+    require_file(data_root / "scienceqa" / "pid_splits.json", "ScienceQA pid_splits.json")
+
+
 def evaluate(answers: AnswerFile, data_root: Path, out_dir: Path, model_id: str) -> BenchResult:
+    check_data(data_root)
     folder = data_root / "scienceqa"
     problems = load_json(require_file(folder / "problems.json", "ScienceQA problems.json"))
     test_ids = [str(pid) for pid in load_json(require_file(folder / "pid_splits.json", "ScienceQA pid_splits.json"))["test"]]

@@ -40,7 +40,13 @@ def prompt_question(prompt: str) -> str:
     return lines[0].lower()
 
 
+def check_data(data_root: Path) -> None:
+    """The data files the scorer reads exist (cheap: nothing is parsed); raises DataFilesMissing."""
+    require_file(data_root / "textvqa" / ANNOTATION, "official TextVQA val annotation")
+
+
 def evaluate(answers: AnswerFile, data_root: Path, out_dir: Path, model_id: str) -> BenchResult:
+    check_data(data_root)
     entries = load_json(require_file(data_root / "textvqa" / ANNOTATION, "official TextVQA val annotation"))["data"]
     waiting: dict[tuple[str, str], list[str]] = {}  # key -> question ids not answered yet, in order
     truth: dict[tuple[str, str], list[str]] = {}

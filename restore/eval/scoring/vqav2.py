@@ -21,7 +21,14 @@ TEST_DEV_FILE = "llava_vqav2_mscoco_test-dev2015.jsonl"
 TEST_ALL_FILE = "llava_vqav2_mscoco_test2015.jsonl"
 
 
+def check_data(data_root: Path) -> None:
+    """The data files the scorer reads exist (cheap: nothing is parsed); raises DataFilesMissing."""
+    require_file(data_root / "vqav2" / TEST_DEV_FILE, "LLaVA's VQAv2 test-dev question file (eval.zip)")
+    require_file(data_root / "vqav2" / TEST_ALL_FILE, "LLaVA's full test2015 question list (eval.zip)")
+
+
 def evaluate(answers: AnswerFile, data_root: Path, out_dir: Path, model_id: str) -> BenchResult:
+    check_data(data_root)
     folder = data_root / "vqav2"
     test_dev = load_jsonl(require_file(folder / TEST_DEV_FILE, "LLaVA's VQAv2 test-dev question file (eval.zip)"))
     test_all = load_jsonl(require_file(folder / TEST_ALL_FILE, "LLaVA's full test2015 question list (eval.zip)"))
