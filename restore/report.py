@@ -4,9 +4,11 @@
 
 Reads every run record under --results: one JSON object per `.json` file (JSONL files with one
 record per line are read too), with the fields benchmark, base, n_vis, restore, model, metrics,
-main_metric, n_items, wall_time_s, timestamp. Files without benchmark/metrics/base (for example
-a scorer's own metrics.json) are skipped. A configuration is (model, base, n_vis, restore);
-no reduction is base "none" with 576 tokens. When a configuration ran a benchmark several times,
+main_metric, n_items, wall_time_s, timestamp, and run_name (the answers subfolder). Files without
+benchmark/metrics/base (for example a scorer's own metrics.json) are skipped. A configuration is
+(model, base, n_vis, restore, variant); no reduction is base "none" with 576 tokens. The variant is the
+run name when it is not the default one (<base>-<n_vis>[-restore] or "full"), e.g. "full-t0.2" for a
+sampled VQAv2 run: such a run gets its own row instead of replacing the greedy one. When a configuration ran a benchmark several times,
 the record with the latest timestamp wins.
 
 Cells show each benchmark's main metric (or the one chosen with --metric BENCH=NAME). Two averages:
@@ -45,13 +47,14 @@ class Config:
     base: str
     n_vis: int
     restore: bool
+    variant: str = ""  # a non-default run name: other answer-changing settings
 
     @property
     def is_baseline(self) -> bool:
         return self.base == NO_REDUCTION
 
     def sort_key(self) -> tuple:
-        return (self.model, not self.is_baseline, self.base.lower(), -self.n_vis, self.restore)
+        return (self.model, not self.is_baseline, self.base.lower(), -self.n_vis, self.restore, self.variant)
 
 
 @dataclass
@@ -82,7 +85,17 @@ def config_of(record: dict) -> Config:
     base = NO_REDUCTION if base in (None, "", "none", "None") else str(base)
     n_vis = record.get("n_vis")
     n_vis = FULL_TOKENS if base == NO_REDUCTION and n_vis in (None, 0) else int(n_vis)
-    return Config(str(record.get("model") or "?"), base, n_vis, bool(record.get("restore")) and base != NO_REDUCTION)
+    restore = bool(record.get("restore")) and base != NO_REDUCTION
+    run_name = str(record.get("run_name") or "")
+    variant = "" if run_name.lower() in ("", default_run_name(base, n_vis, restore)) else run_name
+    return Config(str(record.get("model") or "?"), base, n_vis, restore, variant)
+
+
+def default_run_name(base: str, n_vis: int, restore: bool) -> str:
+    """The answers subfolder scripts/llava1_5 picks without --run-name (lower case)."""
+    if base == NO_REDUCTION:
+        return "full"
+    return f"{base.lower()}-{n_vis}" + ("-restore" if restore else "")
 
 
 def is_run_record(obj) -> bool:
@@ -183,14 +196,15 @@ def _format_value(bench: str, value: float | None, run: Run | None) -> str:
     if value is None:
         return "online" if bench == "vqav2" else "n/a"
     shown = f"{value:.0f}" if bench == "ocrbench" and float(value).is_integer() else f"{value:.1f}"
-    incomplete = run.record.get("complete") is False or (run.record.get("n_missing") or 0) > 0
+    incomplete = (run.record.get("n_missing") or 0) > 0
     return shown + ("*" if incomplete else "")
 
 
 def _config_cells(config: Config) -> list[str]:
+    model = config.model + (f" ({config.variant})" if config.variant else "")
     if config.is_baseline:
-        return [config.model, "none", str(config.n_vis), "–"]
-    return [config.model, config.base, str(config.n_vis), "yes" if config.restore else "no"]
+        return [model, "none", str(config.n_vis), "–"]
+    return [model, config.base, str(config.n_vis), "yes" if config.restore else "no"]
 
 
 def render_markdown(table: Table) -> str:
@@ -237,7 +251,7 @@ def render_report(table: Table, skipped: list[str]) -> str:
                 continue
             r = run.record
             label = "/".join(_config_cells(config)[1:3]) + (" +RESTORE" if config.restore else "")
-            parts.append(f"| {bench} | {config.model} {label} | {r.get('n_items', '')} | {r.get('wall_time_s', '')} | "
+            parts.append(f"| {bench} | {_config_cells(config)[0]} {label} | {r.get('n_items', '')} | {r.get('wall_time_s', '')} | "
                          f"{r.get('timestamp', '')} | {run.source} |")
     if skipped:
         parts += ["", f"{len(skipped)} files under the results folder are not run records and were skipped."]
@@ -247,31 +261,15 @@ def render_report(table: Table, skipped: list[str]) -> str:
 def write_csv(table: Table, path: Path) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["model", "base", "n_vis", "restore"] + list(table.benchmarks) + ["avg", "avg_n", "rel"])
+        writer.writerow(["model", "base", "n_vis", "restore", "variant"] + list(table.benchmarks)
+                        + ["avg", "avg_n", "rel"])
         for config in table.configs:
             average, count = table.avg[config]
             values = [table.values.get((config, b)) for b in table.benchmarks]
-            writer.writerow([config.model, config.base, config.n_vis, config.restore]
+            writer.writerow([config.model, config.base, config.n_vis, config.restore, config.variant]
                             + ["" if v is None else v for v in values]
                             + ["" if average is None else average, count,
                                "" if table.rel[config] is None else table.rel[config]])
-
-
-def write_run_record(results_dir: str | Path, summary: dict, *, model: str, base: str | None, n_vis: int | None,
-                     restore: bool, wall_time_s: float | None = None, timestamp: str | None = None) -> Path:
-    """Write one run record (the fields this module reads) built from a scorer's metrics.json summary."""
-    moment = timestamp or datetime.now(timezone.utc).isoformat(timespec="seconds")
-    record = {"benchmark": summary["benchmark"], "base": base or NO_REDUCTION,
-              "n_vis": FULL_TOKENS if base in (None, NO_REDUCTION) else n_vis, "restore": bool(restore),
-              "model": model, "metrics": summary["metrics"], "main_metric": summary["main_metric"],
-              "n_items": summary.get("n_answers"), "n_missing": summary.get("n_missing", 0),
-              "wall_time_s": wall_time_s, "timestamp": moment}
-    stamp = "".join(ch for ch in moment if ch.isdigit())
-    name = f"{record['benchmark']}_{model}_{record['base']}_{record['n_vis']}_{'restore' if restore else 'plain'}_{stamp}.json"
-    path = Path(results_dir) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2), encoding="utf-8")
-    return path
 
 
 def main(argv: list[str] | None = None) -> int:

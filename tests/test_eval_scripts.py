@@ -126,6 +126,7 @@ def test_script_end_to_end(bench, all_runs, data, small_checkpoint):
     assert (record["base"], record["restore"]) == (expected_base, tag.endswith("-restore"))
     assert record["n_vis"] == (int(tag.split("-")[1]) if tag != "full" else 576)
     assert record["settings"]["max_new_tokens"] == int(MAX_NEW_TOKENS)
+    assert record["run_name"] == tag
     assert f"[{bench}] {small_checkpoint.name}" in output and "result:" in output
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from restore.report import Config, build_table, load_runs, main, render_markdown, write_run_record
+from restore.report import Config, build_table, load_runs, main, render_markdown
 
 
 def record(bench, base, n_vis, restore, metrics, main_metric, timestamp, **extra) -> dict:
@@ -94,12 +94,20 @@ def test_cli_writes_report_files(results, tmp_path, capsys):
     assert "MME is divided by its maximum" in report and "more.jsonl" in report
 
 
-def test_write_run_record_round_trip(tmp_path):
-    summary = {"benchmark": "pope", "metrics": {"f1_mean": 80.0}, "main_metric": "f1_mean", "n_answers": 9, "n_missing": 0}
-    path = write_run_record(tmp_path, summary, model="m", base=None, n_vis=None, restore=False, wall_time_s=2.0)
-    runs, _ = load_runs(tmp_path)
-    assert path.exists() and runs[0].config == Config("m", "none", 576, False)
-    assert runs[0].record["metrics"]["f1_mean"] == 80.0
+def test_a_run_with_another_run_name_gets_its_own_row(tmp_path):
+    t0, t1 = "2026-01-01T10:00:00+00:00", "2026-01-02T10:00:00+00:00"
+    write(tmp_path / "greedy.json", record("vqav2", "none", 576, False, {"answered": 100.0}, None, t0,
+                                           run_name="full"))
+    write(tmp_path / "sampled.json", record("vqav2", "none", 576, False, {"answered": 99.0}, None, t1,
+                                            run_name="full-t0.2"))
+    write(tmp_path / "holov.json", record("gqa", "HoloV", 64, True, {"accuracy": 50.0}, "accuracy", t0,
+                                          run_name="holov-64-restore"))
+    table = build_table(load_runs(tmp_path)[0])
+    greedy = Config("llava-v1.5-7b", "none", 576, False)
+    assert table.configs == [greedy, Config("llava-v1.5-7b", "none", 576, False, "full-t0.2"),
+                             Config("llava-v1.5-7b", "HoloV", 64, True)]
+    assert table.cells[(greedy, "vqav2")].record["metrics"]["answered"] == 100.0  # not replaced by the later run
+    assert "| llava-v1.5-7b (full-t0.2) | none | 576 |" in render_markdown(table)
 
 
 def test_missing_results_folder(tmp_path):

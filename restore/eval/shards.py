@@ -96,7 +96,7 @@ def merge_and_report(chunk_files: Sequence[str], out: str) -> None:
 
 
 def write_result_record(results_dir: str, benchmark: str, answers_file: str, metrics_file: str,
-                        model: str, wall_time_s: float) -> Tuple[str, Dict[str, Any]]:
+                        model: str, wall_time_s: float, run_name: Optional[str] = None) -> Tuple[str, Dict[str, Any]]:
     """One JSON file per run under results_dir, as restore.report reads them; (path, record)."""
     import datetime
 
@@ -114,6 +114,8 @@ def write_result_record(results_dir: str, benchmark: str, answers_file: str, met
         "n_vis": settings.get("n_vis") if base else MAX_VISUAL_TOKENS,
         "restore": bool(settings.get("restore", False)),
         "model": model,
+        "run_name": run_name or run_tag(base, settings.get("n_vis") if base else MAX_VISUAL_TOKENS,
+                                        bool(settings.get("restore", False))).lower(),
         "metrics": scored.get("metrics", {}),
         "main_metric": scored.get("main_metric"),
         "n_items": n_items,
@@ -136,7 +138,7 @@ def run_tag(base: Optional[str], n_vis: Optional[int], restore: bool) -> str:
 
 
 def finish_run(benchmark: str, chunk_files: Sequence[str], answers_dir: str, data_root: str, results_dir: str,
-               model: str, wall_time_s: float) -> int:
+               model: str, wall_time_s: float, run_name: Optional[str] = None) -> int:
     """Merge the chunks, score with restore.eval.scoring, write the result record; an exit status."""
     from restore.eval.scoring.__main__ import main as score_main
 
@@ -148,7 +150,7 @@ def finish_run(benchmark: str, chunk_files: Sequence[str], answers_dir: str, dat
     if status:
         return status
     path, record = write_result_record(results_dir, benchmark, merged, os.path.join(scores, "metrics.json"),
-                                       model, wall_time_s)
+                                       model, wall_time_s, run_name)
     main_metric = record["main_metric"]
     value = record["metrics"].get(main_metric) if main_metric else None
     shown = f"{main_metric} = {value:.2f}" if isinstance(value, (int, float)) else "no local score"
@@ -173,6 +175,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     f.add_argument("--results-dir", required=True)
     f.add_argument("--model", required=True)
     f.add_argument("--wall-time", type=float, required=True)
+    f.add_argument("--run-name", default=None, help="the answers subfolder; a non-default one is its own row "
+                                                    "in restore.report")
     f.add_argument("chunks", nargs="+")
     a = p.parse_args(argv)
     try:
@@ -188,7 +192,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 return 3 if not_ready else 0
             merge_and_report(a.chunks, a.out)
             return 0
-        return finish_run(a.benchmark, a.chunks, a.answers_dir, a.data_root, a.results_dir, a.model, a.wall_time)
+        return finish_run(a.benchmark, a.chunks, a.answers_dir, a.data_root, a.results_dir, a.model, a.wall_time,
+                          a.run_name)
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -278,7 +278,7 @@ run_benchmark() {
             fi
         fi
         "$PY" -m restore.eval.shards finish --benchmark "$BENCH" --answers-dir "$answers_dir" \
-            --data-root "$data_root" --results-dir "$results_dir" --model "$model_name" --wall-time "$wall" \
+            --data-root "$data_root" --results-dir "$results_dir" --model "$model_name" --wall-time "$wall" --run-name "$tag" \
             "${chunk_files[@]}"
     ) 9> "$answers_dir/.merge.lock"
 }
