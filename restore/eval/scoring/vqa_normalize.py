@@ -1,6 +1,9 @@
 """Answer normalization of the EvalAI VQA processor, as LLaVA's TextVQA scorer (m4c evaluator)
 and VQAv2 submission converter apply it.
 
+Provenance: the tables below (contractions, number words, articles, punctuation) are the standard
+VQA / EvalAI answer-normalization tables, the same ones MMF's m4c TextVQA evaluator uses.
+
 Steps, in order: lower-case; drop "," and "?"; split "'s" off into " 's"; newlines/tabs to
 spaces; for each punctuation mark in `PUNCTUATION`: delete it everywhere if it touches a space
 somewhere in the text, else turn it into a space; delete "." not followed by a digit (at most
