@@ -25,11 +25,12 @@ from typing import Callable
 
 from PIL import Image, ImageDraw
 
+from .entry_point import OPTION_LETTER_SUFFIX, SHORT_ANSWER_SUFFIX
+
 BENCHMARKS = ("gqa", "vqav2", "seed", "mmbench", "mme", "pope", "sqa", "textvqa", "ocrbench")
 FOLDERS = {"gqa": "gqa", "vqav2": "vqav2", "seed": "seed_bench", "mmbench": "mmbench", "mme": "MME",
            "pope": "pope", "sqa": "scienceqa", "textvqa": "textvqa", "ocrbench": "ocrbench"}
-SHORT_ANSWER = "Answer the question using a single word or phrase."
-LETTER_ANSWER = "Answer with the option's letter from the given choices directly."
+SHORT_ANSWER, LETTER_ANSWER = SHORT_ANSWER_SUFFIX, OPTION_LETTER_SUFFIX
 CORRUPT_BYTES = b"this is not an image file\n"
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 30),

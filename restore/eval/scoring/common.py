@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable
 
 MAX_LISTED_IDS = 20
-SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
+from ..entry_point import SHORT_ANSWER_SUFFIX  # noqa: F401  (re-exported for the scorers)
 
 
 class DataError(Exception):
