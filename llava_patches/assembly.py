@@ -121,10 +121,12 @@ def assemble(
                 cursor += num_patches if retain_positions else n_img
             start = slot + 1
         row = {k: torch.cat([p[i] for p in pieces]) for i, k in enumerate(("embeds", "labels", "positions", "sizes", "visual"))}
-        row["next"] = cursor
         if max_length is not None and row["embeds"].shape[0] > max_length:
+            # Stock LLaVA cuts the assembled sequence at tokenizer_model_max_length; every per-token
+            # field is cut with it, and generation continues after the last position that survived.
             row = {k: v[:max_length] for k, v in row.items()}
-            row["next"] = int(row["positions"][-1]) + 1
+            cursor = int(row["positions"].max()) + 1 if max_length > 0 else 0
+        row["next"] = cursor
         rows.append(row)
 
     B, L = len(rows), max(r["embeds"].shape[0] for r in rows)
