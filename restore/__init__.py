@@ -10,7 +10,9 @@ from importlib import import_module
 _EXPORTS = {
     "apply": "api", "remove": "api", "is_applied": "api", "settings_of": "api",
     "anchor_merge": "merge", "anchor_scores": "merge", "group_medians": "merge",
+    "uniform_anchors": "merge", "group_positions": "merge",
     "ReducedImages": "reduce", "reduce_visual_tokens": "reduce", "retained_budget": "reduce",
+    "ReductionSettings": "settings", "resolve_settings": "settings", "run_tag": "settings",
 }
 __all__ = sorted(_EXPORTS)
 

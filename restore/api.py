@@ -12,9 +12,9 @@ from .patch import (
     CalibratedLlamaModelMixin,
     ReducedLlavaMixin,
     RestoreContext,
-    RestoreSettings,
     RetainedRopeMixin,
 )
+from .settings import ReductionSettings, resolve_settings
 
 _ORIGINAL_CLASS = "_restore_original_class"
 _SUBCLASSES: Dict[tuple, Type] = {}
@@ -47,7 +47,7 @@ def is_applied(model) -> bool:
     return hasattr(model, _ORIGINAL_CLASS)
 
 
-def settings_of(model) -> Optional[RestoreSettings]:
+def settings_of(model) -> Optional[ReductionSettings]:
     """The settings applied to ``model``, or None when it is stock."""
     return model._restore_ctx.settings if is_applied(model) else None
 
@@ -85,28 +85,50 @@ def _check_model(model) -> int:
     return int(tower.num_patches)
 
 
-def apply(model, base: Optional[str] = None, n_vis: Optional[int] = None, restore: bool = False):
+def apply(
+    model,
+    base: Optional[str] = None,
+    n_vis: Optional[int] = None,
+    restore: bool = False,
+    *,
+    prune_ratio: Optional[float] = None,
+    anchors: Optional[str] = None,
+    positions: Optional[str] = None,
+    calibration: Optional[str] = None,
+    calibration_c: Optional[float] = None,
+    merged_position: Optional[str] = None,
+):
     """Reduce ``model``'s visual tokens with ``base`` to ``n_vis`` per image, with RESTORE if ``restore``.
 
     ``base=None`` means no reduction: the model behaves exactly as stock LLaVA. Calling ``apply``
     again reconfigures the model; :func:`remove` undoes it. Only this model instance is changed.
     Returns the model, so ``model = restore.apply(model, ...)`` reads naturally.
+
+    The keyword settings move one coordinate away from the defaults of ``restore`` (None keeps it):
+    ``prune_ratio`` (gamma, share of n_vis kept by the base; 0.5 with RESTORE), ``anchors``
+    ('distinctive', 'uniform' or 'none'), ``positions`` ('retained' or 'reindexed'), ``calibration``
+    ('size_distance', 'size' or 'none'), ``calibration_c`` (c in log(c - D), 2) and ``merged_position``
+    ('median', 'first', 'mean', 'last'). See docs/settings.md for every combination.
     """
     num_patches = _check_model(model)
+    overrides = dict(prune_ratio=prune_ratio, anchors=anchors, positions=positions, calibration=calibration,
+                     calibration_c=calibration_c, merged_position=merged_position)
     if base is None:
         if restore:
             raise ValueError("restore=True needs a base method to select the kept tokens, e.g. base='HoloV'")
+        given = sorted(k for k, v in overrides.items() if v is not None)
+        if given:
+            raise ValueError(f"{', '.join(given)} need a base method (no reduction has no settings)")
         if n_vis not in (None, num_patches):
             raise ValueError(f"n_vis={n_vis} needs a base method; available: {', '.join(tr.available_selectors())}")
         return remove(model)
     name = tr.canonical_name(base)
     if isinstance(n_vis, bool) or not isinstance(n_vis, int) or not 1 <= n_vis <= num_patches:
         raise ValueError(f"n_vis must be an integer in 1..{num_patches} (visual tokens per image), got {n_vis!r}")
-    if restore and n_vis < 2:
-        raise ValueError("restore=True splits n_vis between kept and merged tokens, so it needs n_vis >= 2")
+    settings = resolve_settings(name, n_vis, bool(restore), num_patches, **overrides)
 
     remove(model)
-    ctx = RestoreContext(RestoreSettings(base=name, n_vis=n_vis, restore=bool(restore), num_patches=num_patches))
+    ctx = RestoreContext(settings)
     for module, mixin in _targets(model):
         _swap(module, mixin, ctx)
     return model

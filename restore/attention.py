@@ -1,6 +1,6 @@
 """Calibrated attention: the additive pre-softmax bias RESTORE puts on every allowed query/key pair.
 
-    bias[i, j] = log(size_j) + log(2 - rho(p_i - p_j))     (prefill)
+    bias[i, j] = log(size_j) + log(c - rho(p_i - p_j))     (prefill; c = 2)
     bias[i, j] = log(size_j)                              (decoding)
 
 ``rho(d)`` is the mean over the RoPE frequencies of cos(d * theta_k): how much RoPE itself already
@@ -22,9 +22,9 @@ def rope_decay(distances: torch.Tensor, head_dim: int = 128, rope_base: float = 
 
 def distance_bias(
     positions: torch.Tensor, dtype: torch.dtype, head_dim: int = 128, rope_base: float = 10000.0,
-    max_distance: int | None = None,
+    max_distance: int | None = None, c: float = 2.0,
 ) -> torch.Tensor:
-    """log(2 - rho(p_i - p_j)) for positions [B, L] -> [B, L, L] in ``dtype``.
+    """log(c - rho(p_i - p_j)) for positions [B, L] -> [B, L, L] in ``dtype`` (c = 2 in the paper).
 
     Only pairs with p_i >= p_j are meaningful (the causal ones); others are clamped to distance 0.
     rho is looked up in a table over the distances that occur, so memory stays O(L^2), not O(L^2 * head_dim).
@@ -35,7 +35,7 @@ def distance_bias(
     if max_distance is None:
         max_distance = int(distances.max())
     table = rope_decay(torch.arange(max_distance + 1, device=positions.device), head_dim, rope_base)
-    return torch.log(2.0 - table.to(dtype)[distances])
+    return torch.log(c - table.to(dtype)[distances])
 
 
 def prefill_bias(
@@ -77,34 +77,46 @@ def decode_bias(log_sizes: torch.Tensor, key_valid: torch.Tensor, dtype: torch.d
     return bias.to(dtype).clamp(min=torch.finfo(dtype).min).unsqueeze(1)
 
 
-def layer_log_sizes(sizes: torch.Tensor, is_visual: torch.Tensor, num_patches: int, n_vis: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def layer_log_sizes(sizes: torch.Tensor, is_visual: torch.Tensor, num_patches: int, n_vis: int,
+                    uniform_first_layer: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     """log token sizes (first decoder layer, later layers) for tokens [B, L].
 
-    The first layer sees every visual token as ``num_patches / n_vis`` patches (the official choice,
-    closer to the full model's attention there); later layers see the real group sizes.
+    With ``uniform_first_layer`` the first layer sees every visual token as ``num_patches / n_vis``
+    patches (the official choice, closer to the full model's attention there); later layers see the
+    real group sizes. Without merging every size is 1, and so is every layer's.
     """
+    real = sizes.log()
+    if not uniform_first_layer:
+        return real, real
     uniform = torch.full_like(sizes, num_patches / n_vis).log() * is_visual
-    return uniform, sizes.log()
+    return uniform, real
 
 
 def calibrated_prefill_masks(
     positions: torch.Tensor, sizes: torch.Tensor, is_visual: torch.Tensor, valid: torch.Tensor,
     num_patches: int, n_vis: int, dtype: torch.dtype, head_dim: int = 128, rope_base: float = 10000.0,
-    max_position: int | None = None,
+    max_position: int | None = None, use_distance: bool = True, c: float = 2.0, uniform_first_layer: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The additive masks [B, 1, L, L] of a RESTORE prefill: (first decoder layer, later layers)."""
-    dist = distance_bias(positions, dtype, head_dim, rope_base, max_distance=max_position)
-    # A prompt without an image in a batch with images runs as stock LLaVA would run it alone.
-    dist = dist.masked_fill(~is_visual.any(dim=-1)[:, None, None], 0.0)
-    first, later = layer_log_sizes(sizes, is_visual, num_patches, n_vis)
+    """The additive masks [B, 1, L, L] of a RESTORE prefill: (first decoder layer, later layers).
+
+    ``use_distance=False`` is the size-only calibration (log s); ``c`` the constant of log(c - D).
+    """
+    if use_distance:
+        dist = distance_bias(positions, dtype, head_dim, rope_base, max_distance=max_position, c=c)
+        # A prompt without an image in a batch with images runs as stock LLaVA would run it alone.
+        dist = dist.masked_fill(~is_visual.any(dim=-1)[:, None, None], 0.0)
+    else:
+        L = positions.shape[1]
+        dist = torch.zeros(positions.shape[0], L, L, dtype=dtype, device=positions.device)
+    first, later = layer_log_sizes(sizes, is_visual, num_patches, n_vis, uniform_first_layer)
     return prefill_bias(positions, first, valid, dtype, dist=dist), prefill_bias(positions, later, valid, dtype, dist=dist)
 
 
 def calibrated_decode_masks(
     sizes: torch.Tensor, is_visual: torch.Tensor, key_valid: torch.Tensor,
-    num_patches: int, n_vis: int, dtype: torch.dtype, q_len: int = 1,
+    num_patches: int, n_vis: int, dtype: torch.dtype, q_len: int = 1, uniform_first_layer: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The additive masks [B, 1, q_len, K] of a decoding step: prompt sizes [B, L] then size-1 new keys."""
-    first, later = layer_log_sizes(sizes, is_visual, num_patches, n_vis)
+    first, later = layer_log_sizes(sizes, is_visual, num_patches, n_vis, uniform_first_layer)
     new_keys = sizes.new_zeros(sizes.shape[0], key_valid.shape[1] - sizes.shape[1])
     return tuple(decode_bias(torch.cat([s, new_keys], dim=1), key_valid, dtype, q_len=q_len) for s in (first, later))

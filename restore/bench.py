@@ -37,6 +37,7 @@ from restore.attention import calibrated_prefill_masks
 from restore.flops import LLAVA_7B, LLMShape, exact_prefill_flops, fastv_prefill_flops, kv_cache_bytes
 from restore.merge import anchor_merge, complement, group_medians
 from restore.reduce import reduce_visual_tokens, retained_budget
+from restore.settings import resolve_settings
 from tokenreduction.reference import REFERENCES
 
 DEFAULT_OUT = Path("playground/bench")
@@ -115,7 +116,7 @@ def time_reduction(tokens: tr.VisualTokens, config: Config, timer: Timer) -> Dic
         result["merging_ms"] = timer.measure(merge).ms
     else:
         result["merging_ms"] = None
-    result["reduce_ms"] = timer.measure(lambda: reduce_visual_tokens(tokens, config.base, config.n_vis, config.restore)).ms
+    result["reduce_ms"] = timer.measure(lambda: reduce_visual_tokens(tokens, resolve_settings(config.base, config.n_vis, config.restore, tokens.num_tokens))).ms
     return result
 
 

@@ -21,7 +21,7 @@ import restore
 import tokenreduction as tr
 from llava_patches.loading import load_model, make_inputs
 from llava_patches.vision import encode_with_cls_attention
-from restore.reduce import reduce_visual_tokens, retained_budget
+from restore.reduce import reduce_visual_tokens
 from restore.small_checkpoint import (
     DEFAULT_CHECKPOINT_DIR,
     MANIFEST_NAME,
@@ -130,9 +130,9 @@ def time_stages(loaded: LoadedCheckpoint, input_ids, images, max_new_tokens: int
     selection = merging = 0.0
     if settings is not None:
         tokens = tr.VisualTokens(features=features, raw_features=raw, cls_attention=attention)
-        budget = retained_budget(settings.n_vis, settings.restore)
-        _, selection = _timed(lambda: tr.get_selector(settings.base)(tokens, budget))
-        _, reduction = _timed(lambda: reduce_visual_tokens(tokens, settings.base, settings.n_vis, settings.restore))
+        if settings.n_keep:
+            _, selection = _timed(lambda: tr.get_selector(settings.base)(tokens, settings.n_keep))
+        _, reduction = _timed(lambda: reduce_visual_tokens(tokens, settings))
         merging = max(reduction - selection, 0.0)
     started = time.perf_counter()
     output, prefill = _timed(lambda: model(input_ids=input_ids, images=images, use_cache=True))

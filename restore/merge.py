@@ -46,17 +46,31 @@ def anchor_scores(features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return sim, density * (1.0 - delta)
 
 
-def anchor_merge(features: torch.Tensor, n_groups: int) -> MergedGroups:
-    """Merge M tokens into ``n_groups`` groups around the most distinctive anchors.
+def uniform_anchors(batch: int, M: int, n_groups: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """VisionZip's anchors: every ``max(1, M // n_groups)``-th of the M tokens, the first ``n_groups`` -> [B, K]."""
+    step = max(1, M // n_groups)
+    return torch.arange(0, M, step, device=device)[:n_groups].expand(batch, n_groups)
 
-    The ``n_groups`` highest-scoring tokens (:func:`anchor_scores`) become anchors; every other token
-    joins its most similar anchor. A group's feature is the mean of its members, anchor included.
+
+def anchor_merge(features: torch.Tensor, n_groups: int, anchor_rule: str = "distinctive") -> MergedGroups:
+    """Merge M tokens into ``n_groups`` groups around anchors.
+
+    ``anchor_rule="distinctive"`` (RESTORE): the ``n_groups`` highest-scoring tokens of
+    :func:`anchor_scores`; ``"uniform"``: evenly spaced tokens (:func:`uniform_anchors`). Every other
+    token joins its most similar anchor. A group's feature is the mean of its members, anchor included.
     """
     B, M, D = features.shape
     if not 1 <= n_groups <= M:
         raise ValueError(f"n_groups must be in 1..{M}, got {n_groups}")
-    sim, scores = anchor_scores(features)
-    anchors = scores.topk(n_groups, dim=-1).indices.sort(dim=-1).values  # [B, K]
+    if anchor_rule == "distinctive":
+        sim, scores = anchor_scores(features)
+        anchors = scores.topk(n_groups, dim=-1).indices.sort(dim=-1).values  # [B, K]
+    elif anchor_rule == "uniform":
+        unit = features / features.norm(dim=-1, keepdim=True)
+        sim = unit @ unit.transpose(-1, -2)
+        anchors = uniform_anchors(B, M, n_groups, features.device)
+    else:
+        raise ValueError(f"anchor_rule must be 'distinctive' or 'uniform', got {anchor_rule!r}")
 
     members = complement(anchors, M)
 
@@ -97,3 +111,26 @@ def group_medians(positions: torch.Tensor, group_of: torch.Tensor, n_groups: int
     counts.scatter_add_(1, group_of, torch.ones_like(group_of))
     starts = counts.cumsum(dim=-1) - counts
     return sorted_pos.gather(1, starts + (counts - 1) // 2)
+
+
+def group_positions(positions: torch.Tensor, group_of: torch.Tensor, n_groups: int, rule: str = "median",
+                    span: int | None = None) -> torch.Tensor:
+    """The position id each group takes from its members' ``positions`` [B, M] -> [B, n_groups].
+
+    ``median``: the lower median (:func:`group_medians`); ``first`` / ``last``: the smallest / largest
+    member position; ``mean``: the members' mean rounded half up to an integer id (RoPE ids are integers),
+    the only rule whose result need not be a member's own position.
+    """
+    if rule == "median":
+        return group_medians(positions, group_of, n_groups, span=span)
+    B, _ = positions.shape
+    if rule in ("first", "last"):
+        reduce = "amin" if rule == "first" else "amax"
+        start = positions.new_full((B, n_groups), 0)
+        return start.scatter_reduce(1, group_of, positions, reduce=reduce, include_self=False)
+    if rule == "mean":
+        totals = torch.zeros(B, n_groups, dtype=torch.float64, device=positions.device)
+        totals.scatter_add_(1, group_of, positions.double())
+        counts = torch.zeros_like(totals).scatter_add_(1, group_of, torch.ones_like(totals[:, :1]).expand_as(group_of))
+        return torch.floor(totals / counts + 0.5).long()
+    raise ValueError(f"merged position rule must be 'median', 'first', 'mean' or 'last', got {rule!r}")

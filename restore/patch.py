@@ -15,21 +15,16 @@ from llava_patches.vision import encode_visual_tokens
 
 from .attention import calibrated_decode_masks, calibrated_prefill_masks
 from .reduce import reduce_visual_tokens
+from .settings import ReductionSettings
 
-
-@dataclass(frozen=True)
-class RestoreSettings:
-    base: str  # canonical selector name
-    n_vis: int  # visual tokens per image fed to the LLM
-    restore: bool  # RESTORE on top of the base, or the base alone (paper's baseline rows)
-    num_patches: int  # N, visual tokens per image before reduction
+RestoreSettings = ReductionSettings  # the name of the first release
 
 
 @dataclass
 class RestoreContext:
     """State shared by the patched modules of one model (never by two models)."""
 
-    settings: RestoreSettings
+    settings: ReductionSettings
     layout: Optional[SequenceLayout] = None  # of the current prompt, kept for its decoding steps
     masks: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (first layer, later layers), one forward
     rope_length: int = 0
@@ -68,12 +63,12 @@ class ReducedLlavaMixin:
         settings = self._restore_ctx.settings
         model = self.get_model()
         pixels = split_images(images)
-        reduced = reduce_visual_tokens(encode_visual_tokens(self, pixels), settings.base, settings.n_vis, settings.restore)
+        reduced = reduce_visual_tokens(encode_visual_tokens(self, pixels), settings)
         per_image = [ImageTokens(reduced.features[i], reduced.positions[i], reduced.sizes[i]) for i in range(pixels.shape[0])]
         embeds, attention_mask, labels, layout = assemble(
             model.embed_tokens, input_ids, attention_mask, labels, per_image,
             num_patches=settings.num_patches,
-            retain_positions=settings.restore,
+            retain_positions=settings.retains_positions,
             padding_side=self._restore_ctx.padding_side or getattr(self.config, "tokenizer_padding_side", "right"),
             max_length=getattr(self.config, "tokenizer_model_max_length", None),
         )
@@ -106,7 +101,7 @@ class CalibratedLlamaModelMixin:
 
         position_ids = layout.positions if past == 0 else layout.decode_positions(past, q_len)
         ctx.rope_length = layout.rope_length(past, q_len)
-        if ctx.settings.restore:
+        if ctx.settings.calibrates:
             ctx.masks = self._restore_masks(layout, attention_mask, past, q_len)
         try:
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -117,12 +112,15 @@ class CalibratedLlamaModelMixin:
     def _restore_masks(self, layout: SequenceLayout, attention_mask, past: int, q_len: int):
         settings = self._restore_ctx.settings
         dtype = self.embed_tokens.weight.dtype
-        common = dict(num_patches=settings.num_patches, n_vis=settings.n_vis, dtype=dtype)
+        # Without merging every size is 1: the first layer's uniform size would only shift text against images.
+        common = dict(num_patches=settings.num_patches, n_vis=settings.n_vis, dtype=dtype,
+                      uniform_first_layer=settings.merges)
         if past == 0:
             head_dim = self.config.hidden_size // self.config.num_attention_heads
             return calibrated_prefill_masks(layout.positions, layout.sizes, layout.is_visual, layout.valid,
                                             head_dim=head_dim, rope_base=getattr(self.config, "rope_theta", 10000.0),
-                                            max_position=layout.max_next, **common)
+                                            max_position=layout.max_next, use_distance=settings.uses_distance,
+                                            c=settings.calibration_c, **common)
         total = past + q_len
         if attention_mask is None:  # a hand-written decoding loop: the prompt's padding, then new tokens
             valid = torch.cat([layout.valid, layout.valid.new_ones(layout.valid.shape[0], total - layout.length)], dim=1)

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Optional, Union
 
 import torch
 
 import tokenreduction as tr
 
-from .merge import anchor_merge, complement, group_medians
+from .merge import anchor_merge, complement, group_positions
+from .settings import ReductionSettings, resolve_settings
 
 
 @dataclass
@@ -21,38 +23,52 @@ class ReducedImages:
 
 
 def retained_budget(n_vis: int, restore: bool) -> int:
-    """Tokens the base selector keeps; with RESTORE the other half of the budget comes from merging."""
+    """Tokens the base selector keeps at the paper's defaults; with RESTORE the other half is merged."""
     return int(n_vis * 0.5) if restore else n_vis
 
 
-def reduce_visual_tokens(tokens: tr.VisualTokens, base: str, n_vis: int, restore: bool) -> ReducedImages:
-    """Select with ``base``; with ``restore``, merge the unselected tokens and order everything by position.
+def reduce_visual_tokens(tokens: tr.VisualTokens, settings: Union[ReductionSettings, str], n_vis: Optional[int] = None,
+                         restore: bool = False, **overrides: Any) -> ReducedImages:
+    """Keep ``settings.n_keep`` tokens with the base method, merge the others into the rest of the budget.
 
-    Without ``restore`` the kept tokens stay in the order the base method feeds them to the LLM
-    (the paper's baseline rows); their positions are only informative.
+    ``settings`` is a :class:`ReductionSettings`, or a base name followed by ``n_vis``, ``restore`` and
+    any keyword setting of :func:`restore.apply`.
+
+    Tokens stay in the order the base method feeds them to the LLM when nothing is merged and
+    positions are re-indexed (the paper's baseline rows); otherwise they are ordered by position
+    (a merged group's from :func:`group_positions`), as RESTORE orders them.
     """
+    if not isinstance(settings, ReductionSettings):
+        settings = resolve_settings(tr.canonical_name(settings), n_vis, restore, tokens.num_tokens, **overrides)
     B, N, D = tokens.features.shape
-    keep = tr.get_selector(base)(tokens, retained_budget(n_vis, restore))
+    device = tokens.features.device
+    if settings.n_keep > 0:
+        keep = tr.get_selector(settings.base)(tokens, settings.n_keep)
+    else:  # gamma = 0: merge only
+        keep = torch.empty(B, 0, dtype=torch.long, device=device)
     kept = tokens.features.gather(1, keep.unsqueeze(-1).expand(-1, -1, D))
-    slots = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
-    source = torch.full((B, N), -1, dtype=torch.long, device=keep.device).scatter(1, keep, slots)
-    if not restore:
-        return ReducedImages(kept, keep, torch.ones(keep.shape, device=keep.device), source)
+    slots = torch.arange(keep.shape[1], device=device).expand_as(keep)
+    source = torch.full((B, N), -1, dtype=torch.long, device=device).scatter(1, keep, slots)
+    ones = torch.ones(keep.shape, device=device)
+    if settings.in_base_order:
+        return ReducedImages(kept, keep, ones, source)
 
-    n_keep = keep.shape[1]
-    unselected = complement(keep, N)
-    rest = tokens.features.gather(1, unselected.unsqueeze(-1).expand(-1, -1, D))
-    groups = anchor_merge(rest, n_vis - n_keep)
-    merged_positions = group_medians(unselected, groups.group_of, n_vis - n_keep, span=N)
-
-    features = torch.cat([kept, groups.features], dim=1)
-    positions = torch.cat([keep, merged_positions], dim=1)
-    sizes = torch.cat([torch.ones(keep.shape, device=keep.device), groups.sizes], dim=1)
-    order = positions.argsort(dim=-1)
-    source = source.scatter(1, unselected, groups.group_of + n_keep)  # slots before sorting
+    features, positions, sizes = kept, keep, ones
+    if settings.merges:
+        n_keep, n_merged = keep.shape[1], settings.n_merged
+        unselected = complement(keep, N)
+        rest = tokens.features.gather(1, unselected.unsqueeze(-1).expand(-1, -1, D))
+        groups = anchor_merge(rest, n_merged, anchor_rule=settings.anchors)
+        merged_positions = group_positions(unselected, groups.group_of, n_merged, settings.merged_position, span=N)
+        features = torch.cat([kept, groups.features], dim=1)
+        positions = torch.cat([keep, merged_positions], dim=1)
+        sizes = torch.cat([ones, groups.sizes], dim=1)
+        source = source.scatter(1, unselected, groups.group_of + n_keep)  # slots before sorting
+    # Stable, so that a mean-positioned group sharing a kept token's id comes after it.
+    order = positions.sort(dim=-1, stable=True).indices
     return ReducedImages(
         features=features.gather(1, order.unsqueeze(-1).expand(-1, -1, D)),
         positions=positions.gather(1, order),
         sizes=sizes.gather(1, order),
-        source=order.argsort(dim=-1).gather(1, source),
+        source=order.argsort(dim=-1).gather(1, source.clamp(min=0)).masked_fill(source < 0, -1),
     )

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 import tokenreduction as tr
-from restore.reduce import reduce_visual_tokens, retained_budget
+from restore.reduce import reduce_visual_tokens
+from restore.settings import resolve_settings
 
 from .models import BenchModel, visual_tokens
 
@@ -56,8 +57,9 @@ def build_token_map(bench: BenchModel, images: torch.Tensor, base: str, n_vis: i
         raise ValueError(f"{n_patches} visual tokens do not form a square grid")
     if not (2 if restore else 1) <= n_vis <= n_patches:
         raise ValueError(f"n_vis must be in {2 if restore else 1}..{n_patches}, got {n_vis}")
-    reduced = reduce_visual_tokens(tokens, name, n_vis, restore)
-    kept = tr.get_selector(name)(tokens, retained_budget(n_vis, restore))
+    settings = resolve_settings(name, n_vis, restore, n_patches)
+    reduced = reduce_visual_tokens(tokens, settings)
+    kept = tr.get_selector(name)(tokens, settings.n_keep)
     return TokenMap(
         image=model_view(images, bench.image_processor),
         source=reduced.source[0].cpu().numpy(),

@@ -1,0 +1,169 @@
+"""One point in the space of reductions the paper studies, and the names that identify it.
+
+A reduction keeps ``n_keep = int(n_vis * prune_ratio)`` tokens by the base method's own criterion,
+merges the other tokens into ``n_vis - n_keep`` groups around anchors, gives the reduced tokens
+position ids, and may calibrate attention. ``restore=True`` is the paper's default point of that space,
+``restore=False`` the plain base method; every keyword setting overrides one coordinate.
+
+Torch-free, so the evaluation scripts and the report can build run names without loading a model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any, Dict, Mapping, Optional
+
+ANCHORS = ("distinctive", "uniform", "none")
+POSITIONS = ("retained", "reindexed")
+CALIBRATIONS = ("size_distance", "size", "none")
+MERGED_POSITIONS = ("median", "first", "mean", "last")
+
+# The coordinates a user may set, with the value each takes under restore=True / restore=False.
+RESTORE_DEFAULTS: Dict[str, Any] = dict(prune_ratio=0.5, anchors="distinctive", positions="retained",
+                                        calibration="size_distance", calibration_c=2.0, merged_position="median")
+BASELINE_DEFAULTS: Dict[str, Any] = dict(prune_ratio=1.0, anchors="none", positions="reindexed",
+                                         calibration="none", calibration_c=2.0, merged_position="median")
+SETTING_NAMES = tuple(RESTORE_DEFAULTS)
+
+
+@dataclass(frozen=True)
+class ReductionSettings:
+    """Everything that decides which tokens reach the LLM and how it attends to them."""
+
+    base: str  # canonical method name
+    n_vis: int  # visual tokens per image fed to the LLM
+    restore: bool  # which defaults the other fields started from (the paper's "+ ours" or the plain method)
+    num_patches: int  # N, visual tokens per image before reduction
+    prune_ratio: float = 1.0  # gamma: share of n_vis kept by the base method's criterion
+    anchors: str = "none"  # how the merged groups are seeded: distinctive (RESTORE), uniform (VisionZip), none
+    positions: str = "reindexed"  # retained: original patch positions; reindexed: contiguous
+    calibration: str = "none"  # size_distance: log s + log(c - D); size: log s; none: plain causal attention
+    calibration_c: float = 2.0  # c in log(c - D)
+    merged_position: str = "median"  # which member position a merged group takes
+
+    @property
+    def n_keep(self) -> int:
+        """Tokens the base method keeps (the official code's int(n_vis * 0.5) at the default)."""
+        return self.n_vis if self.anchors == "none" else int(self.n_vis * self.prune_ratio)
+
+    @property
+    def n_merged(self) -> int:
+        return self.n_vis - self.n_keep
+
+    @property
+    def merges(self) -> bool:
+        return self.n_merged > 0
+
+    @property
+    def retains_positions(self) -> bool:
+        return self.positions == "retained"
+
+    @property
+    def calibrates(self) -> bool:
+        return self.calibration != "none"
+
+    @property
+    def uses_distance(self) -> bool:
+        return self.calibration == "size_distance"
+
+    @property
+    def in_base_order(self) -> bool:
+        """Tokens reach the LLM in the base method's own order only when nothing is merged and positions
+        are re-indexed (the paper's baseline layout); otherwise they are ordered by position."""
+        return not self.merges and not self.retains_positions
+
+    @property
+    def is_plain_base(self) -> bool:
+        """The plain method of the paper's baseline rows."""
+        return all(getattr(self, k) == v for k, v in BASELINE_DEFAULTS.items())
+
+    def overrides(self) -> Dict[str, Any]:
+        """The settings that differ from the defaults of ``restore`` (what a run name must mention)."""
+        defaults = RESTORE_DEFAULTS if self.restore else BASELINE_DEFAULTS
+        changed = {k: getattr(self, k) for k in SETTING_NAMES if getattr(self, k) != defaults[k]}
+        # c only matters with the distance term; gamma only matters when something is merged.
+        if not self.uses_distance:
+            changed.pop("calibration_c", None)
+        if not self.merges:  # prune only is named by gamma = 1 alone
+            changed.pop("anchors", None)
+            changed.pop("merged_position", None)
+        return changed
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def resolve_settings(base: str, n_vis: int, restore: bool, num_patches: int,
+                     **overrides: Optional[Any]) -> ReductionSettings:
+    """Settings for ``base`` at ``n_vis``: the defaults of ``restore``, then every override that is not None.
+
+    Raises ValueError with what to change for a setting outside its range or a combination that
+    cannot be built (e.g. a pruning ratio below 1 without anchors to merge the rest around).
+    """
+    unknown = sorted(set(overrides) - set(SETTING_NAMES))
+    if unknown:
+        raise TypeError(f"unknown reduction setting(s) {', '.join(unknown)}; known: {', '.join(SETTING_NAMES)}")
+    values = dict(RESTORE_DEFAULTS if restore else BASELINE_DEFAULTS)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    _check_choice("anchors", values["anchors"], ANCHORS)
+    _check_choice("positions", values["positions"], POSITIONS)
+    _check_choice("calibration", values["calibration"], CALIBRATIONS)
+    _check_choice("merged_position", values["merged_position"], MERGED_POSITIONS)
+    gamma = values["prune_ratio"]
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= float(gamma) <= 1.0:
+        raise ValueError(f"prune_ratio (gamma) must be a number in [0, 1], got {gamma!r}")
+    values["prune_ratio"] = float(gamma)
+    c = values["calibration_c"]
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 1.0:
+        # D(0) = 1, so log(c - D) needs c > 1 for every distance.
+        raise ValueError(f"calibration_c must be a finite number above 1 (log(c - D) with D(0) = 1), got {c!r}")
+    values["calibration_c"] = float(c)
+    if values["anchors"] == "none" and values["prune_ratio"] < 1.0:
+        raise ValueError(f"prune_ratio={values['prune_ratio']} leaves {1 - values['prune_ratio']:g} of the budget to "
+                         "merging, but anchors='none' merges nothing; choose anchors='distinctive' or 'uniform', "
+                         "or prune_ratio=1")
+    settings = ReductionSettings(base=base, n_vis=n_vis, restore=bool(restore), num_patches=num_patches, **values)
+    if not settings.merges:
+        # Prune only, however it was asked for (gamma = 1, or no anchors): one spelling, one run name.
+        return replace(settings, anchors="none", prune_ratio=1.0)
+    if settings.prune_ratio > 0 and settings.n_keep == 0:
+        need = math.ceil(1 / settings.prune_ratio)
+        raise ValueError(f"prune_ratio={settings.prune_ratio:g} keeps int(n_vis * prune_ratio) = 0 of n_vis={n_vis} "
+                         f"tokens: use n_vis >= {need}, or prune_ratio=0 to merge every token")
+    if num_patches - settings.n_keep < settings.n_merged:
+        raise ValueError(f"n_vis={n_vis} with prune_ratio={settings.prune_ratio:g} would merge "
+                         f"{num_patches - settings.n_keep} tokens into {settings.n_merged} groups; lower n_vis")
+    return settings
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+_SHORT = {"prune_ratio": "g", "anchors": "anchors", "positions": "pos", "calibration": "cal",
+          "calibration_c": "c", "merged_position": "mpos"}
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def settings_tag(overrides: Mapping[str, Any]) -> str:
+    """``-g0.75-anchors_uniform``: the part of a run name that names non-default settings, in a fixed order."""
+    parts = []
+    for name in SETTING_NAMES:
+        if name in overrides:
+            sep = "" if name in ("prune_ratio", "calibration_c") else "_"
+            parts.append(f"{_SHORT[name]}{sep}{_format(overrides[name])}")
+    return "".join(f"-{p}" for p in parts)
+
+
+def run_tag(settings: Optional[ReductionSettings]) -> str:
+    """The answers-folder name of a configuration: ``full``, ``holov-64``, ``holov-64-restore-g0.75``."""
+    if settings is None:
+        return "full"
+    tag = f"{settings.base.lower()}-{settings.n_vis}" + ("-restore" if settings.restore else "")
+    return tag + settings_tag(settings.overrides())
