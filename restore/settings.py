@@ -105,6 +105,8 @@ def resolve_settings(base: str, n_vis: int, restore: bool, num_patches: int,
         raise TypeError(f"unknown reduction setting(s) {', '.join(unknown)}; known: {', '.join(SETTING_NAMES)}")
     values = dict(RESTORE_DEFAULTS if restore else BASELINE_DEFAULTS)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if values["anchors"] == "none" and overrides.get("prune_ratio") is None:
+        values["prune_ratio"] = 1.0  # no anchors means prune only, unless a ratio was asked for explicitly
     _check_choice("anchors", values["anchors"], ANCHORS)
     _check_choice("positions", values["positions"], POSITIONS)
     _check_choice("calibration", values["calibration"], CALIBRATIONS)
