@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from llava.constants import IMAGE_TOKEN_INDEX
 
 import restore
 from restore import analyze
@@ -29,11 +30,17 @@ def prompt(bench_model, synthetic_image):
 
 
 def test_row_shares_split_each_row_into_visual_and_other():
-    probs = torch.softmax(torch.randn(3, 7, 7), dim=-1)
+    # By hand: keys 1 and 3 are visual.
+    probs = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, 0.0, 0.25, 0.25]])
+    visual, other = att.row_shares(probs, torch.tensor([False, True, False, True]))
+    torch.testing.assert_close(visual, torch.tensor([0.6, 0.25]))
+    torch.testing.assert_close(other, torch.tensor([0.4, 0.75]))
+    # Rows that do not sum to one (e.g. a slice of the keys): "other" is the mass on the other keys, not 1 - visual.
+    weights = torch.rand(3, 7, 7)
     visual_keys = torch.tensor([False, True, True, False, True, False, False])
-    visual, other = att.row_shares(probs, visual_keys)
-    torch.testing.assert_close(visual + other, torch.ones(3, 7))
-    torch.testing.assert_close(visual, probs[..., 1] + probs[..., 2] + probs[..., 4])
+    visual, other = att.row_shares(weights, visual_keys)
+    torch.testing.assert_close(visual, weights[..., [1, 2, 4]].sum(dim=-1))
+    torch.testing.assert_close(other, weights[..., [0, 3, 5, 6]].sum(dim=-1))
 
 
 @pytest.mark.parametrize("use_restore", [False, True])
@@ -41,16 +48,21 @@ def test_prefill_probabilities_are_distributions_and_shares_in_unit_interval(ben
     ids, images, sizes = prompt
     restore.apply(bench_model.model, base="HoloV", n_vis=64, restore=use_restore)
     attentions, is_visual = att.prefill_attentions(bench_model.model, ids, images, sizes)
-    assert int(is_visual.sum()) == 64 and is_visual.shape[0] == ids.shape[1] - 1 + 64
+    # The 64 visual tokens sit, in one block, where the prompt's <image> placeholder was.
+    slot = int((ids[0] == IMAGE_TOKEN_INDEX).nonzero())
+    expected_visual = torch.zeros(ids.shape[1] - 1 + 64, dtype=torch.bool)
+    expected_visual[slot:slot + 64] = True
+    assert torch.equal(is_visual, expected_visual)
     assert len(attentions) == bench_model.model.config.num_hidden_layers
     for probs in attentions:
         heads_mean = probs[0].float().mean(dim=0)
         torch.testing.assert_close(heads_mean.sum(dim=-1), torch.ones(heads_mean.shape[0]))
         visual, other = att.row_shares(heads_mean, is_visual)
-        torch.testing.assert_close(visual + other, torch.ones_like(visual))
+        torch.testing.assert_close(visual, heads_mean[:, slot:slot + 64].sum(dim=-1))
         assert bool(((visual >= 0) & (visual <= 1 + 1e-6)).all())
-        first_visual = int(is_visual.nonzero().min())
-        assert float(visual[:first_visual].abs().max()) == 0.0  # causal: the system prompt sees no image
+        assert float(visual[:slot].abs().max()) == 0.0  # causal: the system prompt sees no image
+        assert bool((visual[slot:] > 0).all())  # from the first visual token on, every query sees one
+        assert bool((other > 0).all())  # every query sees <s>
 
 
 def test_stock_visual_mask_matches_the_patched_layout(bench_model, prompt):

@@ -8,11 +8,16 @@ import tokenreduction as tr
 from tokenreduction import registry
 
 
+def isolate_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the registry at copies of its tables; undoing ``monkeypatch`` brings the real ones back."""
+    monkeypatch.setattr(registry, "_SELECTORS", dict(registry._SELECTORS))
+    monkeypatch.setattr(registry, "_NAMES", dict(registry._NAMES))
+
+
 @pytest.fixture
 def scratch_registry(monkeypatch):
     """Selectors registered inside a test disappear after it."""
-    monkeypatch.setattr(registry, "_SELECTORS", dict(registry._SELECTORS))
-    monkeypatch.setattr(registry, "_NAMES", dict(registry._NAMES))
+    isolate_registry(monkeypatch)
 
 
 def test_builtins_are_available():
@@ -72,15 +77,20 @@ def test_repeated_or_out_of_range_indices_are_reported(scratch_registry, bad):
         tr.get_selector("Careless")(tr.VisualTokens(features=torch.randn(1, 5, 4)), 3)
 
 
-def test_scratch_registrations_do_not_leak(scratch_registry):
-    @tr.register_selector("Temporary")
-    def temporary(tokens, n_keep):
-        return torch.arange(n_keep).expand(tokens.batch_size, n_keep)
+def test_scratch_registrations_do_not_leak():
+    # Self-contained, so that it does not depend on which tests ran before it: the same isolation as
+    # the fixture, undone by hand, must leave the real tables exactly as they were.
+    real_selectors, real_names = dict(registry._SELECTORS), dict(registry._NAMES)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        isolate_registry(monkeypatch)
 
-    assert "Temporary" in tr.available_selectors()
-    registry._SELECTORS.clear()  # the fixture's copy: the real registry must be untouched afterwards
+        @tr.register_selector("Temporary")
+        def temporary(tokens, n_keep):
+            return torch.arange(n_keep).expand(tokens.batch_size, n_keep)
 
-
-def test_the_real_registry_is_untouched():
-    assert {"Temporary", "TopAttention", "Broken", "Careless"}.isdisjoint(tr.available_selectors())
-    assert "holov" in registry._SELECTORS
+        assert "Temporary" in tr.available_selectors()
+        registry._SELECTORS.clear()  # mutating the scratch copy in place must not reach the real table
+        registry._NAMES.clear()
+    assert registry._SELECTORS == real_selectors and registry._NAMES == real_names
+    assert "Temporary" not in tr.available_selectors()
+    assert tr.get_selector("holov") is real_selectors["holov"]

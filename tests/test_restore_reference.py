@@ -106,7 +106,13 @@ def test_prefill_and_first_decode_step_match_restatement(small_model, make_input
         expected_step = _llama_logits(model, torch.cat([embeds, embed(next_token[None])]),
                                       torch.cat([positions, positions[-1:] + 1]),
                                       lambda i: bias(uniform if i == 0 else sizes, True))[-1]
-        assert int(positions[-1]) + 1 == ids.shape[1] - 1 + 576
+        # The restatement's positions are those of stock LLaVA's full sequence: every token of size one
+        # (text, kept patches) sits where stock LLaVA puts the same embedding, and the decoded token comes
+        # right after the full-length prompt.
+        stock = model.prepare_inputs_labels_for_multimodal(ids, None, None, None, None, images)[4][0]
+        single = sizes == 1
+        torch.testing.assert_close(stock[positions[single]], embeds[single], rtol=1e-5, atol=1e-5)
+        assert int(positions[-1]) + 1 == stock.shape[0]
 
         restore.apply(model, base=base, n_vis=n_vis, restore=True)
         try:

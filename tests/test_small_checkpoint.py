@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from restore import small_checkpoint as sc
 
@@ -64,8 +66,37 @@ def test_config_is_llava_1_5_shaped(small_checkpoint):
     assert config["tokenizer_model_max_length"] == 2048
 
     assert processor["crop_size"] == {"height": 336, "width": 336}
-    assert processor["image_mean"] == pytest.approx(sc.OPENAI_CLIP_MEAN)
-    assert processor["image_std"] == pytest.approx(sc.OPENAI_CLIP_STD)
+    # transformers' own copy of OpenAI CLIP's statistics, not the builder's constants.
+    assert processor["image_mean"] == pytest.approx(OPENAI_CLIP_MEAN)
+    assert processor["image_std"] == pytest.approx(OPENAI_CLIP_STD)
+
+
+def _bands(colors: list[tuple[int, int, int]], band: int, height: int) -> Image.Image:
+    """Vertical bands of solid colour, ``band`` pixels wide each, left to right."""
+    pixels = np.concatenate([np.full((height, band, 3), color, dtype=np.uint8) for color in colors], axis=1)
+    return Image.fromarray(pixels)
+
+
+def _clip_normalised(color: tuple[int, int, int]) -> torch.Tensor:
+    """[3] what OpenAI CLIP preprocessing makes of one RGB colour, computed by hand."""
+    return (torch.tensor(color, dtype=torch.float64) / 255 - torch.tensor(OPENAI_CLIP_MEAN)) / torch.tensor(OPENAI_CLIP_STD)
+
+
+def test_loaded_image_processor_preprocesses_like_clip(small_model):
+    processor = small_model.image_processor
+
+    def pixels(image: Image.Image) -> torch.Tensor:
+        return processor.preprocess(image, return_tensors="pt")["pixel_values"][0].double()
+
+    # A solid colour, larger than 336 on both sides: resized then cropped to 336 x 336, every pixel normalised.
+    solid = pixels(_bands([(200, 100, 50)], 700, 500))
+    assert solid.shape == (3, 336, 336)
+    expected = _clip_normalised((200, 100, 50))[:, None, None].expand_as(solid)
+    torch.testing.assert_close(solid, expected, atol=1e-5, rtol=0)
+    # Already 336 tall, three bands of 336: the centre crop is exactly the middle band.
+    banded = pixels(_bands([(255, 0, 0), (0, 255, 0), (0, 0, 255)], 336, 336))
+    torch.testing.assert_close(banded, _clip_normalised((0, 255, 0))[:, None, None].expand_as(banded),
+                               atol=1e-5, rtol=0)
 
 
 def test_build_refuses_bad_targets(small_checkpoint, tmp_path):
