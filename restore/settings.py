@@ -10,7 +10,7 @@ Torch-free, so the evaluation scripts and the report can build run names without
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Dict, Mapping, Optional
 
 ANCHORS = ("distinctive", "uniform", "none")
@@ -32,7 +32,9 @@ class ReductionSettings:
 
     base: str  # canonical method name
     n_vis: int  # visual tokens per image fed to the LLM
-    restore: bool  # which defaults the other fields started from (the paper's "+ ours" or the plain method)
+    # Which defaults the other fields started from (the paper's "+ ours" or the plain method). Not part of
+    # equality: two spellings of one reduction are one configuration, with one run name.
+    restore: bool = field(compare=False)
     num_patches: int  # N, visual tokens per image before reduction
     prune_ratio: float = 1.0  # gamma: share of n_vis kept by the base method's criterion
     anchors: str = "none"  # how the merged groups are seeded: distinctive (RESTORE), uniform (VisionZip), none
@@ -77,9 +79,16 @@ class ReductionSettings:
         """The plain method of the paper's baseline rows."""
         return all(getattr(self, k) == v for k, v in BASELINE_DEFAULTS.items())
 
-    def overrides(self) -> Dict[str, Any]:
-        """The settings that differ from the defaults of ``restore`` (what a run name must mention)."""
-        defaults = RESTORE_DEFAULTS if self.restore else BASELINE_DEFAULTS
+    @property
+    def named_as_restore(self) -> bool:
+        """Whether the shortest name of this reduction starts from RESTORE's defaults (ties: yes)."""
+        return len(self.overrides(True)) <= len(self.overrides(False))
+
+    def overrides(self, relative_to_restore: Optional[bool] = None) -> Dict[str, Any]:
+        """The settings that differ from the defaults of ``restore`` (or of the given side): what a run
+        name must mention."""
+        side = self.restore if relative_to_restore is None else relative_to_restore
+        defaults = RESTORE_DEFAULTS if side else BASELINE_DEFAULTS
         changed = {k: getattr(self, k) for k in SETTING_NAMES if getattr(self, k) != defaults[k]}
         # c only matters with the distance term; gamma only matters when something is merged.
         if not self.uses_distance:
@@ -90,7 +99,8 @@ class ReductionSettings:
         return changed
 
     def as_dict(self) -> Dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """Every coordinate of the reduction (not how it was spelled), e.g. for an answers file's settings."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "restore"}
 
 
 def resolve_settings(base: str, n_vis: int, restore: bool, num_patches: int,
@@ -164,8 +174,14 @@ def settings_tag(overrides: Mapping[str, Any]) -> str:
 
 
 def run_tag(settings: Optional[ReductionSettings]) -> str:
-    """The answers-folder name of a configuration: ``full``, ``holov-64``, ``holov-64-restore-g0.75``."""
+    """The answers-folder name of a configuration: ``full``, ``holov-64``, ``holov-64-restore-g0.75``.
+
+    Built from the reduction itself, not from how it was asked for: of the two ways to name it (from
+    RESTORE's defaults or from the plain method's) the one with fewer overrides, so that e.g.
+    ``restore=True, prune_ratio=1`` and ``positions="retained", calibration="size_distance"`` share answers.
+    """
     if settings is None:
         return "full"
-    tag = f"{settings.base.lower()}-{settings.n_vis}" + ("-restore" if settings.restore else "")
-    return tag + settings_tag(settings.overrides())
+    as_restore = settings.named_as_restore
+    tag = f"{settings.base.lower()}-{settings.n_vis}" + ("-restore" if as_restore else "")
+    return tag + settings_tag(settings.overrides(as_restore))

@@ -152,6 +152,12 @@ def test_defaults_and_run_tags():
                            calibration_c=3.0, merged_position="last")
     assert run_tag(odd) == "divprune-64-restore-anchors_uniform-pos_reindexed-cal_size-mpos_last"  # c unused
     assert run_tag(resolve_settings("HoloV", 64, True, 576, calibration_c=1.5)) == "holov-64-restore-c1.5"
+    # Table 4 row 4 and Table 19's gamma = 1 are one reduction: one name, whichever way it is asked for
+    row4 = resolve_settings("HoloV", 64, False, 576, positions="retained", calibration="size_distance")
+    assert row4 == g1 and run_tag(row4) == "holov-64-restore-g1"
+    assert run_tag(resolve_settings("HoloV", 64, False, 576, positions="retained")) == "holov-64-pos_retained"
+    assert run_tag(resolve_settings("HoloV", 64, True, 576, prune_ratio=1.0, calibration="none",
+                                    positions="reindexed")) == "holov-64"
     tags = {run_tag(resolve_settings("HoloV", 64, r, 576, **kw)) for r, kw in _COMBINATIONS}
     assert len(tags) == len({resolve_settings("HoloV", 64, r, 576, **kw) for r, kw in _COMBINATIONS})
 
