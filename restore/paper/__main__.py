@@ -1,0 +1,164 @@
+"""Reproduce one of the paper's tables: run what is missing, then print it beside the published values.
+
+    python -m restore.paper list
+    python -m restore.paper table4 [--dry-run] [--benchmarks gqa,pope] [--model-path P] [--data-root D]
+    python -m restore.paper table1 --slurm table1.sbatch [--nodes 2]      # a Slurm array instead of local runs
+    python -m restore.paper table4 --report-only                          # print what has been run
+
+Each configuration x benchmark runs through scripts/llava1_5/<bench>.sh (one shard per GPU, resumable); a
+pair whose result record exists under --results-dir is not run again. Extra flags after ``--`` go to every
+script (e.g. ``-- --device cpu --max_new_tokens 16``).
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+from . import PaperConfig, PaperTable, get_table, run_cost, table_names, why_not_runnable
+from .layout import existing_results, model_name_of, print_paper_table
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m restore.paper", description=__doc__, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("table", help=f"'list', or one of: {', '.join(table_names())}")
+    p.add_argument("--model-path", default="liuhaotian/llava-v1.5-7b")
+    p.add_argument("--data-root", default=str(REPO_ROOT / "playground" / "data" / "eval"))
+    p.add_argument("--answers-root", default=str(REPO_ROOT / "playground" / "answers"))
+    p.add_argument("--results-dir", default=str(REPO_ROOT / "playground" / "results"))
+    p.add_argument("--out", default=None, help="where paper_<table>.md / .csv go (default: --results-dir)")
+    p.add_argument("--benchmarks", default=None, help="comma-separated subset of the table's benchmarks")
+    p.add_argument("--dry-run", action="store_true", help="print the commands that would run, run nothing")
+    p.add_argument("--report-only", action="store_true", help="run nothing; print the table from existing results")
+    p.add_argument("--slurm", default=None, metavar="FILE", help="write a Slurm array job (one task per "
+                   "configuration x benchmark [x node]) instead of running locally")
+    p.add_argument("--nodes", type=int, default=1, help="with --slurm: nodes per configuration x benchmark")
+    return p
+
+
+def _benchmarks(table: PaperTable, wanted: Optional[str]) -> List[str]:
+    if not wanted:
+        return list(table.benchmarks)
+    chosen = [b.strip() for b in wanted.split(",") if b.strip()]
+    unknown = [b for b in chosen if b not in table.benchmarks]
+    if unknown:
+        raise SystemExit(f"error: {table.name} has no benchmark {', '.join(unknown)}; "
+                         f"its benchmarks: {', '.join(table.benchmarks)}")
+    return chosen
+
+
+def plan(table: PaperTable, benchmarks: Sequence[str], available: Sequence[str], done: set,
+         model: str) -> Tuple[List[Tuple[PaperConfig, str]], List[Tuple[PaperConfig, str]]]:
+    """(pairs to run, configurations that cannot run yet with the reason): missing results only."""
+    todo, blocked = [], []
+    for config in table.configs():
+        reason = why_not_runnable(table, config, available)
+        if reason:
+            blocked.append((config, reason))
+            continue
+        for bench in benchmarks:
+            if (model, config.tag(), bench) not in done:
+                todo.append((config, bench))
+    return todo, blocked
+
+
+def script_command(config: PaperConfig, bench: str, args: argparse.Namespace, extra: Sequence[str]) -> List[str]:
+    return (["bash", str(REPO_ROOT / "scripts" / "llava1_5" / f"{bench}.sh"), "--model-path", args.model_path,
+             "--data-root", args.data_root, "--answers-root", args.answers_root, "--results-dir", args.results_dir]
+            + config.script_flags() + list(extra))
+
+
+def write_slurm(path: str, commands: Sequence[List[str]], nodes: int, table: str) -> None:
+    lines = ["#!/usr/bin/env bash", f"#SBATCH --job-name=restore-{table}",
+             f"#SBATCH --array=0-{len(commands) * nodes - 1}",
+             "#SBATCH --output=restore-%x-%A_%a.log",
+             "# One array task per configuration x benchmark" + (f" x node ({nodes} nodes each)" if nodes > 1 else "")
+             + "; set --gres / --partition for your cluster.",
+             "set -euo pipefail", "COMMANDS=("]
+    lines += [f"  {shlex.quote(shlex.join(c))}" for c in commands]
+    lines += [")", f"NODES={nodes}", "task=$((SLURM_ARRAY_TASK_ID / NODES))",
+              "rank=$((SLURM_ARRAY_TASK_ID % NODES))"]
+    if nodes > 1:
+        lines.append('eval "${COMMANDS[$task]} --nodes $NODES --node-rank $rank"')
+    else:
+        lines.append('eval "${COMMANDS[$task]}"')
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: List[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, extra = argv[:at], argv[at + 1:]
+    args = _parser().parse_args(argv)
+    if args.table == "list":
+        from . import load_tables
+        for name in table_names():
+            t = load_tables()[name]
+            print(f"{name:8s} {t.title} ({len(t.configs())} configurations x {len(t.benchmarks)} benchmarks)")
+        return 0
+    try:
+        table = get_table(args.table)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.nodes < 1:
+        print("error: --nodes must be at least 1", file=sys.stderr)
+        return 2
+    benchmarks = _benchmarks(table, args.benchmarks)
+    model = model_name_of(args.model_path)
+    if table.kind == "analysis":
+        print(f"{table.title}\n  computed by: python -m restore.analyze hausdorff --model-path {args.model_path}"
+              f" --images <folder of GQA images> (see README, Reproduce the paper)")
+        return 0
+
+    import tokenreduction as tr
+
+    done = existing_results(Path(args.results_dir))
+    todo, blocked = plan(table, benchmarks, tr.available_selectors(), done, model)
+    print(f"{table.title}: {len(table.configs())} configurations x {len(benchmarks)} benchmarks; "
+          f"{len(todo)} runs missing ({run_cost(table, [c for c, _ in todo[:0]]) or sum(_items(b) for _, b in todo)} "
+          f"model answers at full size)")
+    for config, reason in blocked:
+        print(f"  cannot run yet: {config.describe()}: {reason}")
+    commands = [script_command(c, b, args, extra) for c, b in todo]
+    if args.slurm:
+        write_slurm(args.slurm, commands, args.nodes, table.name)
+        print(f"wrote {args.slurm}: {len(commands) * args.nodes} array tasks; submit it with sbatch, then run "
+              f"python -m restore.paper {table.name} --report-only")
+        return 0
+    if args.dry_run:
+        for command in commands:
+            print(shlex.join(command))
+        return 0
+    failed = []
+    if not args.report_only:
+        for index, (command, (config, bench)) in enumerate(zip(commands, todo), 1):
+            print(f"[{index}/{len(commands)}] {bench}: {config.describe()}", flush=True)
+            if subprocess.run(command).returncode != 0:
+                failed.append(f"{bench}: {config.describe()}")
+    print_paper_table(table, Path(args.results_dir), model, benchmarks,
+                      out=Path(args.out) if args.out else Path(args.results_dir))
+    if failed:
+        print(f"{len(failed)} run(s) failed (rerun the same command to resume them):", file=sys.stderr)
+        for line in failed:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _items(bench: str) -> int:
+    from . import BENCHMARK_ITEMS
+
+    return BENCHMARK_ITEMS.get(bench, 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
