@@ -44,9 +44,9 @@ class ToMeTokens(NamedTuple):
     sizes:         [B, n_vis] float32, original patches each token stands for; rows sum to N0.
     source:        [B, N0] long, index 0..n_vis-1 of the token each patch (row-major) ended up in.
     cls_attention: [B, n_vis] float32, the select layer's CLS->token attention averaged over heads
-                   (with proportional attention), summed over the tokens merged in that same layer
-                   (the attention moves after the attention, so it is the mass CLS gave to all the
-                   parts of a token); None when the select layer is the embedding output.
+                   (with proportional attention). That layer merges after its attention, so each
+                   value is the attention CLS gave to all the tokens merged into that token there
+                   (summed); None when the select layer is the embedding output.
     """
 
     features: torch.Tensor

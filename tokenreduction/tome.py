@@ -205,9 +205,11 @@ def tome_schedule(num_tokens: int, n_vis: int, num_layers: int) -> List[int]:
     """Tokens to merge in each of ``num_layers`` layers, taking ``num_tokens`` mergeable tokens (CLS
     not counted) to exactly ``n_vis``.
 
-    The schedule is ToMe's constant one (the paper's default, and what LLaVA ToMe baselines run):
-    r = (num_tokens - n_vis) / num_layers per layer, the remainder one extra token in each of the
-    first layers (most tokens there, so one more merge costs least). A layer never merges more than
+    The schedule is ToMe's constant one: the paper's default (an int r in the official code means
+    the same r in every layer) and what LLaVA ToMe baselines run (e.g. ModelTC/llmc's ToMe for
+    LLaVA's CLIPEncoderLayer: one r for every layer). A constant r cannot land on an arbitrary
+    n_vis, so: r = (num_tokens - n_vis) // num_layers per layer, the remainder one extra token in
+    each of the first layers (most tokens there, so one more merge costs least). A layer never merges more than
     half of its mergeable tokens (a bipartite matching cannot); where the constant share would make
     a later layer exceed that, earlier layers merge more: each layer merges at least what the
     remaining layers could not reach by halving. Feasible iff num_tokens <= n_vis * 2**num_layers.
