@@ -7,6 +7,10 @@
     python -m restore.analyze tokens [--model-path PATH] [--image PATH | --seed S] [--base HoloV]
                                      [--n-vis 64] [--restore] [--out DIR]
         The image as the model sees it, kept tokens outlined, merged groups coloured.
+    python -m restore.analyze hausdorff [--model-path PATH] [--images FOLDER] [--n-images 100]
+                                        [--bases HoloV,DivPrune] [--n-vis 64] [--out DIR]
+        Table 18: the weighted Hausdorff distance between the original and the reduced tokens for
+        prune only, prune + uniform merge and prune + distinctive merge, averaged over the images.
 
 Without --model-path both run on the small random checkpoint (built once under
 playground/checkpoints). Outputs go to --out (default playground/analysis/).
@@ -23,9 +27,10 @@ from typing import List, Optional
 import tokenreduction as tr
 from restore.analysis import attention as attention_analysis
 from restore.analysis import token_map as token_maps
-from restore.analysis.models import DEFAULT_QUESTION, load_bench_model, load_image, prompt_inputs
+from restore.analysis.models import DEFAULT_QUESTION, load_bench_model, load_image, prompt_inputs, visual_tokens
 
 DEFAULT_OUT = Path("playground/analysis")
+DEFAULT_GQA_IMAGES = Path("playground/data/eval/gqa/data/images")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     tokens = commands.add_parser("tokens", help="kept and merged tokens drawn over the image")
     _common(tokens)
     tokens.add_argument("--restore", action="store_true", help="merge the unselected tokens with RESTORE")
+    hausdorff = commands.add_parser("hausdorff", help="weighted Hausdorff distance of reduced tokens (Table 18)")
+    hausdorff.add_argument("--model-path", help="a LLaVA-1.5 checkpoint (default: the small random checkpoint)")
+    hausdorff.add_argument("--images", type=Path, default=DEFAULT_GQA_IMAGES,
+                           help=f"folder of images, the first --n-images by name (default {DEFAULT_GQA_IMAGES})")
+    hausdorff.add_argument("--n-images", type=int, default=100)
+    hausdorff.add_argument("--bases", default=None, help="comma-separated (default: every base selector)")
+    hausdorff.add_argument("--base", default="HoloV", help=argparse.SUPPRESS)
+    hausdorff.add_argument("--n-vis", type=int, default=64)
+    hausdorff.add_argument("--device", default="auto")
+    hausdorff.add_argument("--dtype", default="auto")
+    hausdorff.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return parser
 
 
@@ -99,10 +115,45 @@ def run_tokens(args) -> int:
     return 0
 
 
+def run_hausdorff(args) -> int:
+    from PIL import Image
+
+    from restore.analysis import hausdorff
+
+    if args.n_images < 1:
+        raise ValueError(f"--n-images must be at least 1, got {args.n_images}")
+    bases = [tr.canonical_name(b) for b in args.bases.split(",")] if args.bases else \
+        [b for b in tr.available_selectors() if b.lower() != "tome"]
+    files = hausdorff.image_files(args.images, args.n_images)
+    bench = load_bench_model(args.model_path, device=args.device, dtype=args.dtype)
+
+    def batches():
+        from tqdm import tqdm
+
+        for path in tqdm(files, desc="images", unit="img"):
+            _, images, _ = prompt_inputs(bench, Image.open(path).convert("RGB"))
+            yield visual_tokens(bench, images)
+
+    rows = hausdorff.hausdorff_table(batches(), bases, args.n_vis)
+    table = hausdorff.format_table(rows)
+    title = (f"weighted Hausdorff distance h_w (lower is better), {args.n_vis} tokens, mean over {len(files)} images "
+             f"of {args.images} | {bench.description}")
+    print(title)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"hausdorff_{args.n_vis}"
+    stem.with_suffix(".md").write_text(title + "\n\n" + table + "\n")
+    hausdorff.write_csv(rows, stem.with_suffix(".csv"))
+    print(f"wrote {stem}.md, .csv")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         tr.canonical_name(args.base)
+        if args.command == "hausdorff":
+            return run_hausdorff(args)
         return run_attention(args) if args.command == "attention" else run_tokens(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -370,6 +370,7 @@ def build_small_checkpoint(
     seed: int = 0,
     *,
     num_layers: int = 4,
+    vision_layers: int = 3,
     overwrite: bool = False,
 ) -> Path:
     """Build a small LLaVA-1.5-shaped checkpoint with random weights into ``out_dir``; returns its path.
@@ -385,11 +386,13 @@ def build_small_checkpoint(
         )
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    if vision_layers < 2:
+        raise ValueError(f"vision_layers must be >= 2 (LLaVA selects the second-to-last layer), got {vision_layers}")
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out_dir} already exists and is not empty; pass overwrite=True to replace it.")
 
-    shapes = SmallShapes(num_layers=num_layers)
+    shapes = SmallShapes(num_layers=num_layers, vision_layers=vision_layers)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename at the end: an interrupted build leaves no half checkpoint.
     staging = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
@@ -431,7 +434,8 @@ def _write_checkpoint(staging: Path, final_dir: Path, seed: int, shapes: SmallSh
     (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
-def checkpoint_is_current(path: str | os.PathLike, seed: int = 0, *, num_layers: int = 4) -> bool:
+def checkpoint_is_current(path: str | os.PathLike, seed: int = 0, *, num_layers: int = 4,
+                          vision_layers: int = 3) -> bool:
     """True when ``path`` holds a complete small checkpoint of this recipe, seed and size, usable where it is.
 
     False for a moved checkpoint (its config points at the vision tower's old absolute path).
@@ -442,7 +446,7 @@ def checkpoint_is_current(path: str | os.PathLike, seed: int = 0, *, num_layers:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    expected = {"recipe_version": RECIPE_VERSION, "seed": seed, "shapes": asdict(SmallShapes(num_layers=num_layers))}
+    expected = {"recipe_version": RECIPE_VERSION, "seed": seed, "shapes": asdict(SmallShapes(num_layers=num_layers, vision_layers=vision_layers))}
     required = ["model.safetensors", "tokenizer.model", f"{VISION_SUBDIR}/model.safetensors"]
     return (
         manifest == expected
@@ -451,11 +455,12 @@ def checkpoint_is_current(path: str | os.PathLike, seed: int = 0, *, num_layers:
     )
 
 
-def ensure_small_checkpoint(path: str | os.PathLike = DEFAULT_CHECKPOINT_DIR, seed: int = 0, *, num_layers: int = 4) -> Path:
+def ensure_small_checkpoint(path: str | os.PathLike = DEFAULT_CHECKPOINT_DIR, seed: int = 0, *, num_layers: int = 4,
+                            vision_layers: int = 3) -> Path:
     """Reuse the checkpoint at ``path`` if it is current, otherwise (re)build it."""
-    if checkpoint_is_current(path, seed, num_layers=num_layers):
+    if checkpoint_is_current(path, seed, num_layers=num_layers, vision_layers=vision_layers):
         return Path(path).expanduser().resolve()
-    return build_small_checkpoint(path, seed, num_layers=num_layers, overwrite=True)
+    return build_small_checkpoint(path, seed, num_layers=num_layers, vision_layers=vision_layers, overwrite=True)
 
 
 def checkpoint_size_bytes(path: str | os.PathLike) -> int:
@@ -512,12 +517,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(DEFAULT_CHECKPOINT_DIR), help="output folder (name must contain 'llava')")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-layers", type=int, default=4, help="LLM decoder layers")
+    parser.add_argument("--vision-layers", type=int, default=3,
+                        help="CLIP layers (3: the select layer is the 2nd; ToMe needs 6 or more to reach 64 tokens)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
     try:
-        path = build_small_checkpoint(args.out, args.seed, num_layers=args.num_layers, overwrite=args.overwrite)
+        path = build_small_checkpoint(args.out, args.seed, num_layers=args.num_layers, vision_layers=args.vision_layers,
+                                      overwrite=args.overwrite)
     except (FileExistsError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

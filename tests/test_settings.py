@@ -315,3 +315,30 @@ def test_no_calibration_no_merging_reindexed_is_the_plain_base(model, prompt):
         assert torch.equal(model(input_ids=ids, images=images).logits, plain)
     with pytest.raises(ValueError, match="need a base method"):
         restore.apply(model, base=None, calibration="size")
+
+
+# ---- Table 18: weighted Hausdorff distance ---------------------------------------------------------
+
+def test_weighted_hausdorff_by_hand():
+    from restore.analysis.hausdorff import weighted_hausdorff
+
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]])
+    y = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    # costs (1 - cos) / s with s = (1, 1): rows min 0, 0, 1 - 1/sqrt2 -> max 1 - 1/sqrt2
+    assert weighted_hausdorff(x, y, torch.tensor([[1.0, 1.0]])).item() == pytest.approx(1 - 2 ** -0.5, rel=1e-6)
+    # a token standing for 4 patches may be 4x farther away
+    assert weighted_hausdorff(x, y, torch.tensor([[1.0, 4.0]])).item() == pytest.approx((1 - 2 ** -0.5) / 4, rel=1e-6)
+    far = torch.tensor([[[-1.0, 0.0]]])
+    assert weighted_hausdorff(x, far, torch.tensor([[1.0]])).item() == pytest.approx(2.0)
+
+
+def test_hausdorff_table_orders_reductions():
+    from restore.analysis.hausdorff import hausdorff_table
+
+    rows = hausdorff_table([_tokens(7)], ["DivPrune", "VisPruner"], 64)
+    by = {(r.base, r.reduction): r.mean for r in rows}
+    assert len(rows) == 6 and all(r.n_images == 2 for r in rows)
+    for base in ("DivPrune", "VisPruner"):
+        # merged tokens cover the rest of the image: far below prune only
+        assert by[base, "P + M distinctive"] < by[base, "prune only"]
+        assert by[base, "P + M uniform"] < by[base, "prune only"]
