@@ -11,6 +11,8 @@
                                         [--bases HoloV,DivPrune] [--n-vis 64] [--out DIR]
         Table 18: the weighted Hausdorff distance between the original and the reduced tokens for
         prune only, prune + uniform merge and prune + distinctive merge, averaged over the images.
+    python -m restore.analyze decay [--model-path PATH] [--max-distance 600] [--c 2] [--out DIR]
+        Figure 3: RoPE's own decay D(d) and the calibration term c - D(d), from the model's RoPE settings.
 
 Without --model-path both run on the small random checkpoint (built once under
 playground/checkpoints). Outputs go to --out (default playground/analysis/).
@@ -65,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     hausdorff.add_argument("--device", default="auto")
     hausdorff.add_argument("--dtype", default="auto")
     hausdorff.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    decay = commands.add_parser("decay", help="RoPE decay D(d) and the calibration term c - D(d) (Figure 3)")
+    decay.add_argument("--model-path", help="a LLaVA checkpoint whose config gives head dim and RoPE base "
+                       "(default: LLaVA-1.5-7B's, head dim 128, base 10000)")
+    decay.add_argument("--max-distance", type=int, default=600)
+    decay.add_argument("--c", type=float, default=2.0, help="the calibration constant c")
+    decay.add_argument("--base", default="HoloV", help=argparse.SUPPRESS)
+    decay.add_argument("--out", type=Path, default=DEFAULT_OUT)
     return parser
 
 
@@ -148,12 +157,62 @@ def run_hausdorff(args) -> int:
     return 0
 
 
+def rope_settings(model_path: Optional[str]) -> tuple[int, float]:
+    """(head dim, RoPE base) from a checkpoint's config.json; LLaVA-1.5-7B's without one."""
+    if not model_path:
+        return 128, 10000.0
+    config_file = Path(model_path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: pass a local checkpoint folder")
+    config = json.loads(config_file.read_text())
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return int(head_dim), float(config.get("rope_theta", 10000.0))
+
+
+def run_decay(args) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from restore.attention import rope_decay
+
+    if args.c <= 1:
+        raise ValueError(f"--c must be above 1 (D(0) = 1), got {args.c}")
+    if args.max_distance < 1:
+        raise ValueError(f"--max-distance must be at least 1, got {args.max_distance}")
+    head_dim, base = rope_settings(args.model_path)
+    distances = torch.arange(args.max_distance + 1)
+    decay = rope_decay(distances, head_dim, base)
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    ax.plot(distances, decay, label="D(d): mean of cos(d theta_k)")
+    ax.plot(distances, args.c - decay, label=f"c - D(d), c = {args.c:g}")
+    ax.plot(distances, torch.log(args.c - decay), label="log(c - D(d)): the distance bias", linestyle="--")
+    ax.set_xlabel("relative distance d")
+    ax.set_title(f"RoPE decay and RESTORE's calibration (head dim {head_dim}, base {base:g})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"decay_hd{head_dim}_c{args.c:g}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    for d in (0, 1, 10, 100, args.max_distance):
+        if d <= args.max_distance:
+            print(f"d = {d:4d}: D = {float(decay[d]):+.4f}, c - D = {args.c - float(decay[d]):.4f}")
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         tr.canonical_name(args.base)
         if args.command == "hausdorff":
             return run_hausdorff(args)
+        if args.command == "decay":
+            return run_decay(args)
         return run_attention(args) if args.command == "attention" else run_tokens(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
