@@ -1,7 +1,7 @@
 """Analyses of what reduction and RESTORE do to one prompt: ``python -m restore.analyze attention|tokens``.
 
     python -m restore.analyze attention [--model-path PATH] [--image PATH | --seed S] [--question Q]
-                                        [--base HoloV] [--n-vis 64] [--out DIR]
+                                        [--base HoloV] [--n-vis 64] [--figure 2|5] [--setting ...] [--out DIR]
         Per decoder layer, the share of attention mass visual tokens receive (visual queries and
         the text after the image), for the full tokens, the base method alone and with RESTORE.
     python -m restore.analyze tokens [--model-path PATH] [--image PATH | --seed S] [--base HoloV]
@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     attention = commands.add_parser("attention", help="attention mass on visual tokens per layer (Figure 2)")
     _common(attention)
     attention.add_argument("--question", default=DEFAULT_QUESTION)
+    attention.add_argument("--figure", type=int, choices=(2, 5), default=None,
+                           help="the paper's curves: 2 (full, re-indexed, retained, retained + calibrated) or 5 (adds "
+                                "re-indexed + calibrated); default: full, base, base + RESTORE")
+    attention.add_argument("--setting", action="append", default=[], metavar="LABEL=key:value,...",
+                           help="an extra curve with any restore.apply settings, e.g. "
+                                "'gamma 0.75=restore:true,prune_ratio:0.75' (repeatable)")
     tokens = commands.add_parser("tokens", help="kept and merged tokens drawn over the image")
     _common(tokens)
     tokens.add_argument("--restore", action="store_true", help="merge the unselected tokens with RESTORE")
@@ -81,13 +87,36 @@ def _image_name(args) -> str:
     return Path(args.image).stem if args.image else f"seed{args.seed}"
 
 
+def parse_setting(text: str) -> tuple:
+    """``"label=restore:true,prune_ratio:0.75"`` -> ("label", {"restore": True, "prune_ratio": 0.75})."""
+    label, sep, spec = text.partition("=")
+    if not sep or not label.strip():
+        raise ValueError(f"--setting expects LABEL=key:value,..., got {text!r}")
+    settings: dict = {}
+    for item in filter(None, (p.strip() for p in spec.split(","))):
+        key, colon, value = item.partition(":")
+        if not colon:
+            raise ValueError(f"--setting {label!r}: expected key:value, got {item!r}")
+        if value.lower() in ("true", "false"):
+            settings[key] = value.lower() == "true"
+        else:
+            try:
+                settings[key] = float(value)
+            except ValueError:
+                settings[key] = value
+    return label.strip(), settings
+
+
 def run_attention(args) -> int:
     # Attention probabilities come from eager attention in any case (SDPA cannot return them).
     bench = load_bench_model(args.model_path, device=args.device, dtype=args.dtype, attn_implementation="eager")
     image = load_image(args.image, args.seed)
     input_ids, images, sizes = prompt_inputs(bench, image, args.question)
-    results = attention_analysis.analyse_configs(bench.model, input_ids, images, sizes, tr.canonical_name(args.base),
-                                                 args.n_vis)
+    base = tr.canonical_name(args.base)
+    configs = attention_analysis.figure_configs(base, args.figure) if args.figure else \
+        [("full", None), (base, dict(restore=False)), (f"{base}+RESTORE", dict(restore=True))]
+    configs += [parse_setting(text) for text in args.setting]
+    results = attention_analysis.analyse_configs(bench.model, input_ids, images, sizes, base, args.n_vis, configs)
     title = (f"{bench.description} | image {_image_name(args)} | {tr.canonical_name(args.base)} at {args.n_vis} tokens | "
              f"mean over heads and query rows")
     table = attention_analysis.format_table(results)

@@ -10,7 +10,7 @@ the text after the image (the question and the assistant prompt).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from llava.constants import IMAGE_TOKEN_INDEX
@@ -89,16 +89,35 @@ def layer_shares(attentions, is_visual: torch.Tensor) -> Dict[str, List[float]]:
     return result
 
 
-def analyse_configs(model, input_ids, images, image_sizes, base: str, n_vis: int) -> List[AttentionShares]:
-    """Full (stock), ``base`` alone and ``base`` + RESTORE at ``n_vis``; the model is left stock."""
-    configs = [("full", None, False), (base, base, False), (f"{base}+RESTORE", base, True)]
+def figure_configs(base: str, figure: int) -> List[Tuple[str, Optional[dict]]]:
+    """The curves of the paper's Figure 2 (full, re-indexed, retained, retained + calibrated) or Figure 5
+    (Figure 2 plus re-indexed + calibrated), as (label, restore.apply settings; None = stock)."""
+    configs = [("full", None), (f"{base} re-indexed", dict(restore=False)),
+               (f"{base} retained", dict(restore=False, positions="retained")),
+               (f"{base} retained + calibrated", dict(restore=False, positions="retained", calibration="size_distance"))]
+    if figure == 5:
+        configs.append((f"{base} re-indexed + calibrated", dict(restore=False, calibration="size_distance")))
+    elif figure != 2:
+        raise ValueError(f"figure must be 2 or 5, got {figure}")
+    return configs
+
+
+def analyse_configs(model, input_ids, images, image_sizes, base: str, n_vis: int,
+                    configs: Optional[Sequence[Tuple[str, Optional[dict]]]] = None) -> List[AttentionShares]:
+    """Visual attention shares for each configuration, the model left stock afterwards.
+
+    ``configs``: (label, settings of :func:`restore.apply` without base and n_vis, or None for the stock
+    model); by default full, ``base`` alone and ``base`` + RESTORE.
+    """
+    if configs is None:
+        configs = [("full", None), (base, dict(restore=False)), (f"{base}+RESTORE", dict(restore=True))]
     results = []
     try:
-        for label, method, use_restore in configs:
-            if method is None:
+        for label, settings in configs:
+            if settings is None:
                 restore.remove(model)
             else:
-                restore.apply(model, base=method, n_vis=n_vis, restore=use_restore)
+                restore.apply(model, base=base, n_vis=n_vis, **settings)
             attentions, is_visual = prefill_attentions(model, input_ids, images, image_sizes)
             results.append(AttentionShares(label, int(is_visual.sum()), int(is_visual.shape[0]),
                                            layer_shares(attentions, is_visual)))
@@ -127,7 +146,8 @@ def plot(results: List[AttentionShares], path, title: Optional[str] = None) -> N
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
-    styles = {0: ("black", ":", "o"), 1: ("tab:orange", "--", "s"), 2: ("tab:blue", "-", "^")}
+    styles = {0: ("black", ":", "o"), 1: ("tab:orange", "--", "s"), 2: ("tab:blue", "-", "^"),
+              3: ("tab:green", "-", "D"), 4: ("tab:red", "-.", "v")}
     for ax, group, name in zip(axes, QUERY_GROUPS, ("visual queries", "text queries (after the image)")):
         for index, r in enumerate(results):
             color, line, marker = styles.get(index, (None, "-", "o"))
