@@ -3,10 +3,11 @@
     tokenizer, model, image_processor, context_len = load_model("liuhaotian/llava-v1.5-7b")
     input_ids, images = make_inputs(tokenizer, image_processor, "What is this?", image, model_config=model.config)
 
-``load_model`` goes through LLaVA's own ``load_pretrained_model`` (so Hugging Face names, local folders
-and LLaVA's tokenizer handling behave as in LLaVA's evaluation), then puts the whole model (LLM,
-projector and vision tower) on one device in one dtype. LLaVA's builder alone always loads in fp16
-and leaves the vision tower where ``device_map`` put it.
+``load_model`` goes through LLaVA's own ``load_pretrained_model`` (so Hugging Face names, local folders,
+``model_base`` checkpoints and LLaVA's tokenizer handling behave as in LLaVA's evaluation) and then puts
+the LLM and projector on one device in one dtype. The CLIP tower stays in float32, as LLaVA's evaluation
+leaves it (its builder loads the tower with device_map="auto" and no dtype); pixels are cast to the
+tower's dtype and its features back to the pixels' dtype by the tower itself.
 """
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import json
 import os
 import re
 import warnings
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from PIL import Image
@@ -34,6 +37,9 @@ _ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa", "flash_attention_2")
 # model_type of LLaVA-Llama checkpoints: the released LLaVA-1.5 configs say "llava", LLaVA's code "llava_llama".
 _LLAVA_LLAMA_TYPES = ("llava", "llava_llama")
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+# The dtype LLaVA's evaluation runs the CLIP tower in, whatever the LLM's (see the module docstring).
+VISION_TOWER_DTYPE = torch.float32
+_PICKLE_PROTOCOL_MARK = 0x80  # first byte of a legacy (non-zip) torch.save file
 
 
 class CheckpointError(ValueError):
@@ -109,6 +115,52 @@ def _vision_tower_is_loadable(vision_tower: str) -> bool:
     )
 
 
+def _check_weight_file(path: Path) -> None:
+    """Read just enough of a weights file to tell a complete one from a truncated or foreign one."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt"):  # checks the header against the file size
+                pass
+        elif zipfile.is_zipfile(path):  # torch.save's format: the central directory sits at the end
+            with zipfile.ZipFile(path):
+                pass
+        else:
+            with path.open("rb") as handle:
+                if handle.read(1) != bytes([_PICKLE_PROTOCOL_MARK]):
+                    raise ValueError("neither a zip archive (torch.save) nor a pickle: truncated or not a weights file")
+    except (OSError, ValueError, zipfile.BadZipFile, SafetensorError) as error:
+        raise CheckpointError(
+            f"the weights file {path} is corrupt or incomplete ({error}). Copy or download it again (an "
+            f"interrupted download leaves such files), or rebuild a small test checkpoint with "
+            f"`python -m restore.small_checkpoint --out <folder> --overwrite`."
+        ) from error
+
+
+def _check_shard_index(index_file: Path) -> None:
+    shards = sorted(set(json.loads(index_file.read_text()).get("weight_map", {}).values()))
+    missing = [name for name in shards if not (index_file.parent / name).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{index_file} lists weight shards that are not in {index_file.parent}: {', '.join(missing)}. "
+            f"Copy or download the missing files."
+        )
+
+
+def check_weight_files(folder: str | os.PathLike) -> None:
+    """Raise CheckpointError, naming the file, if a weights file of a local ``folder`` is unreadable.
+
+    Only headers are read (a few bytes per file), so this runs before any weights are loaded.
+    """
+    folder = Path(folder)
+    for index_file in sorted(folder.glob("*.index.json")):
+        _check_shard_index(index_file)
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix in (".safetensors", ".bin"):
+            _check_weight_file(path)
+
+
 def check_checkpoint(model_path: str | os.PathLike) -> tuple[str, str, dict[str, Any]]:
     """Validate a LLaVA-1.5 checkpoint from its config alone, before loading any weights.
 
@@ -154,21 +206,35 @@ def check_checkpoint(model_path: str | os.PathLike) -> tuple[str, str, dict[str,
             f"machine, fix 'mm_vision_tower' in config.json (small test checkpoints: rebuild them with "
             f"`python -m restore.small_checkpoint --out <folder> --overwrite`)."
         )
+    for folder in (path, vision_tower):
+        if os.path.isdir(folder):
+            check_weight_files(folder)
     return path, model_name, config
+
+
+def _check_model_base(model_base: str | os.PathLike) -> str:
+    """The path LLaVA's builder should get for ``model_base`` (the base LLM of LoRA / projector-only checkpoints)."""
+    path, _ = _read_config(str(model_base))
+    if os.path.isdir(path):
+        check_weight_files(path)
+    return path
 
 
 def load_model(
     model_path: str | os.PathLike,
     *,
+    model_base: str | os.PathLike | None = None,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     attn_implementation: str | None = None,
 ) -> tuple[Any, torch.nn.Module, Any, int]:
-    """Load a LLaVA-1.5 checkpoint on one device in one dtype, in eval mode.
+    """Load a LLaVA-1.5 checkpoint on one device, the LLM and projector in one dtype, in eval mode.
 
     Returns (tokenizer, model, image_processor, context_len) like LLaVA's ``load_pretrained_model``.
+    model_base: the base LLM of a LoRA or projector-only checkpoint, as LLaVA's ``--model-base``.
     device: "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
     dtype: "auto" (float16 on CUDA, float32 on the CPU), "float32"/"fp32", "float16"/"fp16", "bfloat16"/"bf16".
+        The CLIP tower stays in float32 whatever the dtype, as in LLaVA's evaluation.
     attn_implementation: None (transformers' default), "eager", "sdpa" or "flash_attention_2".
     """
     target_device = resolve_device(device)
@@ -183,38 +249,85 @@ def load_model(
             stacklevel=2,
         )
     path, model_name, _ = check_checkpoint(model_path)
+    base_path = None if model_base is None else _check_model_base(model_base)
 
     from llava.model.builder import load_pretrained_model
 
     extra = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
-    # A device string as device_map: the builder then loads the LLM there and also moves the vision
-    # tower there (it does so only when device_map is not "auto").
-    device_name = str(target_device)
-    tokenizer, model, image_processor, context_len = load_pretrained_model(
-        path, None, model_name, device_map=device_name, device=device_name, **extra
-    )
-    # The builder loads in fp16 whatever was asked: convert everything, vision tower included.
-    model.to(device=target_device, dtype=target_dtype)
+    # device_map="auto", as LLaVA's evaluation calls the builder, is what leaves the CLIP tower in
+    # float32; any device other than the literal "cuda" still puts the LLM on that one device.
+    with _readable_weights(path):
+        tokenizer, model, image_processor, context_len = load_pretrained_model(
+            path, base_path, model_name, device_map="auto", device=str(target_device), **extra
+        )
+    _place_language_model(model, target_device, target_dtype)
+    _place_vision_tower(model.get_vision_tower(), target_device)
     model.config.torch_dtype = target_dtype
     rebuild_rope_tables(model)
     model.eval()
     return tokenizer, model, image_processor, context_len
 
 
-def rebuild_rope_tables(model: torch.nn.Module) -> None:
-    """Recompute every RoPE cos/sin table in float32.
+@contextmanager
+def _readable_weights(model_path: str) -> Iterator[None]:
+    """Turn a weights file that cannot be deserialised (e.g. in the hub cache) into a CheckpointError."""
+    from safetensors import SafetensorError
 
-    The builder instantiates the model under a float16 default dtype, so the tables hold
-    fp16-rounded values that ``model.to(float32)`` cannot restore (relative logit errors ~1e-3 on the
-    CPU). Stored in float32, they are cast to the activations' dtype when used, which gives exactly the
-    fp16 values on a GPU and exact values in float32, as the official implementation computes them.
+    try:
+        yield
+    except (SafetensorError, zipfile.BadZipFile, EOFError) as error:
+        raise CheckpointError(
+            f"a weights file of {model_path} cannot be read ({error}); it is corrupt or incomplete. For a hub "
+            f"model, delete it from the Hugging Face cache (`huggingface-cli delete-cache`) and download it "
+            f"again; for a local folder, copy it again."
+        ) from error
+
+
+def _place_language_model(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """LLM, projector and lm_head to ``device`` in ``dtype``, the vision tower untouched."""
+    llm = model.get_model()
+    tower = llm._modules.pop("vision_tower", None)  # detached so that .to(dtype) cannot round it
+    try:
+        model.to(device=device, dtype=dtype)
+    finally:
+        if tower is not None:
+            llm._modules["vision_tower"] = tower
+
+
+def _place_vision_tower(vision_tower: torch.nn.Module, device: torch.device) -> None:
+    """The CLIP tower on ``device`` in float32 (device_map="auto" may have spread it over several GPUs)."""
+    clip = vision_tower.vision_tower
+    if len(set(getattr(clip, "hf_device_map", {}).values())) > 1:
+        from accelerate.hooks import remove_hook_from_module
+
+        remove_hook_from_module(clip, recurse=True)
+    clip.to(device=device, dtype=VISION_TOWER_DTYPE)
+
+
+def stock_inv_freq(base: float, dim: int) -> torch.Tensor:
+    """RoPE frequencies as transformers' LlamaRotaryEmbedding makes them at init: on the CPU, in float32."""
+    return 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
+
+
+def rebuild_rope_tables(model: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
+    """Recompute every RoPE frequency vector and cos/sin table as stock LLaVA's builder leaves them.
+
+    Stock: the model is instantiated on the CPU, where transformers computes the frequencies and the
+    table in float32 and stores the table in the model dtype (the builder's float16); only then is it
+    moved to the GPU. Casting the model (``.to(dtype)``) or rebuilding on the GPU changes those values
+    (GPU cos/sin differ from the CPU's in the last bit, which fp16 rounding can keep). So: frequencies
+    in float32 on the CPU, table on the CPU in float32, stored in ``dtype`` (default: the embeddings'),
+    then moved to the module's device. In float32 this gives exact tables, not fp16-rounded ones.
     """
+    if dtype is None:
+        dtype = model.get_input_embeddings().weight.dtype
+    cpu = torch.device("cpu")
     for module in model.modules():
         if hasattr(module, "_set_cos_sin_cache") and hasattr(module, "max_seq_len_cached"):
             device = module.inv_freq.device
-            # model.to(dtype) also cast the frequencies; recompute them in float32 as the model defines them.
-            module.inv_freq = 1.0 / (module.base ** (torch.arange(0, module.dim, 2, device=device).float() / module.dim))
-            module._set_cos_sin_cache(module.max_seq_len_cached, device, torch.float32)
+            module.inv_freq = stock_inv_freq(module.base, module.dim)
+            module._set_cos_sin_cache(module.max_seq_len_cached, cpu, dtype)
+            module.to(device)
 
 
 def build_prompt(question: str, conv_mode: str = "vicuna_v1", *, mm_use_im_start_end: bool = False) -> str:

@@ -103,6 +103,11 @@ class CalibratedLlamaModelMixin:
         ctx.rope_length = layout.rope_length(past, q_len)
         if ctx.settings.calibrates:
             ctx.masks = self._restore_masks(layout, attention_mask, past, q_len)
+        elif self._sdpa_reads_the_mask(kwargs.get("output_attentions")):
+            # The official model gives SDPA an explicit boolean causal mask here, never is_causal: on a
+            # GPU the two select different kernels, so the mask object itself must match.
+            mask = boolean_causal_mask(_key_valid(layout, attention_mask, past + q_len), q_len)
+            ctx.masks = (mask, mask)
         try:
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs)
@@ -121,12 +126,35 @@ class CalibratedLlamaModelMixin:
                                             head_dim=head_dim, rope_base=getattr(self.config, "rope_theta", 10000.0),
                                             max_position=layout.max_next, use_distance=settings.uses_distance,
                                             c=settings.calibration_c, **common)
-        total = past + q_len
-        if attention_mask is None:  # a hand-written decoding loop: the prompt's padding, then new tokens
-            valid = torch.cat([layout.valid, layout.valid.new_ones(layout.valid.shape[0], total - layout.length)], dim=1)
-        else:
-            valid = attention_mask[:, -total:].bool()
+        valid = _key_valid(layout, attention_mask, past + q_len)
         return calibrated_decode_masks(layout.sizes, layout.is_visual, valid, q_len=q_len, **common)
+
+    def _sdpa_reads_the_mask(self, output_attentions: Optional[bool]) -> bool:
+        # Asked for attention weights, transformers' SDPA layers fall back to eager, which adds the mask.
+        wants_weights = self.config.output_attentions if output_attentions is None else output_attentions
+        return self.config._attn_implementation == "sdpa" and not wants_weights
+
+
+def _key_valid(layout: SequenceLayout, attention_mask: Optional[torch.Tensor], total: int) -> torch.Tensor:
+    """[B, total] bool: which keys of a forward over ``total`` cached + new tokens are not padding."""
+    if total == layout.length:
+        return layout.valid
+    if attention_mask is None:  # a hand-written decoding loop: the prompt's padding, then new tokens
+        return torch.cat([layout.valid, layout.valid.new_ones(layout.valid.shape[0], total - layout.length)], dim=1)
+    return attention_mask[:, -total:].bool()
+
+
+def boolean_causal_mask(key_valid: torch.Tensor, q_len: int) -> torch.Tensor:
+    """[B, 1, q_len, K] bool for the last ``q_len`` of K tokens: True where a query may attend.
+
+    Without padding this is the official base-only mask, ``ones(q_len, K).tril(K - q_len)``. Each query
+    also keeps its own key, so that a padding row is never empty (SDPA would return NaN for it).
+    """
+    K = key_valid.shape[1]
+    keys = torch.arange(K, device=key_valid.device)
+    queries = keys[K - q_len:].unsqueeze(1)
+    allowed = (keys.unsqueeze(0) <= queries) & key_valid.unsqueeze(1)
+    return (allowed | (keys.unsqueeze(0) == queries)).unsqueeze(1)
 
 
 class CalibratedAttentionMixin:
@@ -142,9 +170,25 @@ class CalibratedAttentionMixin:
 
 
 class RetainedRopeMixin:
-    """On each rotary embedding: serve position ids beyond the key length (retained positions skip ahead)."""
+    """On each rotary embedding: cos/sin as the official RESTORE model computes them, for every position
+    up to the largest retained one (retained positions skip ahead of the key length)."""
 
     _restore_ctx: RestoreContext
 
     def forward(self, x, seq_len=None):
-        return super().forward(x, seq_len=max(seq_len or 0, self._restore_ctx.rope_length))
+        return official_rope_tables(self.inv_freq, max(seq_len or 0, self._restore_ctx.rope_length), x)
+
+
+def official_rope_tables(inv_freq: torch.Tensor, length: int, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [length, head_dim] for positions 0..length-1, in ``like``'s dtype and on its device.
+
+    The official model recomputes cos/sin at every call: positions times frequencies in float32 on
+    the frequencies' device (the model's), cast to the activations' dtype only at the end. Stock
+    LLaVA's table instead holds CPU-computed values; on a GPU the two differ in the last bit.
+    Indexing this table with the position ids gives exactly the official per-position values.
+    """
+    frequencies = inv_freq.float()
+    positions = torch.arange(length, device=frequencies.device, dtype=frequencies.dtype)
+    angles = torch.outer(positions, frequencies)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(device=like.device, dtype=like.dtype), angles.sin().to(device=like.device, dtype=like.dtype)

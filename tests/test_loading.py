@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -19,13 +20,17 @@ def _all_tensors(model: torch.nn.Module):
 
 
 def _assert_whole_model_on(model, dtype: torch.dtype, device: str = "cpu") -> None:
+    """LLM and projector in ``dtype``, the CLIP tower in float32 (as LLaVA's evaluation leaves it), one device."""
     vision_tower = model.get_vision_tower().vision_tower
-    for part in (model, vision_tower, model.get_model().mm_projector):
-        float_tensors = [t for t in _all_tensors(part) if t.is_floating_point()]
+    tower_ids = {id(t) for t in _all_tensors(vision_tower)}
+    language_model = [t for t in _all_tensors(model) if id(t) not in tower_ids]
+    for tensors, expected in ((language_model, dtype), (list(_all_tensors(model.get_model().mm_projector)), dtype),
+                              (list(_all_tensors(vision_tower)), torch.float32)):
+        float_tensors = [t for t in tensors if t.is_floating_point()]
         assert float_tensors
-        assert {t.dtype for t in float_tensors} == {dtype}
+        assert {t.dtype for t in float_tensors} == {expected}
         assert {t.device.type for t in float_tensors} == {device}
-    assert model.get_vision_tower().dtype == dtype
+    assert model.get_vision_tower().dtype == torch.float32
     assert not any(module.training for module in model.modules())
 
 
@@ -225,3 +230,136 @@ def test_rope_tables_are_exact_float32(small_model):
     expected = torch.cat([angles, angles], dim=-1).cos()
     assert rope.cos_cached.dtype == torch.float32 and rope.inv_freq.dtype == torch.float32
     assert torch.equal(rope.cos_cached, expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Numerics as in LLaVA's evaluation (issue 8, items 12 and 13)
+# ---------------------------------------------------------------------------------------------
+
+def _stock_builder(path, device: str = "cpu"):
+    """LLaVA's builder called as its evaluation calls it (device_map="auto"), on ``device``."""
+    from llava.mm_utils import get_model_name_from_path
+    from llava.model.builder import load_pretrained_model
+
+    return load_pretrained_model(str(path), None, get_model_name_from_path(str(path)), device=device)
+
+
+def test_fp16_load_equals_llava_builder(small_checkpoint, make_inputs, synthetic_image):
+    """fp16: the tower stays float32 like the builder's, and every logit equals the builder's model's."""
+    tokenizer, stock, processor, _ = _stock_builder(small_checkpoint)
+    with pytest.warns(UserWarning, match="float16 on the CPU"):
+        _, ours, _, _ = load_model(small_checkpoint, device="cpu", dtype="fp16")
+    assert stock.get_vision_tower().dtype == torch.float32
+    assert ours.get_vision_tower().dtype == stock.get_vision_tower().dtype
+    stock_rope, our_rope = (m.get_model().layers[0].self_attn.rotary_emb for m in (stock, ours))
+    for name in ("inv_freq", "cos_cached", "sin_cached"):
+        stock_buffer, our_buffer = getattr(stock_rope, name), getattr(our_rope, name)
+        assert our_buffer.dtype == stock_buffer.dtype and torch.equal(our_buffer, stock_buffer), name
+    image = synthetic_image(1)
+    ids, images = make_inputs(tokenizer, processor, "What is this?", image, model_config=ours.config,
+                              dtype=torch.float16)
+    with torch.inference_mode():
+        expected = stock(input_ids=ids, images=images, image_sizes=[image.size]).logits
+        assert torch.equal(ours(input_ids=ids, images=images, image_sizes=[image.size]).logits, expected)
+
+
+class _RecordCos(torch.overrides.TorchFunctionMode):
+    """Records (device type, dtype) of every cos/sin computed while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.cos, torch.Tensor.sin, torch.cos, torch.sin):
+            self.calls.append((args[0].device.type, args[0].dtype))
+        return func(*args, **(kwargs or {}))
+
+
+def test_rope_tables_are_built_on_the_cpu_whatever_the_device():
+    """Stock LLaVA computes its table on the CPU at init, also when the model then runs on a GPU;
+    a module on another device (meta stands in for a GPU here) must not compute it there."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    holder = torch.nn.Module()
+    holder.rope = LlamaRotaryEmbedding(8, max_position_embeddings=16).to(device="meta", dtype=torch.float16)
+    recorder = _RecordCos()
+    with recorder:
+        loading.rebuild_rope_tables(holder, dtype=torch.float16)
+    assert recorder.calls and set(recorder.calls) == {("cpu", torch.float32)}
+    rope = holder.rope
+    assert rope.inv_freq.device.type == "meta" and rope.inv_freq.dtype == torch.float32
+    assert rope.cos_cached.device.type == "meta" and rope.cos_cached.dtype == torch.float16
+
+
+def test_model_base_loads_through_the_same_path(small_checkpoint, small_model, tmp_path, make_inputs, synthetic_image):
+    """A projector-only checkpoint on top of --model-base: same tower dtype and RoPE tables as load_model's."""
+    from safetensors.torch import load_file
+
+    projector_only = tmp_path / "llava-small-projector"
+    projector_only.mkdir()
+    shutil.copy(small_checkpoint / "config.json", projector_only / "config.json")
+    weights = load_file(str(small_checkpoint / "model.safetensors"))
+    torch.save({k: v for k, v in weights.items() if "mm_projector" in k}, projector_only / "mm_projector.bin")
+
+    tokenizer, model, processor, _ = load_model(projector_only, model_base=small_checkpoint, device="cpu")
+    _assert_whole_model_on(model, torch.float32)
+    rope, reference = (m.get_model().layers[0].self_attn.rotary_emb for m in (model, small_model.model))
+    assert torch.equal(rope.cos_cached, reference.cos_cached) and rope.cos_cached.dtype == torch.float32
+    image = synthetic_image(2)
+    ids, images = make_inputs(tokenizer, processor, "What is this?", image, model_config=model.config)
+    with torch.inference_mode():
+        logits = model(input_ids=ids, images=images, image_sizes=[image.size]).logits
+        expected = small_model.model(input_ids=ids, images=images, image_sizes=[image.size]).logits
+    assert torch.equal(logits, expected)
+
+
+@pytest.mark.usefixtures("no_weight_loading")
+def test_missing_model_base(small_checkpoint, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(small_checkpoint, model_base=tmp_path / "no-base", device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Corrupt weights (issue 8, item 10): a clear error naming the file, before loading
+# ---------------------------------------------------------------------------------------------
+
+def _copy_without_weights(small_checkpoint: Path, folder: Path) -> Path:
+    shutil.copytree(small_checkpoint, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    return folder
+
+
+@pytest.mark.usefixtures("no_weight_loading")
+@pytest.mark.parametrize("name, content", [
+    ("model.safetensors", "truncated"),
+    ("model.safetensors", b"not a safetensors file"),
+    ("pytorch_model.bin", b"<html>404</html>"),
+    ("pytorch_model.bin", "truncated"),
+])
+def test_corrupt_weights_file_is_named(small_checkpoint, tmp_path, name, content):
+    folder = _copy_without_weights(small_checkpoint, tmp_path / "llava-corrupt")
+    target = folder / name
+    if content == "truncated":
+        if name.endswith(".bin"):
+            torch.save({"w": torch.zeros(1000)}, target)
+        else:
+            shutil.copy(small_checkpoint / "model.safetensors", target)
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    else:
+        target.write_bytes(content)
+    with pytest.raises(CheckpointError, match=f"weights file {re.escape(str(target))} is corrupt or incomplete"):
+        load_model(folder, device="cpu")
+
+
+@pytest.mark.usefixtures("no_weight_loading")
+def test_missing_weight_shard_is_named(small_checkpoint, tmp_path):
+    folder = _copy_without_weights(small_checkpoint, tmp_path / "llava-sharded")
+    index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
+        load_model(folder, device="cpu")
+
+
+def test_complete_bin_weights_pass_the_check(tmp_path):
+    torch.save({"w": torch.zeros(3)}, tmp_path / "pytorch_model.bin")
+    loading.check_weight_files(tmp_path)

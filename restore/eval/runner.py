@@ -181,12 +181,10 @@ def load_model_for_eval(args: argparse.Namespace, base: Optional[str]):
     model_path = os.path.expanduser(args.model_path)
     model_name = get_model_name_from_path(model_path)
     print(f"loading model {model_path} (device {args.device}, dtype {args.dtype})", flush=True)
-    if args.model_base is None:
-        from llava_patches.loading import load_model
+    from llava_patches.loading import load_model
 
-        tokenizer, model, image_processor, _ = load_model(model_path, device=args.device, dtype=args.dtype)
-    else:
-        tokenizer, model, image_processor = _load_with_base(model_path, args.model_base, model_name, args)
+    tokenizer, model, image_processor, _ = load_model(model_path, model_base=args.model_base, device=args.device,
+                                                      dtype=args.dtype)
     if base is None:
         model = restore.apply(model, base=None)
     else:
@@ -195,14 +193,3 @@ def load_model_for_eval(args: argparse.Namespace, base: Optional[str]):
     return tokenizer, model, image_processor, model_name
 
 
-def _load_with_base(model_path: str, model_base: str, model_name: str, args: argparse.Namespace):
-    """LoRA / projector-only checkpoints on top of --model-base: LLaVA's builder, then one device and dtype."""
-    from llava.model.builder import load_pretrained_model
-    from llava_patches.loading import resolve_device, resolve_dtype
-
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    tokenizer, model, image_processor, _ = load_pretrained_model(
-        model_path, model_base, model_name, device_map=str(device), device=str(device))
-    model.to(device=device, dtype=dtype).eval()
-    return tokenizer, model, image_processor
