@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 import restore
-from restore.eval import answer_files, arguments, entry_point, mmbench, ocrbench, runner, science, shards, vqa_loader
+from restore.eval import (answer_files, arguments, entry_point, mmbench, ocrbench, plan, runner, science, shards,
+                         vqa_loader)
 from restore.eval.fixtures import make_fixtures
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,10 +46,17 @@ def texts(lines: list) -> list:
     return [(line.get("question_id", line.get("id")), line.get("text", line.get("predict"))) for line in lines]
 
 
+def check_images_with(monkeypatch, checkpoint: Path) -> None:
+    """The up-front image check preprocesses with ``checkpoint``'s processor, whatever --model-path says."""
+    build = runner.image_preprocessing_for_check
+    monkeypatch.setattr(runner, "image_preprocessing_for_check", lambda model_path: build(str(checkpoint)))
+
+
 @pytest.fixture
-def loaded_model(small_model, monkeypatch):
+def loaded_model(small_model, small_checkpoint, monkeypatch):
     """Entry points use the session's small model instead of loading one, and never check the model path."""
     calls = []
+    check_images_with(monkeypatch, small_checkpoint)
 
     def fake_load(args, base):
         calls.append((base, args.n_vis, args.restore))
@@ -267,12 +275,13 @@ def test_answers_match_the_official_loop_and_formats(data, tmp_path, small_model
 # Failing before the model loads
 
 
-def test_bad_inputs_fail_before_the_model_is_loaded(data, tmp_path, monkeypatch, capsys):
+def test_bad_inputs_fail_before_the_model_is_loaded(data, tmp_path, monkeypatch, capsys, small_checkpoint):
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the inputs were validated")
 
     monkeypatch.setattr(runner, "load_model_for_eval", must_not_load)
     monkeypatch.setattr(arguments, "check_model_path", lambda path: None)
+    check_images_with(monkeypatch, small_checkpoint)
     images = tmp_path / "images"
     images.mkdir()
     questions = entry_point.read_jsonl(str(data / "gqa/llava_gqa_testdev_balanced.jsonl"))
@@ -312,6 +321,12 @@ def test_bad_inputs_fail_before_the_model_is_loaded(data, tmp_path, monkeypatch,
     whole = (data / "gqa/data/images" / names[-1]).read_bytes()
     (images / names[-1]).write_bytes(whole[: len(whole) // 2])  # a truncated JPEG opens but does not decode
     fails(with_images, "cannot be decoded", str(images / names[-1]), "truncated")
+    # decodes, but CLIP's processor cannot tell a 1x1 image's channel axis: found up front, named
+    from PIL import Image
+
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(images / names[-1], format="JPEG")
+    fails(with_images, "1 image(s) of this chunk cannot be decoded or preprocessed", str(images / names[-1]),
+          "1x1 pixels", "mean must have 1 elements")
 
 
 def test_failing_fast_from_the_command_line(data, tmp_path, small_checkpoint):
@@ -518,6 +533,64 @@ def test_images_in_modes_llava_cannot_pad_are_converted(small_model):
     # a palette image is padded in its own mode, as the official ScienceQA script does
     assert (runner.preprocess_image(palette, small_model.image_processor, small_model.model.config)
             == process_images([palette], small_model.image_processor, small_model.model.config)[0]).all()
+
+
+ODD_IMAGES = {  # name -> (mode, size)
+    "grey": ("L", (40, 30)), "grey-alpha": ("LA", (30, 40)), "rgba": ("RGBA", (40, 30)), "cmyk": ("CMYK", (40, 30)),
+    "palette": ("P", (40, 30)), "16-bit": ("I;16", (40, 30)), "float": ("F", (30, 40)), "bilevel": ("1", (40, 30)),
+    "one-pixel": ("RGB", (1, 1)), "one-grey-pixel": ("L", (1, 1)), "one-column": ("RGB", (1, 50)),
+    "one-row": ("RGB", (50, 1)), "2x2": ("RGB", (2, 2)), "very-wide": ("RGB", (4000, 2)),
+    "very-tall": ("L", (3, 3000)),
+}
+
+
+@pytest.mark.parametrize("convert_rgb", [True, False])
+def test_every_image_either_preprocesses_in_inference_or_fails_the_check(small_model, small_checkpoint, tmp_path,
+                                                                         convert_rgb):
+    from PIL import Image
+
+    check = runner.image_preprocessing_for_check(str(small_checkpoint))
+    failed_up_front = set()
+    for name, (mode, size) in ODD_IMAGES.items():
+        path = tmp_path / f"{name}.tiff"
+        Image.new(mode, size).save(path)
+        ref = entry_point.ImageRef(label=name, path=str(path), convert_rgb=convert_rgb)
+        item = entry_point.Item(key=name, text="q", image=ref)
+        try:
+            plan.check_images([item], preprocess=check)
+        except entry_point.SetupError as e:
+            assert str(path) in str(e) and f"{size[0]}x{size[1]} pixels" in str(e)
+            failed_up_front.add(name)
+            continue
+        # what the DataLoader does with the loaded model's processor and config
+        dataset = runner.PreparedItems([item], small_model.tokenizer, small_model.image_processor,
+                                       small_model.model.config, "vicuna_v1")
+        _, pixels, image_size = dataset[0]
+        assert tuple(pixels.shape) == (3, 336, 336) and image_size == size
+        # the check's processor, built from the config alone, is the loaded model's
+        assert (check(ref.open()) == pixels).all()
+    assert {"one-pixel", "one-grey-pixel"} <= failed_up_front
+
+
+def test_the_image_check_preprocesses_once_per_mode_and_size(tmp_path):
+    from PIL import Image
+
+    seen = []
+
+    def preprocess(image):
+        seen.append((image.mode, image.size))
+        if image.size == (1, 1):
+            raise ValueError("too small")
+
+    items = []
+    for k, (mode, size) in enumerate([("RGB", (8, 6))] * 3 + [("L", (8, 6)), ("RGB", (1, 1)), ("RGB", (1, 1))]):
+        Image.new(mode, size, k).save(tmp_path / f"{k}.png")
+        ref = entry_point.ImageRef(label=str(k), path=str(tmp_path / f"{k}.png"), convert_rgb=False)
+        items.append(entry_point.Item(key=str(k), text="q", image=ref))
+    with pytest.raises(entry_point.SetupError, match=r"2 image\(s\)") as error:
+        plan.check_images(items, preprocess=preprocess)
+    assert str(tmp_path / "4.png") in str(error.value) and str(tmp_path / "5.png") in str(error.value)
+    assert sorted(seen) == [("L", (8, 6)), ("RGB", (1, 1)), ("RGB", (8, 6))]
 
 
 def test_text_only_science_questions_are_answered_on_request(data, tmp_path, loaded_model):
