@@ -329,6 +329,84 @@ def test_bad_inputs_fail_before_the_model_is_loaded(data, tmp_path, monkeypatch,
           "1x1 pixels", "mean must have 1 elements")
 
 
+# benchmark -> (entry point, question file, image folder, fixed flags), as scripts/llava1_5/*.sh run them
+BENCHMARKS = {
+    "gqa": (vqa_loader, "gqa/llava_gqa_testdev_balanced.jsonl", "gqa/data/images", []),
+    "vqav2": (vqa_loader, "vqav2/llava_vqav2_mscoco_test-dev2015.jsonl", "vqav2/test2015", []),
+    "seed": (vqa_loader, "seed_bench/llava-seed-bench.jsonl", "seed_bench", []),
+    "pope": (vqa_loader, "pope/llava_pope_test.jsonl", "pope/val2014", []),
+    "textvqa": (vqa_loader, "textvqa/llava_textvqa_val_v051_ocr.jsonl", "textvqa/train_images", []),
+    "mme": (vqa_loader, "MME/llava_mme.jsonl", "MME/MME_Benchmark_release_version", []),
+    "mmbench": (mmbench, "mmbench/mmbench_dev_20230712.tsv", None, ["--single-pred-prompt"]),
+    "sqa": (science, "scienceqa/llava_test_CQM-A.json", "scienceqa/images/test", ["--single-pred-prompt"]),
+    "ocrbench": (ocrbench, "ocrbench/OCRBench.json", "ocrbench/data", []),
+}
+
+
+def without_questions(original: Path) -> str:
+    """The question file's format with no question in it: a TSV keeps its header, a JSON list is []."""
+    if original.suffix == ".tsv":
+        return original.read_text().splitlines(keepends=True)[0]
+    return "[]\n" if original.suffix == ".json" else "\n"
+
+
+def with_first_question_twice(original: Path) -> str:
+    if original.suffix == ".json":
+        questions = json.loads(original.read_text())
+        return json.dumps(questions + [questions[0]])
+    lines = original.read_text().splitlines(keepends=True)
+    first_question = lines[1] if original.suffix == ".tsv" else lines[0]
+    return "".join(lines) + first_question
+
+
+@pytest.mark.parametrize("bench", sorted(BENCHMARKS))
+def test_empty_and_repeating_question_files_fail_before_the_model_loads(bench, data, tmp_path, monkeypatch, capsys):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded for a question file that cannot be run")
+
+    monkeypatch.setattr(runner, "load_model_for_eval", must_not_load)
+    monkeypatch.setattr(arguments, "check_model_path", lambda path: None)
+    module, question_file, image_folder, flags = BENCHMARKS[bench]
+    original = data / question_file
+    questions = tmp_path / original.name
+    answers = tmp_path / "answers.jsonl"
+    argv = ["--model-path", "x", "--question-file", str(questions), "--answers-file", str(answers),
+            "--device", "cpu", *flags, *(["--image-folder", str(data / image_folder)] if image_folder else [])]
+
+    questions.write_text(without_questions(original))
+    assert module.main(argv) == 2
+    assert f"{questions} holds no questions" in capsys.readouterr().err
+    assert not answers.exists()
+
+    questions.write_text(with_first_question_twice(original))
+    assert module.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "1 question(s) appear more than once" in err and "remove the repeats" in err
+    assert not answers.exists()
+
+
+def test_filters_that_leave_no_question_are_errors(data, tmp_path, loaded_model, capsys):
+    seed = ["--model-path", "x", "--question-file", str(data / "seed_bench/llava-seed-bench.jsonl"),
+            "--image-folder", str(data / "seed_bench"), "--answers-file", str(tmp_path / "a.jsonl")]
+    assert vqa_loader.main([*seed, "--only-images-under", "no-such-folder"]) == 2
+    assert "--only-images-under no-such-folder/: none of the" in capsys.readouterr().err
+    problems = json.loads((data / "scienceqa/llava_test_CQM-A.json").read_text())
+    text_only = tmp_path / "text_only.json"
+    text_only.write_text(json.dumps([p for p in problems if "image" not in p]))
+    sqa = ["--model-path", "x", "--question-file", str(text_only), "--image-folder", str(data / "scienceqa/images/test"),
+           "--answers-file", str(tmp_path / "s.jsonl")]
+    assert science.main(sqa) == 2
+    assert "has an image; pass --answer-text-only" in capsys.readouterr().err
+    assert loaded_model == [] and not (tmp_path / "a.jsonl").exists() and not (tmp_path / "s.jsonl").exists()
+
+
+def test_mme_asks_two_questions_under_one_question_id(data):
+    questions = entry_point.read_jsonl(str(data / "MME/llava_mme.jsonl"))
+    assert len({q["question_id"] for q in questions}) < len(questions)  # the fixture has the MME case
+    items = vqa_loader.build_items(settings_for(data, "MME/llava_mme.jsonl", "MME/MME_Benchmark_release_version"))
+    assert [(i.fields["question_id"], i.text) for i in items] == [(q["question_id"], q["text"]) for q in questions]
+
+
 def test_failing_fast_from_the_command_line(data, tmp_path, small_checkpoint):
     answers = tmp_path / "a.jsonl"
     start = time.perf_counter()
