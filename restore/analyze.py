@@ -41,12 +41,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m restore.analyze", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m restore.analyze", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    attention = commands.add_parser("attention", help="attention mass on visual tokens per layer (Figure 2)")
+    attention = commands.add_parser("attention", allow_abbrev=False, help="attention mass on visual tokens per layer (Figure 2)")
     _common(attention)
     attention.add_argument("--question", default=DEFAULT_QUESTION)
-    tokens = commands.add_parser("tokens", help="kept and merged tokens drawn over the image")
+    tokens = commands.add_parser("tokens", allow_abbrev=False, help="kept and merged tokens drawn over the image")
     _common(tokens)
     tokens.add_argument("--restore", action="store_true", help="merge the unselected tokens with RESTORE")
     return parser

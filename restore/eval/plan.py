@@ -60,6 +60,13 @@ def plan_run(entry: EntryPoint, args: argparse.Namespace, env: Mapping[str, str]
     return Plan(entry, args, settings, num_chunks, chunk_idx, answers_file, items, done, pending, repaired, lock)
 
 
+def check_only(entry: EntryPoint, args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> int:
+    """The checks of plan_run that touch no answers file (arguments, plugins, the question file); the number
+    of items of this chunk. Lets a script refuse a bad command once, before it starts any shard."""
+    settings, num_chunks, chunk_idx = check_arguments(entry, args, env)
+    return len(chunk_items(entry, settings, num_chunks, chunk_idx))
+
+
 def check_images(items: Sequence[Item], decode: bool = True,
                  preprocess: Optional[Callable[[Any], Any]] = None) -> None:
     """Every pending image exists, decodes and (given ``preprocess``, what inference does to an image)

@@ -17,12 +17,14 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 from .answer_files import dumps_line, put_in_question_order, write_in_order, write_meta
 from .arguments import build_parser, chunk_source, describe_reduction, effective_conv_mode
 from .entry_point import EntryPoint, Item, SetupError
-from .plan import Plan, check_images, plan_run, progress_interval
+from .plan import Plan, check_images, check_only, plan_run, progress_interval
 
 
 def run(entry: EntryPoint, argv: Optional[Sequence[str]] = None) -> int:
     """The whole run of an entry point; an exit status (2: a problem found before the model loaded)."""
     args = build_parser(entry).parse_args(argv)
+    if args.check_only:
+        return _check_only(entry, args)
     try:
         plan = plan_run(entry, args)
     except SetupError as e:
@@ -32,6 +34,16 @@ def run(entry: EntryPoint, argv: Optional[Sequence[str]] = None) -> int:
         return _run_planned(entry, args, plan)
     finally:
         plan.release()
+
+
+def _check_only(entry: EntryPoint, args: argparse.Namespace) -> int:
+    try:
+        n_items = check_only(entry, args)
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"[{entry.name}] arguments and question file are fine: {n_items} items", flush=True)
+    return 0
 
 
 def _run_planned(entry: EntryPoint, args: argparse.Namespace, plan: Plan) -> int:
