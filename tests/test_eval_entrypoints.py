@@ -5,6 +5,8 @@ loading it from disk); ``test_*_loads_checkpoint`` and the subprocess test use t
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
 import math
 import random
@@ -259,15 +261,29 @@ def test_answers_match_the_official_loop_and_formats(data, tmp_path, small_model
                           "--image-folder", str(data / "ocrbench/data"), "--answers-file", str(ocr),
                           "--max_new_tokens", "2"]) == 0
     questions = json.loads((data / "ocrbench/OCRBench.json").read_text())
-    assert read_lines(ocr) == [{**q, "predict": line["predict"]} for q, line in zip(questions, read_lines(ocr))]
-    assert list(read_lines(ocr)[0]) == ["dataset_name", "id", "image_path", "question", "answers", "type", "predict"]
+    ocr_lines = read_lines(ocr)
+    assert [list(line) for line in ocr_lines] == [["dataset_name", "id", "image_path", "question", "answers", "type",
+                                                   "predict"]] * len(questions)
+    assert [{k: v for k, v in line.items() if k != "predict"} for line in ocr_lines] == questions
+    for q, line in zip(questions, ocr_lines):
+        image = Image.open(data / "ocrbench/data" / q["image_path"]).convert("RGB")
+        assert line["predict"] == official_style_answer(small_model, q["question"] + "\n" + SHORT, image, 2)
 
     mmb = tmp_path / "mmb.jsonl"
     assert mmbench.main(["--model-path", "x", "--question-file", str(data / "mmbench/mmbench_dev_20230712.tsv"),
                          "--answers-file", str(mmb), "--single-pred-prompt", "--max_new_tokens", "2"]) == 0
-    line = read_lines(mmb)[0]
-    assert list(line) == ["question_id", "round_id", "prompt", "text", "options", "option_char", "answer_id",
-                          "model_id", "metadata"]
+    mmb_lines = read_lines(mmb)
+    assert [list(line) for line in mmb_lines] == [["question_id", "round_id", "prompt", "text", "options",
+                                                   "option_char", "answer_id", "model_id", "metadata"]] * len(mmb_lines)
+    rows = mmbench.read_rows(str(data / "mmbench/mmbench_dev_20230712.tsv"))
+    assert [line["question_id"] for line in mmb_lines] == [int(row["index"]) for row in rows]
+    for row, line in zip(rows, mmb_lines):
+        options = [row[c] for c in "ABCD" if c in row and not mmbench.is_empty(row[c])]
+        question = row["question"] if mmbench.is_empty(row["hint"]) else row["hint"] + "\n" + row["question"]
+        prompt = question + "".join(f"\n{c}. {o}" for c, o in zip("ABCD", options))
+        assert (line["prompt"], line["options"], line["round_id"]) == (prompt, options, 0)
+        image = Image.open(io.BytesIO(base64.b64decode(row["image"])))  # padded in its stored mode
+        assert line["text"] == official_style_answer(small_model, prompt + "\n" + LETTER, image, 2)
     assert "[mmbench] chunk 1/1" in capsys.readouterr().out
 
 
@@ -605,8 +621,8 @@ def test_images_in_modes_llava_cannot_pad_are_converted(small_model):
     pixels = runner.preprocess_image(grey, small_model.image_processor, small_model.model.config)
     from llava.mm_utils import process_images
 
-    assert pixels.shape == process_images([grey.convert("RGB")], small_model.image_processor,
-                                          small_model.model.config)[0].shape
+    assert (pixels == process_images([grey.convert("RGB")], small_model.image_processor,
+                                     small_model.model.config)[0]).all()
     palette = Image.new("RGB", (60, 30), (200, 10, 30)).convert("P")
     # a palette image is padded in its own mode, as the official ScienceQA script does
     assert (runner.preprocess_image(palette, small_model.image_processor, small_model.model.config)
