@@ -48,9 +48,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m restore.analyze", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m restore.analyze", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    attention = commands.add_parser("attention", help="attention mass on visual tokens per layer (Figure 2)")
+    attention = commands.add_parser("attention", allow_abbrev=False, help="attention mass on visual tokens per layer (Figure 2)")
     _common(attention)
     attention.add_argument("--question", default=DEFAULT_QUESTION)
     attention.add_argument("--figure", type=int, choices=(2, 5), default=None,
@@ -59,10 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     attention.add_argument("--setting", action="append", default=[], metavar="LABEL=key:value,...",
                            help="an extra curve with any restore.apply settings, e.g. "
                                 "'gamma 0.75=restore:true,prune_ratio:0.75' (repeatable)")
-    tokens = commands.add_parser("tokens", help="kept and merged tokens drawn over the image")
+    tokens = commands.add_parser("tokens", allow_abbrev=False, help="kept and merged tokens drawn over the image")
     _common(tokens)
     tokens.add_argument("--restore", action="store_true", help="merge the unselected tokens with RESTORE")
-    hausdorff = commands.add_parser("hausdorff", help="weighted Hausdorff distance of reduced tokens (Table 18)")
+    hausdorff = commands.add_parser("hausdorff", allow_abbrev=False, help="weighted Hausdorff distance of reduced tokens (Table 18)")
     hausdorff.add_argument("--model-path", help="a LLaVA-1.5 checkpoint (default: the small random checkpoint)")
     hausdorff.add_argument("--images", type=Path, default=DEFAULT_GQA_IMAGES,
                            help=f"folder of images, the first --n-images by name (default {DEFAULT_GQA_IMAGES})")
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     hausdorff.add_argument("--device", default="auto")
     hausdorff.add_argument("--dtype", default="auto")
     hausdorff.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    decay = commands.add_parser("decay", help="RoPE decay D(d) and the calibration term c - D(d) (Figure 3)")
+    decay = commands.add_parser("decay", allow_abbrev=False, help="RoPE decay D(d) and the calibration term c - D(d) (Figure 3)")
     decay.add_argument("--model-path", help="a LLaVA checkpoint whose config gives head dim and RoPE base "
                        "(default: LLaVA-1.5-7B's, head dim 128, base 10000)")
     decay.add_argument("--max-distance", type=int, default=600)

@@ -204,7 +204,7 @@ def describe_generation(label: str, generation: Generation) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m restore.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m restore.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None,
                         help=f"LLaVA-1.5 checkpoint (default: build/reuse the small random one in {DEFAULT_CHECKPOINT_DIR})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the small random checkpoint")

@@ -273,7 +273,7 @@ def write_csv(table: Table, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m restore.report", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m restore.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", default="playground/results", help="folder with the run records")
     parser.add_argument("--out", default=None, help="where report.md and report.csv go (default: --results)")

@@ -511,6 +511,7 @@ def synthetic_image(seed: int, size: tuple[int, int] = (400, 300)) -> Image.Imag
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # a prefix of a flag is not that flag
         prog="python -m restore.small_checkpoint",
         description="Build a small LLaVA-1.5-shaped checkpoint with deterministic random weights.",
     )

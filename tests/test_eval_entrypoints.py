@@ -5,6 +5,8 @@ loading it from disk); ``test_*_loads_checkpoint`` and the subprocess test use t
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
 import math
 import random
@@ -16,7 +18,8 @@ from pathlib import Path
 import pytest
 
 import restore
-from restore.eval import answer_files, arguments, entry_point, mmbench, ocrbench, runner, science, shards, vqa_loader
+from restore.eval import (answer_files, arguments, entry_point, mmbench, ocrbench, plan, runner, science, shards,
+                         vqa_loader)
 from restore.eval.fixtures import make_fixtures
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,10 +48,17 @@ def texts(lines: list) -> list:
     return [(line.get("question_id", line.get("id")), line.get("text", line.get("predict"))) for line in lines]
 
 
+def check_images_with(monkeypatch, checkpoint: Path) -> None:
+    """The up-front image check preprocesses with ``checkpoint``'s processor, whatever --model-path says."""
+    build = runner.image_preprocessing_for_check
+    monkeypatch.setattr(runner, "image_preprocessing_for_check", lambda model_path: build(str(checkpoint)))
+
+
 @pytest.fixture
-def loaded_model(small_model, monkeypatch):
+def loaded_model(small_model, small_checkpoint, monkeypatch):
     """Entry points use the session's small model instead of loading one, and never check the model path."""
     calls = []
+    check_images_with(monkeypatch, small_checkpoint)
 
     def fake_load(args, base):
         calls.append((base, args.n_vis, args.restore))
@@ -251,15 +261,29 @@ def test_answers_match_the_official_loop_and_formats(data, tmp_path, small_model
                           "--image-folder", str(data / "ocrbench/data"), "--answers-file", str(ocr),
                           "--max_new_tokens", "2"]) == 0
     questions = json.loads((data / "ocrbench/OCRBench.json").read_text())
-    assert read_lines(ocr) == [{**q, "predict": line["predict"]} for q, line in zip(questions, read_lines(ocr))]
-    assert list(read_lines(ocr)[0]) == ["dataset_name", "id", "image_path", "question", "answers", "type", "predict"]
+    ocr_lines = read_lines(ocr)
+    assert [list(line) for line in ocr_lines] == [["dataset_name", "id", "image_path", "question", "answers", "type",
+                                                   "predict"]] * len(questions)
+    assert [{k: v for k, v in line.items() if k != "predict"} for line in ocr_lines] == questions
+    for q, line in zip(questions, ocr_lines):
+        image = Image.open(data / "ocrbench/data" / q["image_path"]).convert("RGB")
+        assert line["predict"] == official_style_answer(small_model, q["question"] + "\n" + SHORT, image, 2)
 
     mmb = tmp_path / "mmb.jsonl"
     assert mmbench.main(["--model-path", "x", "--question-file", str(data / "mmbench/mmbench_dev_20230712.tsv"),
                          "--answers-file", str(mmb), "--single-pred-prompt", "--max_new_tokens", "2"]) == 0
-    line = read_lines(mmb)[0]
-    assert list(line) == ["question_id", "round_id", "prompt", "text", "options", "option_char", "answer_id",
-                          "model_id", "metadata"]
+    mmb_lines = read_lines(mmb)
+    assert [list(line) for line in mmb_lines] == [["question_id", "round_id", "prompt", "text", "options",
+                                                   "option_char", "answer_id", "model_id", "metadata"]] * len(mmb_lines)
+    rows = mmbench.read_rows(str(data / "mmbench/mmbench_dev_20230712.tsv"))
+    assert [line["question_id"] for line in mmb_lines] == [int(row["index"]) for row in rows]
+    for row, line in zip(rows, mmb_lines):
+        options = [row[c] for c in "ABCD" if c in row and not mmbench.is_empty(row[c])]
+        question = row["question"] if mmbench.is_empty(row["hint"]) else row["hint"] + "\n" + row["question"]
+        prompt = question + "".join(f"\n{c}. {o}" for c, o in zip("ABCD", options))
+        assert (line["prompt"], line["options"], line["round_id"]) == (prompt, options, 0)
+        image = Image.open(io.BytesIO(base64.b64decode(row["image"])))  # padded in its stored mode
+        assert line["text"] == official_style_answer(small_model, prompt + "\n" + LETTER, image, 2)
     assert "[mmbench] chunk 1/1" in capsys.readouterr().out
 
 
@@ -267,12 +291,13 @@ def test_answers_match_the_official_loop_and_formats(data, tmp_path, small_model
 # Failing before the model loads
 
 
-def test_bad_inputs_fail_before_the_model_is_loaded(data, tmp_path, monkeypatch, capsys):
+def test_bad_inputs_fail_before_the_model_is_loaded(data, tmp_path, monkeypatch, capsys, small_checkpoint):
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the inputs were validated")
 
     monkeypatch.setattr(runner, "load_model_for_eval", must_not_load)
     monkeypatch.setattr(arguments, "check_model_path", lambda path: None)
+    check_images_with(monkeypatch, small_checkpoint)
     images = tmp_path / "images"
     images.mkdir()
     questions = entry_point.read_jsonl(str(data / "gqa/llava_gqa_testdev_balanced.jsonl"))
@@ -312,6 +337,90 @@ def test_bad_inputs_fail_before_the_model_is_loaded(data, tmp_path, monkeypatch,
     whole = (data / "gqa/data/images" / names[-1]).read_bytes()
     (images / names[-1]).write_bytes(whole[: len(whole) // 2])  # a truncated JPEG opens but does not decode
     fails(with_images, "cannot be decoded", str(images / names[-1]), "truncated")
+    # decodes, but CLIP's processor cannot tell a 1x1 image's channel axis: found up front, named
+    from PIL import Image
+
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(images / names[-1], format="JPEG")
+    fails(with_images, "1 image(s) of this chunk cannot be decoded or preprocessed", str(images / names[-1]),
+          "1x1 pixels", "mean must have 1 elements")
+
+
+# benchmark -> (entry point, question file, image folder, fixed flags), as scripts/llava1_5/*.sh run them
+BENCHMARKS = {
+    "gqa": (vqa_loader, "gqa/llava_gqa_testdev_balanced.jsonl", "gqa/data/images", []),
+    "vqav2": (vqa_loader, "vqav2/llava_vqav2_mscoco_test-dev2015.jsonl", "vqav2/test2015", []),
+    "seed": (vqa_loader, "seed_bench/llava-seed-bench.jsonl", "seed_bench", []),
+    "pope": (vqa_loader, "pope/llava_pope_test.jsonl", "pope/val2014", []),
+    "textvqa": (vqa_loader, "textvqa/llava_textvqa_val_v051_ocr.jsonl", "textvqa/train_images", []),
+    "mme": (vqa_loader, "MME/llava_mme.jsonl", "MME/MME_Benchmark_release_version", []),
+    "mmbench": (mmbench, "mmbench/mmbench_dev_20230712.tsv", None, ["--single-pred-prompt"]),
+    "sqa": (science, "scienceqa/llava_test_CQM-A.json", "scienceqa/images/test", ["--single-pred-prompt"]),
+    "ocrbench": (ocrbench, "ocrbench/OCRBench.json", "ocrbench/data", []),
+}
+
+
+def without_questions(original: Path) -> str:
+    """The question file's format with no question in it: a TSV keeps its header, a JSON list is []."""
+    if original.suffix == ".tsv":
+        return original.read_text().splitlines(keepends=True)[0]
+    return "[]\n" if original.suffix == ".json" else "\n"
+
+
+def with_first_question_twice(original: Path) -> str:
+    if original.suffix == ".json":
+        questions = json.loads(original.read_text())
+        return json.dumps(questions + [questions[0]])
+    lines = original.read_text().splitlines(keepends=True)
+    first_question = lines[1] if original.suffix == ".tsv" else lines[0]
+    return "".join(lines) + first_question
+
+
+@pytest.mark.parametrize("bench", sorted(BENCHMARKS))
+def test_empty_and_repeating_question_files_fail_before_the_model_loads(bench, data, tmp_path, monkeypatch, capsys):
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded for a question file that cannot be run")
+
+    monkeypatch.setattr(runner, "load_model_for_eval", must_not_load)
+    monkeypatch.setattr(arguments, "check_model_path", lambda path: None)
+    module, question_file, image_folder, flags = BENCHMARKS[bench]
+    original = data / question_file
+    questions = tmp_path / original.name
+    answers = tmp_path / "answers.jsonl"
+    argv = ["--model-path", "x", "--question-file", str(questions), "--answers-file", str(answers),
+            "--device", "cpu", *flags, *(["--image-folder", str(data / image_folder)] if image_folder else [])]
+
+    questions.write_text(without_questions(original))
+    assert module.main(argv) == 2
+    assert f"{questions} holds no questions" in capsys.readouterr().err
+    assert not answers.exists()
+
+    questions.write_text(with_first_question_twice(original))
+    assert module.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "1 question(s) appear more than once" in err and "remove the repeats" in err
+    assert not answers.exists()
+
+
+def test_filters_that_leave_no_question_are_errors(data, tmp_path, loaded_model, capsys):
+    seed = ["--model-path", "x", "--question-file", str(data / "seed_bench/llava-seed-bench.jsonl"),
+            "--image-folder", str(data / "seed_bench"), "--answers-file", str(tmp_path / "a.jsonl")]
+    assert vqa_loader.main([*seed, "--only-images-under", "no-such-folder"]) == 2
+    assert "--only-images-under no-such-folder/: none of the" in capsys.readouterr().err
+    problems = json.loads((data / "scienceqa/llava_test_CQM-A.json").read_text())
+    text_only = tmp_path / "text_only.json"
+    text_only.write_text(json.dumps([p for p in problems if "image" not in p]))
+    sqa = ["--model-path", "x", "--question-file", str(text_only), "--image-folder", str(data / "scienceqa/images/test"),
+           "--answers-file", str(tmp_path / "s.jsonl")]
+    assert science.main(sqa) == 2
+    assert "has an image; pass --answer-text-only" in capsys.readouterr().err
+    assert loaded_model == [] and not (tmp_path / "a.jsonl").exists() and not (tmp_path / "s.jsonl").exists()
+
+
+def test_mme_asks_two_questions_under_one_question_id(data):
+    questions = entry_point.read_jsonl(str(data / "MME/llava_mme.jsonl"))
+    assert len({q["question_id"] for q in questions}) < len(questions)  # the fixture has the MME case
+    items = vqa_loader.build_items(settings_for(data, "MME/llava_mme.jsonl", "MME/MME_Benchmark_release_version"))
+    assert [(i.fields["question_id"], i.text) for i in items] == [(q["question_id"], q["text"]) for q in questions]
 
 
 def test_failing_fast_from_the_command_line(data, tmp_path, small_checkpoint):
@@ -512,12 +621,70 @@ def test_images_in_modes_llava_cannot_pad_are_converted(small_model):
     pixels = runner.preprocess_image(grey, small_model.image_processor, small_model.model.config)
     from llava.mm_utils import process_images
 
-    assert pixels.shape == process_images([grey.convert("RGB")], small_model.image_processor,
-                                          small_model.model.config)[0].shape
+    assert (pixels == process_images([grey.convert("RGB")], small_model.image_processor,
+                                     small_model.model.config)[0]).all()
     palette = Image.new("RGB", (60, 30), (200, 10, 30)).convert("P")
     # a palette image is padded in its own mode, as the official ScienceQA script does
     assert (runner.preprocess_image(palette, small_model.image_processor, small_model.model.config)
             == process_images([palette], small_model.image_processor, small_model.model.config)[0]).all()
+
+
+ODD_IMAGES = {  # name -> (mode, size)
+    "grey": ("L", (40, 30)), "grey-alpha": ("LA", (30, 40)), "rgba": ("RGBA", (40, 30)), "cmyk": ("CMYK", (40, 30)),
+    "palette": ("P", (40, 30)), "16-bit": ("I;16", (40, 30)), "float": ("F", (30, 40)), "bilevel": ("1", (40, 30)),
+    "one-pixel": ("RGB", (1, 1)), "one-grey-pixel": ("L", (1, 1)), "one-column": ("RGB", (1, 50)),
+    "one-row": ("RGB", (50, 1)), "2x2": ("RGB", (2, 2)), "very-wide": ("RGB", (4000, 2)),
+    "very-tall": ("L", (3, 3000)),
+}
+
+
+@pytest.mark.parametrize("convert_rgb", [True, False])
+def test_every_image_either_preprocesses_in_inference_or_fails_the_check(small_model, small_checkpoint, tmp_path,
+                                                                         convert_rgb):
+    from PIL import Image
+
+    check = runner.image_preprocessing_for_check(str(small_checkpoint))
+    failed_up_front = set()
+    for name, (mode, size) in ODD_IMAGES.items():
+        path = tmp_path / f"{name}.tiff"
+        Image.new(mode, size).save(path)
+        ref = entry_point.ImageRef(label=name, path=str(path), convert_rgb=convert_rgb)
+        item = entry_point.Item(key=name, text="q", image=ref)
+        try:
+            plan.check_images([item], preprocess=check)
+        except entry_point.SetupError as e:
+            assert str(path) in str(e) and f"{size[0]}x{size[1]} pixels" in str(e)
+            failed_up_front.add(name)
+            continue
+        # what the DataLoader does with the loaded model's processor and config
+        dataset = runner.PreparedItems([item], small_model.tokenizer, small_model.image_processor,
+                                       small_model.model.config, "vicuna_v1")
+        _, pixels, image_size = dataset[0]
+        assert tuple(pixels.shape) == (3, 336, 336) and image_size == size
+        # the check's processor, built from the config alone, is the loaded model's
+        assert (check(ref.open()) == pixels).all()
+    assert {"one-pixel", "one-grey-pixel"} <= failed_up_front
+
+
+def test_the_image_check_preprocesses_once_per_mode_and_size(tmp_path):
+    from PIL import Image
+
+    seen = []
+
+    def preprocess(image):
+        seen.append((image.mode, image.size))
+        if image.size == (1, 1):
+            raise ValueError("too small")
+
+    items = []
+    for k, (mode, size) in enumerate([("RGB", (8, 6))] * 3 + [("L", (8, 6)), ("RGB", (1, 1)), ("RGB", (1, 1))]):
+        Image.new(mode, size, k).save(tmp_path / f"{k}.png")
+        ref = entry_point.ImageRef(label=str(k), path=str(tmp_path / f"{k}.png"), convert_rgb=False)
+        items.append(entry_point.Item(key=str(k), text="q", image=ref))
+    with pytest.raises(entry_point.SetupError, match=r"2 image\(s\)") as error:
+        plan.check_images(items, preprocess=preprocess)
+    assert str(tmp_path / "4.png") in str(error.value) and str(tmp_path / "5.png") in str(error.value)
+    assert sorted(seen) == [("L", (8, 6)), ("RGB", (1, 1)), ("RGB", (8, 6))]
 
 
 def test_text_only_science_questions_are_answered_on_request(data, tmp_path, loaded_model):

@@ -1,7 +1,13 @@
-"""Name -> selector registry. Adding a baseline is one new module with one decorated function."""
+"""Name -> selector registry. Adding a baseline is one new module with one decorated function.
+
+The registry fills itself on first use: every module of this package, then every module installed under
+the ``restore.methods`` entry-point group, is imported once, and each registers its selectors on import.
+"""
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+import importlib
+import pkgutil
+from typing import Callable, Dict, List, Sequence
 
 import torch
 
@@ -10,6 +16,8 @@ from .tokens import VisualTokens
 Selector = Callable[[VisualTokens, int], torch.Tensor]
 _SELECTORS: Dict[str, Selector] = {}
 _NAMES: Dict[str, str] = {}  # lower-case key -> registered spelling
+ENTRY_POINT_GROUP = "restore.methods"
+_discovery = {"done": False}
 
 
 def register_selector(name: str) -> Callable[[Selector], Selector]:
@@ -48,10 +56,52 @@ def register_selector(name: str) -> Callable[[Selector], Selector]:
 
     return decorator
 
+def discover_selectors() -> None:
+    """Import, once, every module of the tokenreduction package and every ``restore.methods`` entry point,
+    so that a method needs nothing but its own file (or its installed package) to be found by name."""
+    if _discovery["done"]:
+        return
+    _discovery["done"] = True  # first: a module that looks up selectors while importing must not recurse
+    try:
+        _import_package_modules()
+        _import_entry_points()
+    except BaseException:
+        _discovery["done"] = False
+        raise
+
+
+def _import_package_modules() -> None:
+    package = importlib.import_module(__package__)
+    for module in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"{__package__}.{module.name}")
+
+
+def _import_entry_points() -> None:
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            entry.load()
+        except Exception as e:
+            where = f" (from the installed package {entry.dist.name})" if entry.dist is not None else ""
+            raise ImportError(f"the {ENTRY_POINT_GROUP} entry point {entry.name} = {entry.value}{where} cannot be "
+                              f"imported: {type(e).__name__}: {e}; fix or uninstall that package") from e
+
+
+def load_plugins(modules: Sequence[str]) -> None:
+    """Import modules that register selectors from outside this package (``mylab.my_method``)."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # a plugin can fail in any way while it runs its module code
+            hint = " (name the module, e.g. mylab.my_method, not its file)" if name.endswith(".py") else ""
+            raise ImportError(f"cannot import the plugin module {name!r}{hint}: {type(e).__name__}: {e}; "
+                              "is its folder on PYTHONPATH?") from e
 
 
 def get_selector(name: str) -> Selector:
     """The selector registered under ``name`` (case-insensitive)."""
+    discover_selectors()
     try:
         return _SELECTORS[str(name).lower()]
     except KeyError:
@@ -67,4 +117,5 @@ def canonical_name(name: str) -> str:
 
 
 def available_selectors() -> List[str]:
+    discover_selectors()
     return sorted(_NAMES.values(), key=str.lower)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from .entry_point import MAX_VISUAL_TOKENS, OPTION_LETTER_SUFFIX, EntryPoint, SetupError
 
@@ -15,6 +15,7 @@ DEFAULT_MODEL_PATH = "liuhaotian/llava-v1.5-7b"
 
 def build_parser(entry: EntryPoint) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
+        allow_abbrev=False,  # a prefix of a flag is not that flag
         prog=f"python -m restore.eval.{entry.name}",
         description=entry.description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -48,6 +49,9 @@ def build_parser(entry: EntryPoint) -> argparse.ArgumentParser:
     r.add_argument("--n_vis", "--n-vis", dest="n_vis", type=int, default=None,
                    help=f"visual tokens kept, 1..{MAX_VISUAL_TOKENS}; required with --base")
     r.add_argument("--restore", action="store_true", help="apply RESTORE on top of --base (needs --n_vis >= 2)")
+    r.add_argument("--plugin", metavar="MODULE", action="append", default=[],
+                   help="import this module (e.g. mylab.my_method, importable from PYTHONPATH) before --base is "
+                        "checked, so that the selectors it registers can be named; repeatable")
 
     x = p.add_argument_group("execution")
     x.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
@@ -60,6 +64,9 @@ def build_parser(entry: EntryPoint) -> argparse.ArgumentParser:
     x.add_argument("--no-image-check", action="store_true",
                    help="skip decoding every image up front (missing images are still found; a corrupt one "
                         "then fails mid-run)")
+    x.add_argument("--check-only", action="store_true",
+                   help="check the arguments and the question file, then exit without loading the model "
+                        "(0: fine, 2: a problem); the scripts run this once before starting their shards")
     return p
 
 
@@ -67,6 +74,7 @@ def check_arguments(entry: EntryPoint, args: argparse.Namespace,
                     env: Mapping[str, str] = os.environ) -> Tuple[Dict[str, Any], int, int]:
     """(settings that change the answers, number of chunks, this chunk); raises SetupError on any problem
     that can be found without the model."""
+    load_plugins(args.plugin)  # before --base is checked: a plugin registers the names it may take
     base = validate_reduction(args.base, args.n_vis, args.restore)
     num_chunks, chunk_idx = resolve_chunk(args.num_chunks, args.chunk_idx, env)
     if args.max_new_tokens < 1:
@@ -124,6 +132,16 @@ def effective_conv_mode(model_path: str, conv_mode: str) -> str:
     if "plain" in model_name and "finetune" not in model_name.lower() and "mmtag" not in conv_mode:
         return conv_mode + "_mmtag"
     return conv_mode
+
+
+def load_plugins(modules: Sequence[str]) -> None:
+    """Import each --plugin module; SetupError naming the one that cannot be imported."""
+    import tokenreduction
+
+    try:
+        tokenreduction.load_plugins(modules)
+    except ImportError as e:
+        raise SetupError(f"--plugin: {e}") from None
 
 
 def validate_reduction(base: Optional[str], n_vis: Optional[int], restore: bool) -> Optional[str]:
@@ -223,4 +241,6 @@ def common_settings(args: argparse.Namespace, base: Optional[str]) -> Dict[str, 
         "base": base,
         "n_vis": args.n_vis,
         "restore": bool(args.restore),
+        # only when given, so that the answers files of runs without plugins keep their settings record
+        **({"plugins": list(dict.fromkeys(args.plugin))} if args.plugin else {}),
     }

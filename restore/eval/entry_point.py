@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
+from collections import Counter
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 OPTION_LETTER_SUFFIX = "Answer with the option's letter from the given choices directly."
@@ -115,6 +116,24 @@ def require_fields(row: Mapping[str, Any], names: Iterable[str], where: str) -> 
     missing = [n for n in names if n not in row]
     if missing:
         raise SetupError(f"{where} lacks the field(s) {', '.join(missing)}; is this the right question file?")
+
+
+def require_questions(questions: Sequence[Any], path: str) -> None:
+    """A question file without questions is a mistake (an interrupted download, the wrong file), not a run
+    that scores nothing."""
+    if not questions:
+        raise SetupError(f"{path} holds no questions; is it the right question file, and complete?")
+
+
+def require_unique(items: Sequence[Item], path: str, describe: Callable[[Item], str]) -> None:
+    """Each question once: a repeat would be answered twice and counted twice. ``describe`` names an item
+    as the question file identifies it (e.g. "question_id 7")."""
+    counts = Counter(item.key for item in items)
+    repeated = list(dict.fromkeys(describe(item) for item in items if counts[item.key] > 1))
+    if repeated:
+        shown = "; ".join(repeated[:5]) + (f"; ... and {len(repeated) - 5} more" if len(repeated) > 5 else "")
+        raise SetupError(f"{path}: {len(repeated)} question(s) appear more than once ({shown}); each question "
+                         "must be asked once: remove the repeats from the question file")
 
 
 def model_vqa_answer_line(item: Item, text: str, model_id: str) -> Dict[str, Any]:

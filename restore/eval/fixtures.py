@@ -633,7 +633,7 @@ def write_reference_answers(data_root: str | Path, bench: str, path: str | Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m restore.eval.fixtures", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m restore.eval.fixtures", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="data root to write (e.g. a temporary folder)")
     parser.add_argument("--n", type=int, default=6, help="items per benchmark (default 6)")

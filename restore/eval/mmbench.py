@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Any, Dict, List, Mapping
 
-from .entry_point import OPTION_LETTER_SUFFIX, EntryPoint, ImageRef, Item, SetupError
+from .entry_point import OPTION_LETTER_SUFFIX, EntryPoint, ImageRef, Item, SetupError, require_questions, require_unique
 from .runner import run
 
 OPTION_LETTERS = ("A", "B", "C", "D")
@@ -65,8 +65,10 @@ def _key(index: Any, round_id: int) -> str:
 def build_items(settings: Mapping[str, Any]) -> List[Item]:
     path = settings["question_file"]
     suffix = LETTER_SUFFIX_CN if settings["lang"] == "cn" else OPTION_LETTER_SUFFIX
+    rows = read_rows(path)
+    require_questions(rows, path)
     items = []
-    for row in read_rows(path):
+    for row in rows:
         try:
             index = int(row["index"])
         except (TypeError, ValueError):
@@ -92,6 +94,7 @@ def build_items(settings: Mapping[str, Any]) -> List[Item]:
                 fields={"question_id": index, "round_id": round_id, "prompt": question, "options": shown,
                         "option_char": letters[round_id:] + letters[:round_id]},
             ))
+    require_unique(items, path, lambda item: f"index {item.fields['question_id']}")
     return items
 
 

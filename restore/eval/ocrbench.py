@@ -16,7 +16,8 @@ import os
 import sys
 from typing import Any, Dict, List, Mapping
 
-from .entry_point import SHORT_ANSWER_SUFFIX, EntryPoint, ImageRef, Item, read_question_list, require_fields
+from .entry_point import (SHORT_ANSWER_SUFFIX, EntryPoint, ImageRef, Item, read_question_list, require_fields,
+                          require_questions, require_unique)
 from .runner import run
 
 FIELDS = ("dataset_name", "id", "image_path", "question", "answers", "type")
@@ -38,6 +39,7 @@ def _key(line: Mapping[str, Any]) -> str:
 def build_items(settings: Mapping[str, Any]) -> List[Item]:
     path, folder = settings["question_file"], settings["image_folder"]
     questions = read_question_list(path, "OCRBench.json")
+    require_questions(questions, path)
     items = []
     for number, q in enumerate(questions, 1):
         require_fields(q, FIELDS, f"{path}, question {number}")
@@ -45,6 +47,8 @@ def build_items(settings: Mapping[str, Any]) -> List[Item]:
         items.append(Item(key=_key(q), text=text,
                           image=ImageRef(label=q["image_path"], path=os.path.join(folder, q["image_path"])),
                           fields={name: q[name] for name in FIELDS}))
+    require_unique(items, path, lambda item: f"id {item.fields['id']!r} ({item.fields['image_path']}) with the "
+                                             "same question")
     return items
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from dataclasses import dataclass
-from typing import IO, Any, Dict, List, Mapping, Optional, Sequence
+from typing import IO, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .answer_files import chunk_items, existing_answers, lock_answers_file
 from .arguments import check_arguments
@@ -59,8 +60,17 @@ def plan_run(entry: EntryPoint, args: argparse.Namespace, env: Mapping[str, str]
     return Plan(entry, args, settings, num_chunks, chunk_idx, answers_file, items, done, pending, repaired, lock)
 
 
-def check_images(items: Sequence[Item], decode: bool = True) -> None:
-    """Every pending image exists and decodes; lists the first few that do not."""
+def check_only(entry: EntryPoint, args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> int:
+    """The checks of plan_run that touch no answers file (arguments, plugins, the question file); the number
+    of items of this chunk. Lets a script refuse a bad command once, before it starts any shard."""
+    settings, num_chunks, chunk_idx = check_arguments(entry, args, env)
+    return len(chunk_items(entry, settings, num_chunks, chunk_idx))
+
+
+def check_images(items: Sequence[Item], decode: bool = True,
+                 preprocess: Optional[Callable[[Any], Any]] = None) -> None:
+    """Every pending image exists, decodes and (given ``preprocess``, what inference does to an image)
+    preprocesses; lists the first few that do not."""
     missing = [it.image.path for it in items if it.image and it.image.path and not os.path.isfile(it.image.path)]
     missing = list(dict.fromkeys(missing))
     if missing:
@@ -74,19 +84,55 @@ def check_images(items: Sequence[Item], decode: bool = True) -> None:
 
     from tqdm import tqdm
 
-    def try_open(ref: ImageRef) -> Optional[str]:
+    tried = _PreprocessedShapes(preprocess)
+
+    def try_image(ref: ImageRef) -> Optional[str]:
         try:
-            ref.open()
-            return None
+            image = ref.open()
         except Exception as e:  # PIL raises many types for bad files
-            return f"{ref.path or ref.label}: {type(e).__name__}: {e}"
+            return f"{ref.path or ref.label}: cannot be decoded: {type(e).__name__}: {e}"
+        problem = tried.problem(image)
+        return None if problem is None else f"{ref.path or ref.label}: {problem}"
 
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:  # decoding releases the GIL
-        problems = [p for p in tqdm(pool.map(try_open, refs), total=len(refs), desc="checking images",
+        problems = [p for p in tqdm(pool.map(try_image, refs), total=len(refs), desc="checking images",
                                     disable=len(refs) < 50, mininterval=progress_interval()) if p]
     if problems:
-        raise SetupError(f"{len(problems)} image(s) of this chunk cannot be decoded:{_first_five(problems)}")
+        raise SetupError(f"{len(problems)} image(s) of this chunk cannot be decoded or preprocessed "
+                         f"(remove or replace them):{_first_five(problems)}")
+
+
+class _PreprocessedShapes:
+    """Runs ``preprocess`` once per distinct (mode, size, transparency) of image.
+
+    Whether the image processor fails depends on those alone, never on the pixel values (the 1x1 image
+    whose channel axis it cannot tell apart is one case), so a dataset's many photos of one size cost one
+    preprocessing, not one each."""
+
+    def __init__(self, preprocess: Optional[Callable[[Any], Any]]):
+        self.preprocess = preprocess
+        self.outcomes: Dict[Tuple[Any, ...], Optional[str]] = {}
+        self.lock = threading.Lock()
+
+    def problem(self, image: Any) -> Optional[str]:
+        """None when the image preprocesses, else what went wrong."""
+        if self.preprocess is None:
+            return None
+        shape = (image.mode, image.size, "transparency" in image.info)
+        with self.lock:
+            if shape in self.outcomes:
+                return self.outcomes[shape]
+        try:
+            self.preprocess(image)
+            outcome = None
+        except Exception as e:  # the processor's errors are ValueError, TypeError, IndexError...
+            width, height = image.size
+            outcome = (f"cannot be preprocessed for the model ({width}x{height} pixels, mode {image.mode}): "
+                       f"{type(e).__name__}: {e}")
+        with self.lock:
+            self.outcomes[shape] = outcome
+        return outcome
 
 
 def _first_five(problems: Sequence[str]) -> str:

@@ -12,17 +12,19 @@ import argparse
 import os
 import sys
 import time
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from .answer_files import dumps_line, put_in_question_order, write_in_order, write_meta
 from .arguments import build_parser, chunk_source, describe_reduction, effective_conv_mode
 from .entry_point import EntryPoint, Item, SetupError
-from .plan import Plan, check_images, plan_run, progress_interval
+from .plan import Plan, check_images, check_only, plan_run, progress_interval
 
 
 def run(entry: EntryPoint, argv: Optional[Sequence[str]] = None) -> int:
     """The whole run of an entry point; an exit status (2: a problem found before the model loaded)."""
     args = build_parser(entry).parse_args(argv)
+    if args.check_only:
+        return _check_only(entry, args)
     try:
         plan = plan_run(entry, args)
     except SetupError as e:
@@ -34,6 +36,16 @@ def run(entry: EntryPoint, argv: Optional[Sequence[str]] = None) -> int:
         plan.release()
 
 
+def _check_only(entry: EntryPoint, args: argparse.Namespace) -> int:
+    try:
+        n_items = check_only(entry, args)
+    except SetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"[{entry.name}] arguments and question file are fine: {n_items} items", flush=True)
+    return 0
+
+
 def _run_planned(entry: EntryPoint, args: argparse.Namespace, plan: Plan) -> int:
     try:
         source = chunk_source(args.num_chunks, args.chunk_idx, os.environ)
@@ -42,7 +54,10 @@ def _run_planned(entry: EntryPoint, args: argparse.Namespace, plan: Plan) -> int
               f"{len(plan.items) - len(plan.pending)} already answered; reduction: "
               f"{describe_reduction(plan.settings['base'], args.n_vis, args.restore)}", flush=True)
         # --no-image-check skips only the slow part (decoding); a missing file is always found here
-        check_images(plan.pending, decode=not args.no_image_check)
+        decode = not args.no_image_check
+        needs_pixels = decode and any(item.image is not None for item in plan.pending)
+        check_images(plan.pending, decode=decode,
+                     preprocess=image_preprocessing_for_check(args.model_path) if needs_pixels else None)
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -171,6 +186,31 @@ def preprocess_image(image, image_processor, model_config):
         # Padding an image whose mode takes no RGB fill colour (L, LA, I;16...) fails inside LLaVA, which
         # would stop the official scripts; converting such an image to RGB first is the only way on.
         return process_images([image.convert("RGB")], image_processor, model_config)[0]
+
+
+def image_preprocessing_for_check(model_path: str) -> Callable[[Any], Any]:
+    """``image -> pixels`` exactly as inference will preprocess it, built from the checkpoint's config and
+    its vision tower's preprocessor file alone: no weights are read, so every image can be checked before
+    the model loads."""
+    from types import SimpleNamespace
+
+    from llava_patches.loading import CheckpointError, check_checkpoint
+    from transformers import CLIPImageProcessor
+
+    try:
+        _, _, config = check_checkpoint(os.path.expanduser(model_path))
+    except (FileNotFoundError, CheckpointError) as e:
+        raise SetupError(f"--model-path: {e}") from None
+    vision_tower = config["mm_vision_tower"]
+    try:
+        # LLaVA's CLIP vision tower builds its image processor this same way when it loads.
+        image_processor = CLIPImageProcessor.from_pretrained(vision_tower)
+    except (OSError, ValueError) as e:
+        raise SetupError(f"the image processor of the vision tower {vision_tower!r} (from the config of "
+                         f"{model_path}) cannot be loaded: {e}") from None
+    # process_images reads only image_aspect_ratio (and image_grid_pinpoints) from the model's config.
+    model_config = SimpleNamespace(**config)
+    return lambda image: preprocess_image(image, image_processor, model_config)
 
 
 def load_model_for_eval(args: argparse.Namespace, base: Optional[str]):

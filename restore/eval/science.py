@@ -17,8 +17,8 @@ import os
 import sys
 from typing import Any, Dict, List, Mapping
 
-from .entry_point import (OPTION_LETTER_SUFFIX, EntryPoint, ImageRef, Item, model_vqa_answer_line, read_question_list,
-                          require_fields)
+from .entry_point import (OPTION_LETTER_SUFFIX, EntryPoint, ImageRef, Item, SetupError, model_vqa_answer_line,
+                          read_question_list, require_fields, require_questions, require_unique)
 from .runner import run
 
 
@@ -34,6 +34,7 @@ def _settings(args: argparse.Namespace) -> Dict[str, Any]:
 def build_items(settings: Mapping[str, Any]) -> List[Item]:
     path, folder = settings["question_file"], settings["image_folder"]
     problems = read_question_list(path, "llava_test_CQM-A.json")
+    require_questions(problems, path)
     items = []
     for number, q in enumerate(problems, 1):
         require_fields(q, ("id", "conversations"), f"{path}, question {number}")
@@ -52,6 +53,10 @@ def build_items(settings: Mapping[str, Any]) -> List[Item]:
             prompt += "\n" + OPTION_LETTER_SUFFIX
         items.append(Item(key=json.dumps([q["id"]]), text=text, image=image,
                           fields={"question_id": q["id"], "prompt": prompt}))
+    if not items:
+        raise SetupError(f"none of the {len(problems)} questions of {path} has an image; pass --answer-text-only "
+                         "to answer questions without one")
+    require_unique(items, path, lambda item: f"id {item.fields['question_id']!r}")
     return items
 
 

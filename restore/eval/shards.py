@@ -160,15 +160,15 @@ def finish_run(benchmark: str, chunk_files: Sequence[str], answers_dir: str, dat
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m restore.eval.shards",
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m restore.eval.shards",
                                 description="helpers of scripts/llava1_5/*.sh")
     sub = p.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("merge", help="check chunk files (given in chunk order) and concatenate them")
+    m = sub.add_parser("merge", allow_abbrev=False, help="check chunk files (given in chunk order) and concatenate them")
     m.add_argument("--out", required=True)
     m.add_argument("--check", action="store_true", help="only check: exit 0 if mergeable, 3 if some chunk is missing or not complete yet, "
                         "1 on a conflict (other settings or chunking) or a damaged chunk")
     m.add_argument("chunks", nargs="+")
-    f = sub.add_parser("finish", help="merge chunk files, score them, write a result record")
+    f = sub.add_parser("finish", allow_abbrev=False, help="merge chunk files, score them, write a result record")
     f.add_argument("--benchmark", required=True)
     f.add_argument("--answers-dir", required=True)
     f.add_argument("--data-root", required=True)

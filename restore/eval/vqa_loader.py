@@ -18,7 +18,8 @@ import os
 import sys
 from typing import Any, Dict, List, Mapping
 
-from .entry_point import EntryPoint, ImageRef, Item, SetupError, model_vqa_answer_line, read_jsonl, require_fields
+from .entry_point import (EntryPoint, ImageRef, Item, SetupError, model_vqa_answer_line, read_jsonl, require_fields,
+                          require_questions, require_unique)
 from .runner import run
 
 
@@ -41,8 +42,10 @@ def _key(question_id: Any, prompt: str) -> str:
 def build_items(settings: Mapping[str, Any]) -> List[Item]:
     path, folder = settings["question_file"], settings["image_folder"]
     under = settings.get("only_images_under")
+    questions = read_jsonl(path)
+    require_questions(questions, path)
     items = []
-    for number, q in enumerate(read_jsonl(path), 1):
+    for number, q in enumerate(questions, 1):
         require_fields(q, ("question_id", "image", "text"), f"{path}, question {number}")
         if not isinstance(q["text"], str) or not isinstance(q["image"], str):
             raise SetupError(f"{path}, question {number}: 'text' and 'image' must be strings")
@@ -54,6 +57,11 @@ def build_items(settings: Mapping[str, Any]) -> List[Item]:
             image=ImageRef(label=q["image"], path=os.path.join(folder, q["image"]), convert_rgb=True),
             fields={"question_id": q["question_id"], "prompt": q["text"]},
         ))
+    if not items:
+        raise SetupError(f"--only-images-under {under}: none of the {len(questions)} questions of {path} has its "
+                         "image there (the folder is relative to --image-folder)")
+    # MME asks two questions of one image under one question_id: only the same id with the same text repeats.
+    require_unique(items, path, lambda item: f"question_id {item.fields['question_id']!r} with the same text")
     return items
 
 

@@ -100,7 +100,7 @@ run_benchmark() {
                     --run-name) run_name=$2 ;;
                 esac
                 shift 2 ;;
-            --question-file|--image-folder|--answers-file|--num-chunks|--chunk-idx)
+            --question-file|--image-folder|--answers-file|--num-chunks|--chunk-idx|--check-only)
                 die "$1 is set by this script (use --data-root, --answers-root, --shards, --nodes/--node-rank)" ;;
             --base|--n_vis|--n-vis|--device)
                 (($# >= 2)) || die "$1 needs a value"
@@ -129,6 +129,17 @@ run_benchmark() {
     local data_problem
     data_problem=$("$PY" -m restore.eval.scoring "$BENCH" --data-root "$data_root" --check-data 2>&1) \
         || die "${data_problem#error: }"
+
+    # The entry point parses the pass-through flags exactly as every shard will (no abbreviations, no
+    # unknown flags, plugins imported before --base is checked) and reads the question file: once, now.
+    local -a check_images=()
+    [[ -n $IMAGE_FOLDER ]] && check_images=(--image-folder "$data_root/$IMAGE_FOLDER")
+    local entry_problem
+    entry_problem=$("$PY" -m "restore.eval.$ENTRY" --check-only --model-path "$model_path" \
+        --question-file "$data_root/$QUESTION_FILE" ${check_images[@]+"${check_images[@]}"} \
+        --answers-file /dev/null --num-chunks 1 --chunk-idx 0 \
+        ${ENTRY_ARGS[@]+"${ENTRY_ARGS[@]}"} ${pass[@]+"${pass[@]}"} 2>&1) \
+        || { echo "$entry_problem" >&2; exit 2; }
 
     # Answers are keyed by model and reduction setting, so no run ever merges another run's files.
     local model_name tag answers_dir

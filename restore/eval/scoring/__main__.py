@@ -35,7 +35,7 @@ def format_table(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m restore.eval.scoring", description=__doc__)
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m restore.eval.scoring", description=__doc__)
     parser.add_argument("bench", choices=BENCHMARKS)
     parser.add_argument("--answers", help="answer file (JSONL) written by the entry point (required unless --check-data)")
     parser.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT), help="folder holding gqa/, MME/, pope/, ...")
