@@ -185,3 +185,60 @@ def run_tag(settings: Optional[ReductionSettings]) -> str:
     as_restore = settings.named_as_restore
     tag = f"{settings.base.lower()}-{settings.n_vis}" + ("-restore" if as_restore else "")
     return tag + settings_tag(settings.overrides(as_restore))
+
+
+def add_setting_arguments(group) -> None:
+    """The reduction settings as command-line flags (both spellings: --prune_ratio and --prune-ratio)."""
+    group.add_argument("--prune_ratio", "--prune-ratio", dest="prune_ratio", type=float, default=None,
+                       help="gamma: share of --n_vis kept by the base method (RESTORE: 0.5; 1 = prune only, "
+                            "0 = merge only)")
+    group.add_argument("--anchors", choices=ANCHORS, default=None,
+                       help="anchors of the merged groups (RESTORE: distinctive; uniform = VisionZip's)")
+    group.add_argument("--positions", choices=POSITIONS, default=None,
+                       help="position ids of the reduced tokens (RESTORE: retained; baseline: reindexed)")
+    group.add_argument("--calibration", choices=CALIBRATIONS, default=None,
+                       help="attention calibration (RESTORE: size_distance = log s + log(c - D); size = log s)")
+    group.add_argument("--calibration_c", "--calibration-c", dest="calibration_c", type=float, default=None,
+                       help="c in log(c - D) (RESTORE: 2)")
+    group.add_argument("--merged_position", "--merged-position", dest="merged_position", choices=MERGED_POSITIONS,
+                       default=None, help="position id of a merged token (RESTORE: median)")
+
+
+def overrides_from(args: Any) -> Dict[str, Any]:
+    """The reduction settings given on the command line (None: not given)."""
+    return {name: getattr(args, name, None) for name in SETTING_NAMES}
+
+
+def main(argv: Optional[list] = None) -> int:
+    """``python -m restore.settings tag --base HoloV --n_vis 64 --restore [settings]``: print the run name.
+
+    Other flags are ignored, so a script can pass its whole argument list.
+    """
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m restore.settings", allow_abbrev=False,
+                                     description="Print the run name of a reduction configuration.")
+    parser.add_argument("command", choices=["tag"])
+    parser.add_argument("--base", default=None)
+    parser.add_argument("--n_vis", "--n-vis", dest="n_vis", type=int, default=None)
+    parser.add_argument("--restore", action="store_true")
+    parser.add_argument("--num-patches", type=int, default=576, help="visual tokens per image before reduction")
+    add_setting_arguments(parser)
+    args, _ = parser.parse_known_args(argv)
+    if args.base is None:
+        print("full")
+        return 0
+    if args.n_vis is None:
+        print("error: --base needs --n_vis", file=sys.stderr)
+        return 2
+    try:
+        print(run_tag(resolve_settings(args.base, args.n_vis, args.restore, args.num_patches, **overrides_from(args))))
+    except (ValueError, TypeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
