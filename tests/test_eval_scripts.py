@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -162,6 +163,10 @@ def test_two_shards_give_the_single_run_answers_and_a_failing_shard_fails(all_ru
     fixed = run_script("mme", small_checkpoint, root, tmp_path, *flags, CUDA_VISIBLE_DEVICES="0,1")
     assert fixed.returncode == 0, fixed.stdout + fixed.stderr
     assert f"{half} already answered" in (answers_dir / "logs/2_0.log").read_text()
+    # each attempt's log starts empty; the failed attempt's log is kept beside it
+    assert "truncated" not in (answers_dir / "logs/2_1.log").read_text()
+    kept = list((answers_dir / "logs").glob("2_1.log.*"))
+    assert len(kept) == 1 and "truncated" in kept[0].read_text()
     assert answer_texts(answers_dir / "merge.jsonl") == reference
     assert len(list((tmp_path / "results").glob("mme__*.json"))) == 1
 
@@ -175,10 +180,13 @@ def test_nodes_share_a_benchmark_and_the_last_one_scores(all_runs, data, small_c
     assert first.returncode == 0, first.stderr
     assert "other nodes' chunks are not complete yet" in first.stdout
     assert not list((tmp_path / "results").glob("*.json"))
+    assert list((tmp_path / "answers/pope" / small_checkpoint.name / "holov-64/nodes").glob("0.json"))
     second = run_script("pope", small_checkpoint, root, tmp_path, *flags, "--node-rank", "1")
     assert second.returncode == 0, second.stderr
     assert answer_texts(tmp_path / "answers/pope" / small_checkpoint.name / "holov-64/merge.jsonl") == reference
     assert len(list((tmp_path / "results").glob("pope__*.json"))) == 1
+    # the run is over: a later run may use another layout
+    assert not list((tmp_path / "answers/pope" / small_checkpoint.name / "holov-64/nodes").glob("*.json"))
 
 
 def test_nodes_with_conflicting_settings_fail_loudly(data, small_checkpoint, tmp_path):
@@ -186,12 +194,41 @@ def test_nodes_with_conflicting_settings_fail_loudly(data, small_checkpoint, tmp
     flags = [*CONFIGS["pope"][0], "--nodes", "2"]
     first = run_script("pope", small_checkpoint, root, tmp_path, *flags, "--node-rank", "0")
     assert first.returncode == 0, first.stderr
+    # the second node has two GPUs, so two shards by default: its chunks and node 0's never add up
+    other_layout = run_script("pope", small_checkpoint, root, tmp_path, *flags, "--node-rank", "1",
+                              CUDA_VISIBLE_DEVICES="0,1")
+    assert other_layout.returncode == 2, other_layout.stdout + other_layout.stderr
+    assert "--nodes 2 --shards 1 (chunks 0..0 of 2)" in other_layout.stderr
+    assert "--nodes 2 --shards 2 (chunks 2..3 of 4)" in other_layout.stderr
+    assert "shard 0:" not in other_layout.stdout  # refused before inference
     # the second node was started with another answer-changing setting: waiting would never help
     second = run_script("pope", small_checkpoint, root, tmp_path, *flags, "--node-rank", "1", "--max_new_tokens", "3")
     assert second.returncode == 1, second.stdout + second.stderr
     assert "cannot be merged" in second.stderr and "max_new_tokens: 2 vs 3" in second.stderr
     assert not (tmp_path / "answers/pope" / small_checkpoint.name / "holov-64/merge.jsonl").exists()
     assert not list((tmp_path / "results").glob("*.json"))
+
+
+def test_another_shard_count_reuses_every_finished_answer(all_runs, data, small_checkpoint, tmp_path):
+    out, results = all_runs
+    assert results["pope"][0] == 0
+    config = Path("pope") / small_checkpoint.name / CONFIGS["pope"][1]
+    reference = answer_texts(out / "answers" / config / "merge.jsonl")
+    shutil.copytree(out / "answers" / config, tmp_path / "answers" / config)  # a finished run, one shard
+    outputs = {}
+    for n in ("2", "1"):
+        rerun = run_script("pope", small_checkpoint, data, tmp_path, *CONFIGS["pope"][0], "--shards", n)
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+        outputs[n] = rerun.stdout
+        assert answer_texts(tmp_path / "answers" / config / "merge.jsonl") == reference
+    for k in range(2):
+        log = (tmp_path / "answers" / config / f"logs/2_{k}.log").read_text()
+        assert "(0 answered now" in log and "loading model" not in log
+    assert [line["question_id"] for line in read_lines(tmp_path / "answers" / config / "merge.jsonl")] == \
+        expected_ids("pope", data)
+    # a CPU shard's thread count does not depend on how many shards there are
+    threads = {n: re.findall(r"OMP_NUM_THREADS=(\d+)", shown) for n, shown in outputs.items()}
+    assert threads["2"] == threads["1"] * 2 and threads["1"] == ["1"], threads
 
 
 def test_script_rejects_bad_usage_before_starting_shards(data, small_checkpoint, tmp_path):
@@ -207,6 +244,12 @@ def test_script_rejects_bad_usage_before_starting_shards(data, small_checkpoint,
     assert no_annotation.returncode == 2 and "SEED-Bench.json" in no_annotation.stderr, no_annotation.stderr
     assert "shard" not in no_annotation.stdout
     assert not (tmp_path / "answers").exists()
+    # folders that cannot be written are found before inference, not when the results are written
+    (tmp_path / "a-file").write_text("")
+    for option, what in (("--results-dir", "results folder"), ("--answers-root", "answers folder")):
+        unwritable = run_script("pope", small_checkpoint, data, tmp_path, option, str(tmp_path / "a-file/below"))
+        assert unwritable.returncode == 2 and what in unwritable.stderr, unwritable.stderr
+        assert "a-file/below" in unwritable.stderr and "shard" not in unwritable.stdout
 
 
 def test_help_lists_the_options():

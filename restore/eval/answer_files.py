@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 from typing import IO, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -49,8 +50,22 @@ def chunk_items(entry: EntryPoint, settings: Mapping[str, Any], num_chunks: int,
     return items[start:stop]
 
 
-def answer_keys(entry: EntryPoint, lines: Iterable[Mapping[str, Any]]) -> List[str]:
-    return numbered_keys(entry.answer_key(line) for line in lines)
+def answer_keys(entry: EntryPoint, lines: Iterable[Mapping[str, Any]],
+                chunk_keys: Sequence[str] = ()) -> List[str]:
+    """Keys of a chunk file's answer lines. ``chunk_keys`` (the chunk's item keys) continue the numbering
+    of a repeated question from the chunks before it: an answer has the same key in every chunking."""
+    first_number: Dict[str, int] = {}
+    for key in chunk_keys:
+        base, number = key.rsplit("#", 1)
+        first_number.setdefault(base, int(number))
+    seen: Dict[str, int] = {}
+    keys = []
+    for line in lines:
+        base = entry.answer_key(line)
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        keys.append(f"{base}#{first_number.get(base, 0) + n}")
+    return keys
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,22 +168,37 @@ def write_in_order(entry: EntryPoint, answers_file: str, items: Sequence[Item],
 
 def existing_answers(entry: EntryPoint, answers_file: str, items: Sequence[Item], settings: Mapping[str, Any],
                      num_chunks: int, chunk_idx: int, overwrite: bool) -> Tuple[Dict[str, Dict[str, Any]], bool]:
-    """(key -> answer line already in the file, whether the file must be rewritten before appending)."""
-    done: Dict[str, Dict[str, Any]] = {}
-    if not os.path.exists(answers_file):
-        return done, False
+    """(key -> answer line already there, whether the file must be rewritten before appending). Answers
+    come from the file itself and from the other chunk files beside it (see answers_of_other_chunkings)."""
     if overwrite:
-        return done, True
-    lines, repaired = read_answer_lines(answers_file)
-    if lines:
-        check_resumable(entry, answers_file, settings, num_chunks, chunk_idx)
-        wanted = {item.key for item in items}
-        for key, line in zip(answer_keys(entry, lines), lines):
-            if key not in wanted:
-                raise SetupError(f"{answers_file} holds an answer ({key.rsplit('#', 1)[0]}) to a question that is "
-                                 "not in this chunk: it belongs to another run; delete it or pass --overwrite")
-            done[key] = line
-    return done, repaired
+        return {}, os.path.exists(answers_file)
+    done: Dict[str, Dict[str, Any]] = {}
+    repaired = False
+    if os.path.exists(answers_file):
+        lines, repaired = read_answer_lines(answers_file)
+        if lines:
+            check_resumable(entry, answers_file, settings, num_chunks, chunk_idx)
+            wanted = {item.key for item in items}
+            for key, line in zip(answer_keys(entry, lines, [item.key for item in items]), lines):
+                if key not in wanted:
+                    raise SetupError(f"{answers_file} holds an answer ({key.rsplit('#', 1)[0]}) to a question that "
+                                     "is not in this chunk: it belongs to another run; delete it or pass --overwrite")
+                done[key] = line
+    reused = {key: line for key, line in answers_of_other_chunkings(entry, answers_file, items, settings).items()
+              if key not in done}
+    return {**done, **reused}, repaired or bool(reused)
+
+
+def recorded_settings(meta: Mapping[str, Any], with_chunk: bool) -> Dict[str, Any]:
+    """An answers file's settings record, flat: entry point, settings and, if asked, its chunk."""
+    chunk = {"num_chunks": meta.get("num_chunks"), "chunk_idx": meta.get("chunk_idx")} if with_chunk else {}
+    return {"entry": meta.get("entry"), **chunk, **meta.get("settings", {})}
+
+
+def settings_changes(theirs: Mapping[str, Any], ours: Mapping[str, Any]) -> List[str]:
+    """What differs between two flat settings records, as 'name: theirs -> ours'."""
+    return [f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in sorted(set(ours) | set(theirs))
+            if ours.get(k) != theirs.get(k)]
 
 
 def check_resumable(entry: EntryPoint, answers_file: str, settings: Mapping[str, Any],
@@ -178,19 +208,65 @@ def check_resumable(entry: EntryPoint, answers_file: str, settings: Mapping[str,
         raise SetupError(f"{answers_file} already holds answers but no record of the settings that produced them "
                          f"({meta_path(answers_file)} is missing); pass --overwrite to start over")
     ours = {"entry": entry.name, "num_chunks": num_chunks, "chunk_idx": chunk_idx, **settings}
-    theirs = {"entry": meta.get("entry"), "num_chunks": meta.get("num_chunks"),
-              "chunk_idx": meta.get("chunk_idx"), **meta.get("settings", {})}
-    changed = [f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in sorted(set(ours) | set(theirs))
-               if ours.get(k) != theirs.get(k)]
+    changed = settings_changes(recorded_settings(meta, with_chunk=True), ours)
     if changed:
         raise SetupError(f"{answers_file} was produced with other settings ({'; '.join(changed)}); "
                          "pass --overwrite to discard it, or write to another --answers-file")
 
 
+CHUNK_FILE_NAME = re.compile(r"(\d+)_(\d+)\.jsonl")  # the scripts' chunks/<num_chunks>_<chunk_idx>.jsonl
+
+
+def answers_of_other_chunkings(entry: EntryPoint, answers_file: str, items: Sequence[Item],
+                               settings: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """Answers to this chunk's questions found in the chunk files of other chunkings beside ``answers_file``
+    (an earlier run with another --shards or --nodes), from files produced with exactly these settings.
+
+    Only a chunk file named like the scripts' (``<N>_<i>.jsonl``) looks at its siblings. A sibling with
+    other settings, without a settings record or with unreadable lines is another configuration or damaged:
+    it is left alone, and its questions are answered again."""
+    directory, name = os.path.split(os.path.abspath(answers_file))
+    own = CHUNK_FILE_NAME.fullmatch(name)
+    if own is None or not items:
+        return {}
+    siblings = [os.path.join(directory, other) for other in sorted(os.listdir(directory))
+                if (match := CHUNK_FILE_NAME.fullmatch(other)) and match.group(1) != own.group(1)]
+    wanted = {item.key for item in items}
+    all_keys: Optional[List[str]] = None  # built only when a sibling has our settings
+    found: Dict[str, Dict[str, Any]] = {}
+    for path in siblings:
+        meta = read_meta(path)
+        if meta is None or settings_changes(recorded_settings(meta, with_chunk=False),
+                                            {"entry": entry.name, **settings}):
+            continue
+        if all_keys is None:
+            all_keys = [item.key for item in chunk_items(entry, settings, 1, 0)]
+        found.update((k, line) for k, line in sibling_answers(entry, path, meta, all_keys).items() if k in wanted)
+    return found
+
+
+def sibling_answers(entry: EntryPoint, path: str, meta: Mapping[str, Any],
+                    all_keys: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """key -> answer line of another chunk file of the same settings; {} if it does not fit its chunk."""
+    num_chunks, chunk_idx = meta.get("num_chunks"), meta.get("chunk_idx")
+    if not (isinstance(num_chunks, int) and isinstance(chunk_idx, int) and 0 <= chunk_idx < num_chunks):
+        return {}
+    start, stop = chunk_bounds(len(all_keys), num_chunks, chunk_idx)
+    chunk_keys = all_keys[start:stop]
+    try:
+        lines, _ = read_answer_lines(path)
+        keys = answer_keys(entry, lines, chunk_keys)
+    except (OSError, SetupError, KeyError, TypeError):
+        return {}
+    if not set(keys) <= set(chunk_keys):
+        return {}
+    return dict(zip(keys, lines))
+
+
 def put_in_question_order(entry: EntryPoint, answers_file: str, items: Sequence[Item]) -> None:
     """Resumed answers may come from runs in another order: rewrite the finished file in question order."""
     lines, _ = read_answer_lines(answers_file)
-    by_key = dict(zip(answer_keys(entry, lines), lines))
+    by_key = dict(zip(answer_keys(entry, lines, [i.key for i in items]), lines))
     missing = [i.key for i in items if i.key not in by_key]
     if missing:  # cannot happen unless someone wrote to the file meanwhile
         raise RuntimeError(f"{answers_file}: {len(missing)} answers missing after the run, e.g. {missing[0]}")

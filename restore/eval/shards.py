@@ -5,14 +5,20 @@ scripts/llava1_5/common.sh calls it after its shards have run:
     python -m restore.eval.shards merge [--check] --out merge.jsonl chunks/4_0.jsonl ... chunks/4_3.jsonl
     python -m restore.eval.shards finish --benchmark gqa --answers-dir DIR --data-root DIR \\
         --results-dir DIR --model NAME --wall-time SECONDS chunks/4_0.jsonl ... chunks/4_3.jsonl
+
+and, when several machines share a benchmark, before and after its shards run:
+
+    python -m restore.eval.shards layout --answers-dir DIR --nodes 2 --node-rank 0 --shards 4
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import socket
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .answer_files import (answer_keys, chunk_items, meta_path, read_answer_lines, read_meta, write_atomic,
                            write_meta)
@@ -57,7 +63,7 @@ def chunk_problems(chunk_files: Sequence[str]) -> Tuple[List[str], List[str], Op
         except (OSError, SetupError) as e:
             conflicts.append(f"{path}: damaged ({e})")
             continue
-        found = answer_keys(entry, lines)
+        found = answer_keys(entry, lines, expected)
         if cut or found != expected:
             conflicts.append(f"{path}: marked complete but holds {len(found)} answers, expected {len(expected)} "
                              "in question order (damaged: delete it and its .meta.json and rerun its node)")
@@ -69,6 +75,75 @@ def describe_difference(reference: Dict[str, Any], meta: Dict[str, Any]) -> str:
     theirs = {"entry": meta.get("entry"), **meta.get("settings", {})}
     return "; ".join(f"{k}: {ours.get(k)!r} vs {theirs.get(k)!r}" for k in sorted(set(ours) | set(theirs))
                      if ours.get(k) != theirs.get(k))
+
+
+# --------------------------------------------------------------------------------------------------
+# Node layouts: every node of a multi-node run must cut the questions the same way
+
+
+NODES_FOLDER = "nodes"  # <answers dir>/nodes/<rank>.json: the layout each node of the current run uses
+
+
+def node_layout(nodes: int, node_rank: int, shards: int) -> Dict[str, Any]:
+    return {"nodes": nodes, "node_rank": node_rank, "shards": shards, "num_chunks": nodes * shards,
+            "first_chunk": node_rank * shards, "last_chunk": node_rank * shards + shards - 1}
+
+
+def describe_layout(layout: Mapping[str, Any]) -> str:
+    return (f"--nodes {layout.get('nodes')} --shards {layout.get('shards')} (chunks {layout.get('first_chunk')}.."
+            f"{layout.get('last_chunk')} of {layout.get('num_chunks')})")
+
+
+def layout_conflicts(answers_dir: str, ours: Mapping[str, Any]) -> List[str]:
+    """The other nodes whose recorded layout is not ours: their chunks and ours can never add up to the
+    whole question file (gaps or overlaps), so waiting for them would wait forever."""
+    folder = os.path.join(answers_dir, NODES_FOLDER)
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    conflicts = []
+    for name in names:
+        path = os.path.join(folder, name)
+        if not name.endswith(".json") or name == f"{ours['node_rank']}.json":
+            continue
+        try:
+            theirs = read_json(path)
+        except (OSError, SetupError):
+            theirs = {}
+        if not isinstance(theirs, dict):
+            theirs = {}
+        if (theirs.get("nodes"), theirs.get("shards")) != (ours["nodes"], ours["shards"]):
+            conflicts.append(f"node {theirs.get('node_rank', name[:-5])} ({theirs.get('host', '?')}, started "
+                             f"{theirs.get('started', '?')}; {path}) uses {describe_layout(theirs)}, this node "
+                             f"{describe_layout(ours)}")
+    return conflicts
+
+
+def check_node_layout(answers_dir: str, nodes: int, node_rank: int, shards: int, record: bool) -> None:
+    """Refuse a layout other nodes of this run do not share; with ``record``, then record ours."""
+    ours = node_layout(nodes, node_rank, shards)
+    conflicts = layout_conflicts(answers_dir, ours)
+    if conflicts:
+        raise SetupError("the nodes of this run cut the questions differently:\n  " + "\n  ".join(conflicts)
+                         + "\nEvery node needs the same --nodes and --shards (the default --shards is the "
+                         "node's GPU count: pass --shards when nodes differ). If the other run is over, delete "
+                         f"{os.path.join(answers_dir, NODES_FOLDER)} and rerun.")
+    if record:
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        write_atomic(os.path.join(answers_dir, NODES_FOLDER, f"{node_rank}.json"),
+                     json.dumps({**ours, "host": socket.gethostname(), "started": now}, indent=1) + "\n")
+
+
+def forget_node_layouts(answers_dir: str) -> None:
+    """After the merge the run is over: a later run may use another layout (and reuse these answers)."""
+    folder = os.path.join(answers_dir, NODES_FOLDER)
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if name.endswith(".json"):
+            os.unlink(os.path.join(folder, name))
+
+
+# --------------------------------------------------------------------------------------------------
+# Merge and finish
 
 
 def merge_chunks(chunk_files: Sequence[str], out: str) -> int:
@@ -98,8 +173,6 @@ def merge_and_report(chunk_files: Sequence[str], out: str) -> None:
 def write_result_record(results_dir: str, benchmark: str, answers_file: str, metrics_file: str,
                         model: str, wall_time_s: float, run_name: Optional[str] = None) -> Tuple[str, Dict[str, Any]]:
     """One JSON file per run under results_dir, as restore.report reads them; (path, record)."""
-    import datetime
-
     meta = read_meta(answers_file) or {}
     settings = meta.get("settings", {})
     scored = read_json(metrics_file)
@@ -151,6 +224,7 @@ def finish_run(benchmark: str, chunk_files: Sequence[str], answers_dir: str, dat
         return status
     path, record = write_result_record(results_dir, benchmark, merged, os.path.join(scores, "metrics.json"),
                                        model, wall_time_s, run_name)
+    forget_node_layouts(answers_dir)
     main_metric = record["main_metric"]
     value = record["metrics"].get(main_metric) if main_metric else None
     shown = f"{main_metric} = {value:.2f}" if isinstance(value, (int, float)) else "no local score"
@@ -178,6 +252,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     f.add_argument("--run-name", default=None, help="the answers subfolder; a non-default one is its own row "
                                                     "in restore.report")
     f.add_argument("chunks", nargs="+")
+    n = sub.add_parser("layout", help="refuse a node layout (--nodes, --shards) other nodes of this run do not "
+                                      "share (exit 1), else record this node's")
+    n.add_argument("--answers-dir", required=True)
+    n.add_argument("--nodes", type=int, required=True)
+    n.add_argument("--node-rank", type=int, required=True)
+    n.add_argument("--shards", type=int, required=True)
+    n.add_argument("--check-only", action="store_true", help="do not record this node's layout")
     a = p.parse_args(argv)
     try:
         if a.command == "merge":
@@ -191,6 +272,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     print(problem)
                 return 3 if not_ready else 0
             merge_and_report(a.chunks, a.out)
+            return 0
+        if a.command == "layout":
+            check_node_layout(a.answers_dir, a.nodes, a.node_rank, a.shards, record=not a.check_only)
             return 0
         return finish_run(a.benchmark, a.chunks, a.answers_dir, a.data_root, a.results_dir, a.model, a.wall_time,
                           a.run_name)

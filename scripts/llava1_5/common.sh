@@ -36,11 +36,14 @@ options of this script:
                         else one per visible GPU, else 1); shards beyond the GPU count share GPUs round-robin
   --nodes N             machines sharing this benchmark (default 1); each runs this script with its own
   --node-rank K         0..N-1 (e.g. --node-rank \$SLURM_ARRAY_TASK_ID); every node needs the same --shards,
-                        and the node that finishes last merges and scores
+                        and the node that finishes last merges and scores; a node whose layout
+                        differs from another's is refused
   --answers-root DIR    default playground/answers in the repo
   --results-dir DIR     default playground/results in the repo
   --run-name NAME       answers subfolder (default <base>-<n_vis>[-restore], or "full" without --base)
   -h, --help            this text
+
+CPU shards run OMP_NUM_THREADS threads each (default $DEFAULT_CPU_THREADS_PER_SHARD, whatever --shards is).
 
 entry-point flags are passed through, e.g. --base HoloV --n_vis 64 --restore, --device cpu,
 --dtype bfloat16, --temperature 0.2, --max_new_tokens 16, --overwrite (see python -m restore.eval.$ENTRY -h).
@@ -62,6 +65,36 @@ model_name_of() {
     else
         echo "$last"
     fi
+}
+
+# Creates DIR if needed and fails now, not after hours of inference, when nothing can be written there.
+require_writable_dir() {
+    local dir=$1 what=$2 probe
+    mkdir -p "$dir" 2> /dev/null || die "cannot create the $what $dir (pass another one, or fix its parent)"
+    probe=$(mktemp "$dir/.write-test.XXXXXX" 2> /dev/null) \
+        || die "the $what $dir is not writable (pass another one, or fix its permissions)"
+    rm -f "$probe"
+}
+
+# Each attempt's shard log starts empty; the previous attempt's log is kept beside it, named after the
+# time it was last written (<name>.log.<YYYYmmddTHHMMSS>).
+start_fresh_log() {
+    local log=$1 kept
+    if [[ -s $log ]]; then
+        kept="$log.$(date -r "$log" '+%Y%m%dT%H%M%S')"
+        while [[ -e $kept ]]; do kept+="_"; done
+        mv "$log" "$kept"
+    fi
+    : > "$log"
+}
+
+# Threads of one CPU shard: a fixed number, so that --shards (which only says how the questions are cut)
+# cannot change the answers; torch's CPU kernels may round differently with another thread count.
+DEFAULT_CPU_THREADS_PER_SHARD=1
+cpu_threads_per_shard() {
+    local threads=${OMP_NUM_THREADS:-$DEFAULT_CPU_THREADS_PER_SHARD}
+    [[ $threads =~ ^[1-9][0-9]*$ ]] || die "OMP_NUM_THREADS must be a positive integer, got '$threads'"
+    echo "$threads"
 }
 
 # "123/456" from the last progress bar in a log, or "starting".
@@ -153,7 +186,9 @@ run_benchmark() {
         tag=full
     fi
     answers_dir="$answers_root/$BENCH/$model_name/$tag"
-    mkdir -p "$answers_dir/chunks" "$answers_dir/logs" "$results_dir"
+    require_writable_dir "$answers_dir/chunks" "answers folder"
+    require_writable_dir "$answers_dir/logs" "log folder"
+    require_writable_dir "$results_dir" "results folder"
 
     # One shard per GPU listed in CUDA_VISIBLE_DEVICES (or visible to nvidia-smi), each pinned to it.
     local -a gpus=()
@@ -172,6 +207,11 @@ run_benchmark() {
     local n_gpus=${#gpus[@]}
     [[ -n $shards ]] || shards=$((n_gpus > 0 ? n_gpus : 1))
     local total=$((nodes * shards)) first=$((node_rank * shards))
+    local -a layout_args=(--answers-dir "$answers_dir" --nodes "$nodes" --node-rank "$node_rank" --shards "$shards")
+    if ((nodes > 1)); then
+        local layout_problem
+        layout_problem=$("$PY" -m restore.eval.shards layout "${layout_args[@]}" 2>&1) || die "${layout_problem#error: }"
+    fi
 
     local -a chunk_files=() pids=() logs=()
     local i chunk
@@ -193,17 +233,15 @@ run_benchmark() {
     ((n_gpus > 0)) && where="GPU(s) ${gpus[*]}"
     echo "[$BENCH] $model_name, $tag: $shards shard(s) on this node, chunks $first..$((first + shards - 1)) of $total," \
          "$where; answers in $answers_dir"
-    # CPU shards share the cores instead of each taking all of them.
     local cpu_threads=""
-    if [[ $device == cpu || $n_gpus == 0 ]] && [[ -z ${OMP_NUM_THREADS:-} ]]; then
-        cpu_threads=$(($(nproc 2> /dev/null || echo 1) / shards))
-        ((cpu_threads > 0)) || cpu_threads=1
+    if [[ $device == cpu || $n_gpus == 0 ]]; then
+        cpu_threads=$(cpu_threads_per_shard)
     fi
     local started=$SECONDS started_at=$EPOCHREALTIME
     for ((i = 0; i < shards; i++)); do
         chunk=$((first + i))
         local log="$answers_dir/logs/${total}_$chunk.log"
-        # Appended: the log of an earlier failed attempt stays readable after a rerun.
+        start_fresh_log "$log"
         echo "===== $(date '+%Y-%m-%d %H:%M:%S') $BENCH chunk $chunk of $total =====" >> "$log"
         local -a pin=()
         ((n_gpus > 0)) && pin+=("CUDA_VISIBLE_DEVICES=${gpus[i % n_gpus]}")
@@ -262,6 +300,12 @@ run_benchmark() {
     fi
 
     if ((nodes > 1)); then
+        # A node started with another layout after this one began: its chunks and ours never add up.
+        local layout_out
+        layout_out=$("$PY" -m restore.eval.shards layout --check-only "${layout_args[@]}" 2>&1) || {
+            echo "[$BENCH] this node's chunks are done, but ${layout_out#error: }" >&2
+            exit 1
+        }
         # 3: some chunk is missing or unfinished (another node is still at work); anything else but 0 is a
         # conflict or damage that waiting cannot fix, so it must fail here, loudly.
         local check_rc=0 check_out
