@@ -307,6 +307,32 @@ def test_seed_with_video_answers(tmp_path):
     assert result["metrics"]["video_accuracy"] == pytest.approx(100.0)
     assert result["metrics"]["image_accuracy"] == pytest.approx(100 / 3)
     assert result["missing_ids"] == ["102", "103"]
+    assert result["main_metric"] == "total_accuracy"  # the paper's SEED: all questions, image and video
+
+
+def test_seed_image_only_run_is_seed_img(tmp_path):
+    make_seed(tmp_path)
+    result = score("seed", write_jsonl(tmp_path / "a.jsonl", [answer(101, "A")]), tmp_path, tmp_path / "out")
+    assert result["main_metric"] == "image_accuracy" and result["metrics"]["total_accuracy"] is None
+    assert any(note.startswith("SEED-IMG") for note in result["notes"])
+
+
+def write_settings(answers: Path, settings: dict) -> None:
+    answers.with_name(answers.name + ".meta.json").write_text(json.dumps({"settings": settings}))
+
+
+def test_seed_run_settings_decide_the_expected_questions(tmp_path):
+    make_seed(tmp_path)
+    # A full run whose video answers were lost: the videos stay expected (missing), not silently dropped.
+    answers = write_jsonl(tmp_path / "a.jsonl", [answer(101, "A"), answer(102, "B"), answer(103, "C")])
+    write_settings(answers, {"only_images_under": None})
+    result = score("seed", answers, tmp_path, tmp_path / "out")
+    assert result["main_metric"] == "total_accuracy" and result["missing_ids"] == ["v7"]
+    assert result["metrics"]["total_accuracy"] == pytest.approx(75.0)
+    # A run restricted to the image folder is SEED-IMG.
+    write_settings(answers, {"only_images_under": "SEED-Bench-image/"})
+    result = score("seed", answers, tmp_path, tmp_path / "out")
+    assert result["main_metric"] == "image_accuracy" and result["n_missing"] == 0
 
 
 # --------------------------------------------------------------------------------------------
