@@ -11,14 +11,19 @@ run name when it is not the default one (<base>-<n_vis>[-restore] or "full"), e.
 sampled VQAv2 run: such a run gets its own row instead of replacing the greedy one. When a configuration ran a benchmark several times,
 the record with the latest timestamp wins.
 
-Cells show each benchmark's main metric (or the one chosen with --metric BENCH=NAME). Two averages:
-  Avg  mean over the configuration's benchmarks of the main metric on a 0-100 scale: percentages
-       as they are, MME divided by its maximum (2800 for perception+cognition, 2000 perception,
-       800 cognition), OCRBench final score divided by its maximum (1000). VQAv2 has no local
-       score and is left out. "†" marks an average over fewer benchmarks than the table has.
-  Rel  mean over benchmarks of 100 x value / value of the same model without reduction
-       ("none"/576), when that run exists: the "% of the unreduced model" average of
-       token-reduction papers.
+Cells show by default what the paper's column shows (PAPER_METRIC: GQA accuracy, MMB MMBench-dev
+CircularEval accuracy, MME perception + cognition, POPE mean F1 of the three splits, SQA-IMG image
+accuracy, TextVQA accuracy, SEED accuracy over all questions, image and video, OCRBench final
+score), or the metric chosen with --metric BENCH=NAME. A run without the paper's metric shows its
+own main metric and says so: a SEED run over image questions only is "SEED-IMG" (in the column
+title when every SEED cell is, else next to the cell). Two averages:
+  Avg   the paper's Avg: mean over benchmarks of 100 x value / value of the same model without
+        reduction ("none"/576, same metric), when that run exists ("% of the unreduced model").
+  Mean  mean over the configuration's benchmarks of the shown metric on a 0-100 scale:
+        percentages as they are, MME divided by its maximum (2800 for perception+cognition, 2000
+        perception, 800 cognition), OCRBench final score divided by its maximum (1000).
+VQAv2 has no local score and is in neither. "†" marks an average over fewer benchmarks than the
+table has.
 Writes report.md (table, footnotes, the runs used) and report.csv (raw values) into --out
 (default: the results folder) and prints the table.
 """
@@ -36,6 +41,13 @@ from pathlib import Path
 BENCH_ORDER = ("gqa", "mmbench", "mme", "pope", "sqa", "vqav2", "textvqa", "seed", "ocrbench")
 TITLES = {"gqa": "GQA", "mmbench": "MMB", "mme": "MME", "pope": "POPE", "sqa": "SQA-IMG", "vqav2": "VQAv2",
           "textvqa": "TextVQA", "seed": "SEED", "ocrbench": "OCRBench"}
+# The metric of each column of the paper's tables (shared/paper_tables.md); None: scored online.
+PAPER_METRIC = {"gqa": "accuracy", "mmbench": "circular_accuracy", "mme": "total", "pope": "f1_mean",
+                "sqa": "img_accuracy", "vqav2": None, "textvqa": "accuracy", "seed": "total_accuracy",
+                "ocrbench": "final_score"}
+# What a cell is when it shows another metric than the paper's column.
+SUBSET_TITLES = {("seed", "image_accuracy"): "SEED-IMG", ("mme", "perception"): "MME-P",
+                 ("mme", "cognition"): "MME-C"}
 METRIC_MAX = {("mme", "total"): 2800.0, ("mme", "perception"): 2000.0, ("mme", "cognition"): 800.0}
 FULL_TOKENS = 576
 NO_REDUCTION = "none"
@@ -132,16 +144,31 @@ def latest_runs(runs: list[Run]) -> dict[tuple[Config, str], Run]:
     return chosen
 
 
+def _number(value) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
 def metric_name(run: Run, overrides: dict[str, str]) -> str | None:
-    return overrides.get(run.benchmark) or run.record.get("main_metric")
+    """--metric if given, else the paper's metric for the column when the run has it, else the run's own
+    main metric (e.g. image_accuracy for a SEED-IMG run)."""
+    if run.benchmark in overrides:
+        return overrides[run.benchmark]
+    paper = PAPER_METRIC.get(run.benchmark)
+    if paper and _number(run.record.get("metrics", {}).get(paper)) is not None:
+        return paper
+    return run.record.get("main_metric")
 
 
 def metric_value(run: Run, overrides: dict[str, str]) -> float | None:
     name = metric_name(run, overrides)
-    value = run.record.get("metrics", {}).get(name) if name else None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    return None
+    return _number(run.record.get("metrics", {}).get(name)) if name else None
+
+
+def subset_title(bench: str, name: str) -> str:
+    """What a cell of `bench` showing metric `name` is, e.g. SEED-IMG."""
+    return SUBSET_TITLES.get((bench, name), f"{TITLES.get(bench, bench)} {name}")
 
 
 def on_percent_scale(benchmark: str, name: str, value: float, metrics: dict) -> float:
@@ -159,10 +186,22 @@ class Table:
     configs: list[Config]
     cells: dict[tuple[Config, str], Run]
     values: dict[tuple[Config, str], float | None]
-    avg: dict[Config, tuple[float | None, int]]  # (average, number of benchmarks in it)
-    rel: dict[Config, float | None]
+    mean: dict[Config, tuple[float | None, int]]  # (mean on a 0-100 scale, number of benchmarks in it)
+    rel: dict[Config, tuple[float | None, int]]  # (the paper's Avg: % of the unreduced model, benchmarks)
     scored: list[str]  # benchmarks that enter the averages
     metric_names: dict[str, set[str]]
+    shown_metric: dict[tuple[Config, str], str | None]
+
+    def marked(self, bench: str) -> bool:
+        """Whether the cells of `bench` say which metric they show (several metrics in one column)."""
+        names = {n for n in self.metric_names.get(bench, set()) if n != "None"}
+        return len(names) > 1
+
+    def title(self, bench: str) -> str:
+        names = {n for n in self.metric_names.get(bench, set()) if n != "None"}
+        if len(names) == 1 and names != {PAPER_METRIC.get(bench)} and bench in PAPER_METRIC:
+            return subset_title(bench, names.pop())
+        return TITLES.get(bench, bench)
 
 
 def build_table(runs: list[Run], overrides: dict[str, str] | None = None) -> Table:
@@ -172,32 +211,46 @@ def build_table(runs: list[Run], overrides: dict[str, str] | None = None) -> Tab
     benchmarks = [b for b in BENCH_ORDER if b in present] + sorted(present - set(BENCH_ORDER))
     configs = sorted({c for c, _ in cells}, key=Config.sort_key)
     values = {key: metric_value(run, overrides) for key, run in cells.items()}
+    shown = {key: metric_name(run, overrides) for key, run in cells.items()}
     metric_names: dict[str, set[str]] = {}
-    for (config, bench), run in cells.items():
-        metric_names.setdefault(bench, set()).add(str(metric_name(run, overrides)))
+    for (config, bench), name in shown.items():
+        metric_names.setdefault(bench, set()).add(str(name))
     scored = [b for b in benchmarks if any(values.get((c, b)) is not None for c in configs)]
 
-    avg, rel = {}, {}
+    mean, rel = {}, {}
     for config in configs:
-        normalized = [on_percent_scale(b, metric_name(cells[(config, b)], overrides), values[(config, b)],
+        normalized = [on_percent_scale(b, shown[(config, b)], values[(config, b)],
                                        cells[(config, b)].record.get("metrics", {}))
                       for b in scored if values.get((config, b)) is not None]
-        avg[config] = (sum(normalized) / len(normalized), len(normalized)) if normalized else (None, 0)
+        mean[config] = (sum(normalized) / len(normalized), len(normalized)) if normalized else (None, 0)
         baseline = Config(config.model, NO_REDUCTION, FULL_TOKENS, False)
+        # A ratio only between the same metric: SEED-IMG over SEED would not be "% of the full model".
         ratios = [100.0 * values[(config, b)] / values[(baseline, b)] for b in scored
-                  if values.get((config, b)) is not None and values.get((baseline, b))]
-        rel[config] = sum(ratios) / len(ratios) if ratios else None
-    return Table(benchmarks, configs, cells, values, avg, rel, scored, metric_names)
+                  if values.get((config, b)) is not None and values.get((baseline, b))
+                  and shown[(config, b)] == shown[(baseline, b)]]
+        rel[config] = (sum(ratios) / len(ratios), len(ratios)) if ratios else (None, 0)
+    return Table(benchmarks, configs, cells, values, mean, rel, scored, metric_names, shown)
 
 
-def _format_value(bench: str, value: float | None, run: Run | None) -> str:
+def _format_value(bench: str, value: float | None, run: Run | None, subset: str | None = None) -> str:
     if run is None:
         return "–"
     if value is None:
         return "online" if bench == "vqav2" else "n/a"
     shown = f"{value:.0f}" if bench == "ocrbench" and float(value).is_integer() else f"{value:.1f}"
     incomplete = (run.record.get("n_missing") or 0) > 0
-    return shown + ("*" if incomplete else "")
+    return shown + ("*" if incomplete else "") + (f" ({subset})" if subset else "")
+
+
+def _cell(table: "Table", config: Config, bench: str) -> str:
+    key = (config, bench)
+    name = table.shown_metric.get(key)
+    subset = subset_title(bench, name) if name and table.marked(bench) and name != PAPER_METRIC.get(bench) else None
+    return _format_value(bench, table.values.get(key), table.cells.get(key), subset)
+
+
+def _average(average: float | None, count: int, total: int, unit: str = "") -> str:
+    return "–" if average is None else f"{average:.1f}{unit}" + ("†" if count < total else "")
 
 
 def _config_cells(config: Config) -> list[str]:
@@ -208,14 +261,13 @@ def _config_cells(config: Config) -> list[str]:
 
 
 def render_markdown(table: Table) -> str:
-    header = ["Model", "Base", "Tokens", "RESTORE"] + [TITLES.get(b, b) for b in table.benchmarks] + ["Avg", "Rel"]
+    header = ["Model", "Base", "Tokens", "RESTORE"] + [table.title(b) for b in table.benchmarks] + ["Avg", "Mean"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for config in table.configs:
         row = _config_cells(config)
-        row += [_format_value(b, table.values.get((config, b)), table.cells.get((config, b))) for b in table.benchmarks]
-        average, count = table.avg[config]
-        row.append("–" if average is None else f"{average:.1f}" + ("†" if count < len(table.scored) else ""))
-        row.append("–" if table.rel[config] is None else f"{table.rel[config]:.1f}%")
+        row += [_cell(table, config, b) for b in table.benchmarks]
+        row.append(_average(*table.rel[config], len(table.scored), "%"))
+        row.append(_average(*table.mean[config], len(table.scored)))
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -226,13 +278,20 @@ def footnotes(table: Table) -> list[str]:
         return "/".join(names) if names else "submission only (scored online)"
 
     notes = [
-        "Metrics: " + ", ".join(f"{TITLES.get(b, b)}: {shown(b)}" for b in table.benchmarks) + ".",
-        "Avg: mean of the scored benchmarks on a 0-100 scale; MME is divided by its maximum (2800 for "
-        "perception+cognition, 2000 perception, 800 cognition) and OCRBench's final score by 1000; "
-        "VQAv2 (online scoring only) is not included.",
-        "Rel: mean over benchmarks of the score relative to the same model without reduction (none/576).",
+        "Metrics: " + ", ".join(f"{table.title(b)}: {shown(b)}" for b in table.benchmarks) + ".",
+        "Avg (as in the paper): mean over benchmarks of the score relative to the same model without reduction "
+        "(none/576, same metric), in percent.",
+        "Mean: mean of the scored benchmarks on a 0-100 scale; MME is divided by its maximum (2800 for "
+        "perception+cognition, 2000 perception, 800 cognition) and OCRBench's final score by 1000.",
+        "VQAv2 (online scoring only) is in neither average.",
     ]
-    if any(count < len(table.scored) for _, count in table.avg.values()):
+    subsets = sorted({subset_title(b, n) for (_, b), n in table.shown_metric.items()
+                      if n and b in PAPER_METRIC and n != PAPER_METRIC[b]})
+    if subsets:
+        notes.append(f"Not the paper's column metric: {', '.join(subsets)} (e.g. SEED-IMG: image questions only; "
+                     "the paper's SEED is over all questions, image and video).")
+    if any(count < len(table.scored) for _, count in list(table.mean.values()) + list(table.rel.values())
+           if count):
         notes.append(f"†: average over fewer benchmarks than the table's {len(table.scored)}.")
     if any(_format_value(key[1], table.values.get(key), run).endswith("*") for key, run in table.cells.items()):
         notes.append("*: the run left some items unanswered (its score counts them as wrong; see its metrics.json).")
@@ -262,14 +321,13 @@ def write_csv(table: Table, path: Path) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["model", "base", "n_vis", "restore", "variant"] + list(table.benchmarks)
-                        + ["avg", "avg_n", "rel"])
+                        + ["avg_rel", "avg_rel_n", "mean", "mean_n"])
         for config in table.configs:
-            average, count = table.avg[config]
+            (rel, rel_n), (mean, mean_n) = table.rel[config], table.mean[config]
             values = [table.values.get((config, b)) for b in table.benchmarks]
             writer.writerow([config.model, config.base, config.n_vis, config.restore, config.variant]
                             + ["" if v is None else v for v in values]
-                            + ["" if average is None else average, count,
-                               "" if table.rel[config] is None else table.rel[config]])
+                            + ["" if rel is None else rel, rel_n, "" if mean is None else mean, mean_n])
 
 
 def main(argv: list[str] | None = None) -> int:

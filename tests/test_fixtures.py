@@ -46,6 +46,53 @@ def test_correct_answers_score_full_marks(data_root, tmp_path, bench):
     assert result["n_expected"] >= 1
 
 
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _constant_answers(questions: list[dict], text: str) -> list[dict]:
+    return [{"question_id": q["question_id"], "prompt": q["text"], "text": text} for q in questions]
+
+
+def test_mme_all_yes_scores_what_the_fixture_layout_implies(data_root, tmp_path):
+    # Expectation from how the fixtures are built, not from any scorer helper: every MME image has
+    # one Yes and one No question, so answering "Yes" throughout gets acc 1/2 and acc+ 0 in each of the
+    # 14 subtasks: 100 * (0.5 + 0) = 50 each, 500 perception (10 subtasks), 200 cognition (4).
+    questions = _read_jsonl(data_root / "MME" / "llava_mme.jsonl")
+    path = tmp_path / "yes.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _constant_answers(questions, "Yes")))
+    metrics = score("mme", path, data_root, tmp_path / "out")["metrics"]
+    assert (metrics["perception"], metrics["cognition"], metrics["total"]) == (500.0, 200.0, 700.0)
+    assert metrics["existence"] == metrics["code_reasoning"] == 50.0
+
+
+def test_mme_reference_answers_are_the_release_answers(data_root):
+    # Read the release txt files directly: line "question<TAB>answer" next to the image's stem.
+    release = data_root / "MME" / "MME_Benchmark_release_version"
+    truth = {}
+    for txt in release.rglob("*.txt"):
+        for line in txt.read_text().splitlines():
+            question, answer = line.split("\t")
+            category = txt.relative_to(release).parts[0]
+            truth[(category, txt.stem, " ".join(question.split()[:-5]))] = answer  # minus "Please answer yes or no."
+    for row in reference_answers(data_root, "mme"):
+        key = (row["question_id"].split("/")[0], Path(row["question_id"]).stem, row["prompt"].split("\n")[0])
+        assert row["text"] == truth[key]
+
+
+def test_pope_all_yes_scores_recall_100_and_precision_the_share_of_yes_labels(data_root, tmp_path):
+    questions = _read_jsonl(data_root / "pope" / "llava_pope_test.jsonl")
+    path = tmp_path / "yes.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in _constant_answers(questions, "Yes")))
+    metrics = score("pope", path, data_root, tmp_path / "out")["metrics"]
+    for split in ("adversarial", "popular", "random"):
+        labels = [row["label"] for row in _read_jsonl(data_root / "pope" / "coco" / f"coco_pope_{split}.json")]
+        share = labels.count("yes") / len(labels)
+        assert metrics[f"{split}/recall"] == pytest.approx(100.0)
+        assert metrics[f"{split}/precision"] == pytest.approx(100 * share)
+        assert metrics[f"{split}/f1"] == pytest.approx(100 * 2 * share / (share + 1))
+
+
 @pytest.mark.parametrize("bench", BENCHMARKS)
 def test_removed_answer_is_reported_by_id(data_root, tmp_path, bench):
     rows = reference_answers(data_root, bench)

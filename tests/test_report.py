@@ -55,24 +55,25 @@ def test_latest_wins_and_averages(results):
     assert table.values[(holo_r, "gqa")] == 58.0
     assert table.benchmarks == ["gqa", "mme", "pope", "vqav2"]
     # MME on a 0-100 scale is total / 2800: 1862 -> 66.5, 1600 -> 57.142857, 1700 -> 60.714286
-    assert table.avg[base] == (pytest.approx((62.0 + 66.5 + 85.9) / 3), 3)
-    assert table.avg[holo] == (pytest.approx((55.0 + 1600 / 28 + 80.0) / 3), 3)
-    assert table.avg[holo_r] == (pytest.approx((58.0 + 1700 / 28) / 2), 2)
-    assert table.rel[base] == pytest.approx(100.0)
-    assert table.rel[holo] == pytest.approx(100 * (55 / 62 + 1600 / 1862 + 80 / 85.9) / 3)
-    assert table.rel[holo_r] == pytest.approx(100 * (58 / 62 + 1700 / 1862) / 2)
+    assert table.mean[base] == (pytest.approx((62.0 + 66.5 + 85.9) / 3), 3)
+    assert table.mean[holo] == (pytest.approx((55.0 + 1600 / 28 + 80.0) / 3), 3)
+    assert table.mean[holo_r] == (pytest.approx((58.0 + 1700 / 28) / 2), 2)
+    assert table.rel[base] == (pytest.approx(100.0), 3)
+    assert table.rel[holo] == (pytest.approx(100 * (55 / 62 + 1600 / 1862 + 80 / 85.9) / 3), 3)
+    assert table.rel[holo_r] == (pytest.approx(100 * (58 / 62 + 1700 / 1862) / 2), 2)
 
 
 def test_markdown_marks_partial_average_incomplete_runs_and_online_vqav2(results):
     runs, _ = load_runs(results)
     text = render_markdown(build_table(runs))
     rows = text.splitlines()
-    assert rows[0].startswith("| Model | Base | Tokens | RESTORE | GQA | MME | POPE | VQAv2 | Avg | Rel |")
-    assert rows[2] == "| llava-v1.5-7b | none | 576 | – | 62.0 | 1862.0 | 85.9 | online | 71.5 | 100.0% |"
+    # Avg is the paper's Avg (% of the unreduced model); Mean the 0-100 mean.
+    assert rows[0].startswith("| Model | Base | Tokens | RESTORE | GQA | MME | POPE | VQAv2 | Avg | Mean |")
+    assert rows[2] == "| llava-v1.5-7b | none | 576 | – | 62.0 | 1862.0 | 85.9 | online | 100.0% | 71.5 |"
     last = rows[4].split(" | ")
     assert last[5] == "1700.0*"          # the MME run left items unanswered
     assert last[6] == "–"                # no POPE run for this configuration
-    assert last[8].endswith("†")         # average over 2 of the 3 scored benchmarks
+    assert last[8].endswith("%†") and last[9] == "59.4† |"  # averages over 2 of the 3 scored benchmarks
 
 
 def test_metric_override_changes_value_and_scale(results):
@@ -80,7 +81,8 @@ def test_metric_override_changes_value_and_scale(results):
     table = build_table(runs, {"mme": "perception"})
     base = Config("llava-v1.5-7b", "none", 576, False)
     assert table.values[(base, "mme")] == 1510.0
-    assert table.avg[base][0] == pytest.approx((62.0 + 1510 / 20 + 85.9) / 3)  # perception max 2000
+    assert table.mean[base][0] == pytest.approx((62.0 + 1510 / 20 + 85.9) / 3)  # perception max 2000
+    assert "| MME-P |" in render_markdown(table)  # the column says it is not the paper's MME
 
 
 def test_cli_writes_report_files(results, tmp_path, capsys):
@@ -112,3 +114,32 @@ def test_a_run_with_another_run_name_gets_its_own_row(tmp_path):
 
 def test_missing_results_folder(tmp_path):
     assert main(["--results", str(tmp_path / "absent")]) == 2
+
+
+def test_cells_show_the_papers_column_metric_whatever_the_main_metric(tmp_path):
+    t0 = "2026-01-01T10:00:00+00:00"
+    # A scorer's main metric that is not the paper's column (older SEED records: image accuracy).
+    write(tmp_path / "seed.json", record("seed", "none", 576, False,
+                                         {"total_accuracy": 58.6, "image_accuracy": 66.1}, "image_accuracy", t0))
+    write(tmp_path / "mme.json", record("mme", "none", 576, False,
+                                        {"total": 1862.0, "perception": 1510.7}, "perception", t0))
+    table = build_table(load_runs(tmp_path)[0])
+    base = Config("llava-v1.5-7b", "none", 576, False)
+    assert table.values[(base, "seed")] == 58.6 and table.values[(base, "mme")] == 1862.0
+    assert "| MME | SEED |" in render_markdown(table)
+
+
+def test_image_only_seed_is_labelled_seed_img_and_not_compared_with_seed(tmp_path):
+    t0 = "2026-01-01T10:00:00+00:00"
+    write(tmp_path / "full.json", record("seed", "none", 576, False,
+                                         {"total_accuracy": 58.6, "image_accuracy": 66.1}, "total_accuracy", t0))
+    write(tmp_path / "img.json", record("seed", "HoloV", 64, True,
+                                        {"total_accuracy": None, "image_accuracy": 60.0}, "image_accuracy", t0))
+    table = build_table(load_runs(tmp_path)[0])
+    text = render_markdown(table)
+    assert "| 60.0 (SEED-IMG) |" in text and "| 58.6 |" in text
+    assert table.rel[Config("llava-v1.5-7b", "HoloV", 64, True)] == (None, 0)  # 60.0 / 58.6 would be a lie
+    only_img = tmp_path / "only"
+    write(only_img / "img.json", record("seed", "HoloV", 64, True,
+                                        {"total_accuracy": None, "image_accuracy": 60.0}, "image_accuracy", t0))
+    assert "| SEED-IMG |" in render_markdown(build_table(load_runs(only_img)[0]))

@@ -73,6 +73,9 @@ def test_textvqa_scores_normalized_predictions_and_lists_missing(tmp_path):
     ]
     write_json(tmp_path / "textvqa" / "TextVQA_0.5.1_val.json", {"data": data})
     ocr = "\nReference OCR token: stop, go" + SUFFIX
+    write_jsonl(tmp_path / "textvqa" / "llava_textvqa_val_v051_ocr.jsonl",
+                [{"question_id": d["image_id"], "image": f"{d['image_id']}.jpg", "text": d["question"] + ocr}
+                 for d in data])
     answers = write_jsonl(tmp_path / "a.jsonl", [
         answer("img1", "The STOP.", prompt="What does the sign say?" + ocr),  # -> "stop": 0.9
         answer("img1", "Two", prompt="How many words?" + ocr),               # -> "2", given twice:
@@ -104,7 +107,8 @@ def make_pope(root: Path, splits: dict[str, list[str]]) -> list[dict]:
 
 
 def test_pope_parsing_metrics_and_missing(tmp_path):
-    make_pope(tmp_path, {"adversarial": ["yes", "no", "yes", "no"], "random": ["no", "yes", "no", "yes"]})
+    make_pope(tmp_path, {"adversarial": ["yes", "no", "yes", "no"], "random": ["no", "yes", "no", "yes"],
+                         "popular": ["yes", "no"]})
     rows = [
         answer(1, "Yes, there is."),        # yes  (label yes) TP
         answer(2, "No, there is not."),     # "No" -> no (label no) TN
@@ -114,6 +118,7 @@ def test_pope_parsing_metrics_and_missing(tmp_path):
         answer(6, "NO"),                    # upper case is not in the list -> yes (label yes) TP
         answer(7, "Not really"),            # "Not" is not in the list -> yes (label no) FP
         # question 8 unanswered
+        answer(9, "Yes"), answer(10, "No"),  # popular: TP, TN -> F1 100
     ]
     answers = write_jsonl(tmp_path / "a.jsonl", list(reversed(rows)))  # order must not matter
     m = score("pope", answers, tmp_path, tmp_path / "out")
@@ -127,9 +132,10 @@ def test_pope_parsing_metrics_and_missing(tmp_path):
     assert metrics["random/recall"] == pytest.approx(100.0)
     assert metrics["random/f1"] == pytest.approx(200 / 3)
     assert metrics["random/yes_ratio"] == pytest.approx(200 / 3)
-    assert metrics["f1_mean"] == pytest.approx((50 + 200 / 3) / 2)
+    assert metrics["popular/f1"] == pytest.approx(100.0)
+    assert metrics["f1_mean"] == pytest.approx((50 + 200 / 3 + 100) / 3)
     assert m["main_metric"] == "f1_mean"
-    assert m["missing_ids"] == ["8"] and m["n_expected"] == 8
+    assert m["missing_ids"] == ["8"] and m["n_expected"] == 10
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,6 +151,12 @@ def make_mme(root: Path) -> None:
                                                  "Is this by Goya? Please answer yes or no.\tNo"],
         "code_reasoning/0001.txt": ["Does it print 1? Please answer yes or no.\tNo", "Does it print 2? Please answer yes or no.\tYes"],
     }
+    from restore.eval.scoring.mme import COGNITION, PERCEPTION
+
+    for category in PERCEPTION + COGNITION:  # one unanswered image in each other subtask: scores 0
+        if not any(name.startswith(category + "/") for name in files):
+            files[f"{category}/0009.txt"] = [f"Is it {category}? Please answer yes or no.\tYes",
+                                             f"Is it not {category}? Please answer yes or no.\tNo"]
     for name, lines in files.items():
         (release / name).parent.mkdir(parents=True, exist_ok=True)
         (release / name).write_text("\n".join(lines) + "\n")
@@ -176,7 +188,7 @@ def test_mme_scores_per_subtask_with_prefix_rules(tmp_path):
     assert m["perception"] == pytest.approx(175.0)
     assert m["cognition"] == pytest.approx(50.0)
     assert m["total"] == pytest.approx(225.0) and result["main_metric"] == "total"
-    assert result["n_missing"] == 1
+    assert result["n_missing"] == 1 + 2 * 11  # Goya, and the 11 other subtasks' questions
     assert result["missing_ids"][0].startswith("artwork/images/123.jpg :: Is this by Goya?")
     # converter-style txt file for calculation.py: name, question (original), gt, prediction
     lines = (tmp_path / "out" / "mme_results" / "existence.txt").read_text().splitlines()
@@ -196,6 +208,9 @@ def make_sqa(root: Path) -> None:
                 "5": problem(2, 0, image=False), "6": problem(2, 0, split="train"), "7": problem(2, 1), "8": problem(3, 1)}
     write_json(root / "scienceqa" / "problems.json", problems)
     write_json(root / "scienceqa" / "pid_splits.json", {"train": ["6"], "val": [], "test": ["1", "2", "3", "4", "5", "7", "8"]})
+    write_json(root / "scienceqa" / "llava_test_CQM-A.json",
+               [{"id": pid, "conversations": [], **({"image": f"{pid}/image.png"} if problems[pid]["image"] else {})}
+                for pid in ("1", "2", "3", "4", "5", "7", "8")])
 
 
 def test_sqa_parsing_and_image_only_run(tmp_path):
@@ -236,6 +251,8 @@ def test_gqa_exact_match_after_period_strip_and_lowercase(tmp_path):
     write_json(tmp_path / "gqa" / "data" / "testdev_balanced_questions.json", {
         "1": q("yes", "verify"), "2": q("red", "query"), "3": q("no", "logical"), "4": q("circle", "query"),
         "5": q("yes", "verify")})
+    write_jsonl(tmp_path / "gqa" / "llava_gqa_testdev_balanced.jsonl",
+                [{"question_id": qid, "image": "n1.jpg", "text": "q" + SUFFIX} for qid in "12345"])
     rows = [answer("1", "Yes."), answer("2", "Red.."), answer("3", "No"), answer("5", "yes ")]
     result = score("gqa", write_jsonl(tmp_path / "a.jsonl", rows), tmp_path, tmp_path / "out")
     # 1 "yes" ok, 2 "red" ok, 3 "no" ok, 5 "yes " (space kept) wrong, 4 missing -> 3/5
@@ -258,9 +275,15 @@ def make_seed(root: Path) -> None:
         {"question_id": "103", "data_type": "image", "question_type_id": 5, "answer": "C"},
         {"question_id": "v7", "data_type": "video", "question_type_id": 10, "answer": "D"},
     ]
+    for q in questions:
+        q["question"] = f"Question {q['question_id']}?"
     write_json(root / "seed_bench" / "SEED-Bench.json", {
         "question_type": {"Scene Understanding": 1, "Instances Counting": 5, "Action Recognition": 10},
         "questions": questions})
+    folder = {"image": "SEED-Bench-image", "video": "SEED-Bench-video-image"}
+    write_jsonl(root / "seed_bench" / "llava-seed-bench.jsonl", [
+        {"question_id": q["question_id"], "image": f"{folder[q['data_type']]}/{q['question_id']}.png",
+         "text": q["question"] + "\nA. a\nB. b\nC. c\nD. d"} for q in questions])
 
 
 def test_seed_exact_letter_image_only(tmp_path):
@@ -284,6 +307,32 @@ def test_seed_with_video_answers(tmp_path):
     assert result["metrics"]["video_accuracy"] == pytest.approx(100.0)
     assert result["metrics"]["image_accuracy"] == pytest.approx(100 / 3)
     assert result["missing_ids"] == ["102", "103"]
+    assert result["main_metric"] == "total_accuracy"  # the paper's SEED: all questions, image and video
+
+
+def test_seed_image_only_run_is_seed_img(tmp_path):
+    make_seed(tmp_path)
+    result = score("seed", write_jsonl(tmp_path / "a.jsonl", [answer(101, "A")]), tmp_path, tmp_path / "out")
+    assert result["main_metric"] == "image_accuracy" and result["metrics"]["total_accuracy"] is None
+    assert any(note.startswith("SEED-IMG") for note in result["notes"])
+
+
+def write_settings(answers: Path, settings: dict) -> None:
+    answers.with_name(answers.name + ".meta.json").write_text(json.dumps({"settings": settings}))
+
+
+def test_seed_run_settings_decide_the_expected_questions(tmp_path):
+    make_seed(tmp_path)
+    # A full run whose video answers were lost: the videos stay expected (missing), not silently dropped.
+    answers = write_jsonl(tmp_path / "a.jsonl", [answer(101, "A"), answer(102, "B"), answer(103, "C")])
+    write_settings(answers, {"only_images_under": None})
+    result = score("seed", answers, tmp_path, tmp_path / "out")
+    assert result["main_metric"] == "total_accuracy" and result["missing_ids"] == ["v7"]
+    assert result["metrics"]["total_accuracy"] == pytest.approx(75.0)
+    # A run restricted to the image folder is SEED-IMG.
+    write_settings(answers, {"only_images_under": "SEED-Bench-image/"})
+    result = score("seed", answers, tmp_path, tmp_path / "out")
+    assert result["main_metric"] == "image_accuracy" and result["n_missing"] == 0
 
 
 # --------------------------------------------------------------------------------------------

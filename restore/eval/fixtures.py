@@ -558,6 +558,34 @@ def _load_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+# Read here from the official files, not through the scorers' helpers: reference answers that came
+# from a scorer's own lookup would score 100% even when that lookup is wrong.
+
+
+def _mmbench_options(row: dict) -> dict[str, str]:
+    """A TSV row's options: columns A.. D up to the first empty cell (pandas reads it as NaN)."""
+    options = {}
+    for letter in "ABCD":
+        value = row.get(letter)
+        if not isinstance(value, str) or not value.strip():
+            break
+        options[letter] = value
+    return options
+
+
+def _mme_answer(release: Path, question_id: str, text: str) -> str:
+    """The release's Yes/No for a llava_mme.jsonl question: its txt file lies next to the image, or in
+    questions_answers_YN/ when the images are in images/."""
+    category_dir = release / question_id.split("/")[0]
+    txt_dir = category_dir / "questions_answers_YN" if (category_dir / "images").is_dir() else category_dir
+    question = text.split("\n")[0].strip()
+    for line in (txt_dir / (Path(question_id).stem + ".txt")).read_text(encoding="utf-8").splitlines():
+        release_question, _, answer = line.partition("\t")
+        if release_question.replace(MME_SUFFIX, "").strip() == question:
+            return answer.strip()
+    raise ValueError(f"no ground truth for MME question {question_id}: {question!r}")
+
+
 def reference_answers(data_root: str | Path, bench: str, model_id: str = "reference") -> list[dict]:
     """Answer records with the right answer for every item (VQAv2: "yes", its answers are hidden;
     ScienceQA: image problems only, as RESTORE's entry point)."""
@@ -577,22 +605,18 @@ def reference_answers(data_root: str | Path, bench: str, model_id: str = "refere
     if bench == "mmbench":
         import pandas as pd
 
-        from .scoring.mmbench import is_empty, row_options
-
         lines = []
         for row in pd.read_csv(root / "mmbench/mmbench_dev_20230712.tsv", sep="\t").to_dict("records"):
-            options = row_options(row)
-            prompt = row["question"] if is_empty(row.get("hint")) else f"{row['hint']}\n{row['question']}"
+            options = _mmbench_options(row)
+            hint = row.get("hint")
+            prompt = row["question"] if not isinstance(hint, str) or not hint else f"{hint}\n{row['question']}"
             prompt += "".join(f"\n{letter}. {text}" for letter, text in options.items())
             lines.append(_answer_line(int(row["index"]), prompt, str(row["answer"]), model_id, round_id=0,
                                       options=list(options.values()), option_char=list(options)))
         return lines
     if bench == "mme":
-        from .scoring.mme import RELEASE, lookup_truth, read_ground_truth
-
-        truth = read_ground_truth(root / "MME" / RELEASE)
-        return [_answer_line(q["question_id"], q["text"],
-                             truth[lookup_truth(truth, q["question_id"], q["text"])].capitalize(), model_id)
+        release = root / "MME" / "MME_Benchmark_release_version"
+        return [_answer_line(q["question_id"], q["text"], _mme_answer(release, q["question_id"], q["text"]), model_id)
                 for q in _load_jsonl(root / "MME/llava_mme.jsonl")]
     if bench == "pope":
         labels = {split: _load_jsonl(root / f"pope/coco/coco_pope_{split}.json") for split in POPE_SPLITS}

@@ -12,12 +12,13 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from .common import AnswerFile, BenchResult, DataError, DataFilesMissing, write_json
+from .common import AnswerFile, AnswersError, BenchResult, DataError, DataFilesMissing, write_json
 
 BENCHMARKS = ("gqa", "vqav2", "seed", "mmbench", "mme", "pope", "sqa", "textvqa", "ocrbench")
 DEFAULT_DATA_ROOT = Path("playground/data/eval")
 
-__all__ = ["BENCHMARKS", "DEFAULT_DATA_ROOT", "DataError", "DataFilesMissing", "check_data", "score", "evaluate"]
+__all__ = ["BENCHMARKS", "DEFAULT_DATA_ROOT", "AnswersError", "DataError", "DataFilesMissing", "check_data", "score",
+           "evaluate"]
 
 
 def evaluate(bench: str, answers_path: str | Path, data_root: str | Path, out_dir: str | Path,
@@ -36,8 +37,9 @@ def evaluate(bench: str, answers_path: str | Path, data_root: str | Path, out_di
 
 
 def check_data(bench: str, data_root: str | Path) -> None:
-    """Raise DataFilesMissing unless every data file the scorer of ``bench`` reads exists; no answers
-    needed, nothing parsed: run before inference so that a missing file is found in seconds, not after it."""
+    """Raise DataError (DataFilesMissing for an absent file) unless every data file the scorer of ``bench``
+    reads exists, parses and agrees with the others (question file vs ground truth), exactly as scoring
+    reads them; no answers needed: run before inference so that a problem is found in seconds, not after it."""
     if bench not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {bench!r}; choose one of {', '.join(BENCHMARKS)}")
     data_root = Path(data_root)

@@ -1,14 +1,18 @@
 """Command line: python -m restore.eval.scoring BENCH --answers A.jsonl --data-root D --out-dir O,
-or python -m restore.eval.scoring BENCH --data-root D --check-data (do the scorer's data files exist?)."""
+or python -m restore.eval.scoring BENCH --data-root D --check-data (are the scorer's data files there and consistent?).
+
+Exit status: 0 scored; 2 data files missing or inconsistent; 3 (--strict only) the answers are not a
+clean, complete run; 4 the answers cannot be scored (none matches an item of the benchmark)."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import BENCHMARKS, DEFAULT_DATA_ROOT, DataError, check_data, score
+from . import BENCHMARKS, DEFAULT_DATA_ROOT, AnswersError, DataError, check_data, score
 
 EXIT_DATA_MISSING = 2
 EXIT_INCOMPLETE = 3
+EXIT_UNUSABLE_ANSWERS = 4
 
 
 def format_table(summary: dict) -> str:
@@ -34,6 +38,24 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def strict_problems(summary: dict) -> list[str]:
+    """Why a metrics.json summary is not a clean, complete run (empty when it is)."""
+    checks = (
+        ("n_missing", "expected items have no answer", "missing_ids"),
+        ("n_unexpected", "answers match no item of the benchmark", "unexpected_ids"),
+        ("n_duplicates", "items were answered more than once", None),
+        ("n_bad_answer_lines", "answer-file lines are not valid JSON objects", "bad_answer_lines"),
+    )
+    problems = []
+    for count_field, what, examples_field in checks:
+        count = summary.get(count_field) or 0
+        if count:
+            examples = (summary.get(examples_field) or []) if examples_field else []
+            shown = f", e.g. {', '.join(map(str, examples[:3]))}" if examples else ""
+            problems.append(f"{count} {what}{shown}")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m restore.eval.scoring", description=__doc__)
     parser.add_argument("bench", choices=BENCHMARKS)
@@ -43,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-data", action="store_true",
                         help=f"only check that the data files the scorer reads exist (exit {EXIT_DATA_MISSING} if not)")
     parser.add_argument("--model-id", default=None, help="name used in submission file names (default: the answers' model_id)")
-    parser.add_argument("--strict", action="store_true", help=f"exit {EXIT_INCOMPLETE} if any expected item is unanswered")
+    parser.add_argument("--strict", action="store_true",
+                        help=f"exit {EXIT_INCOMPLETE} unless every expected item has exactly one answer and the file "
+                             "has no unexpected ids and no invalid lines")
     args = parser.parse_args(argv)
     if args.check_data:
         try:
@@ -59,9 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as error:
         print(f"error: cannot score {args.bench}: {error}", file=sys.stderr)
         return EXIT_DATA_MISSING
+    except AnswersError as error:
+        print(f"error: cannot score {args.bench}: {error}", file=sys.stderr)
+        return EXIT_UNUSABLE_ANSWERS
     print(format_table(summary))
     print(f"  written: {', '.join(summary['files'])}")
-    if args.strict and summary["n_missing"]:
+    problems = strict_problems(summary) if args.strict else []
+    if problems:
+        print(f"error (--strict): {'; '.join(problems)}", file=sys.stderr)
         return EXIT_INCOMPLETE
     return 0
 

@@ -1,14 +1,19 @@
 """Shared pieces of the scorers: reading answer files, matching answers to the expected items,
-the result record, and the error raised when a benchmark's data files are absent."""
+the result record, atomic output files, and the errors raised when data files or answers are unusable."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Hashable, Iterable
+from typing import Any, Callable, Hashable, Iterable, Iterator
+
+from ..answer_files import write_atomic
+from ..entry_point import SHORT_ANSWER_SUFFIX  # noqa: F401  (re-exported for the scorers)
 
 MAX_LISTED_IDS = 20
-from ..entry_point import SHORT_ANSWER_SUFFIX  # noqa: F401  (re-exported for the scorers)
 
 
 class DataError(Exception):
@@ -17,6 +22,10 @@ class DataError(Exception):
 
 class DataFilesMissing(DataError, FileNotFoundError):
     """A file the scorer needs (annotation, question file, answers) does not exist."""
+
+
+class AnswersError(Exception):
+    """The answer file cannot be scored at all (e.g. not one answer matches an item of the benchmark)."""
 
 
 def require_file(path: Path, what: str) -> Path:
@@ -33,14 +42,49 @@ def require_dir(path: Path, what: str) -> Path:
 
 
 def load_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A data file's JSON; a broken file is a DataError naming it (not a traceback after inference)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path} is not valid JSON ({error}): re-download it (see docs/data.md)") from None
 
 
 def load_jsonl(path: Path) -> list[dict]:
-    """Strict JSONL reader for data files (question files, POPE labels): blank lines skipped."""
+    """Strict JSONL reader for data files (question files, POPE labels): blank lines skipped, any
+    other line that is not a JSON object is a DataError naming the line."""
+    rows = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path} line {number} is not valid JSON ({error}): re-download it "
+                                "(see docs/data.md)") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {number} is not a JSON object: not a question/label file")
+            rows.append(row)
+    return rows
+
+
+def require_fields(row: dict, fields: Iterable[str], where: str) -> dict:
+    """`row` if it has every field, else a DataError saying which one `where` lacks."""
+    absent = [name for name in fields if name not in row]
+    if absent:
+        raise DataError(f"{where} has no {', '.join(map(repr, absent))} field: not the official file (see docs/data.md)")
+    return row
+
+
+def first_duplicate(values: Iterable[Hashable]) -> tuple[int, Hashable] | None:
+    """(0-based position, value) of the first value seen before, or None."""
+    seen: set = set()
+    for position, value in enumerate(values):
+        if value in seen:
+            return position, value
+        seen.add(value)
+    return None
 
 
 @dataclass
@@ -177,6 +221,12 @@ def make_result(
     files: list[str] | None = None,
 ) -> BenchResult:
     notes = list(notes or [])
+    if n_expected and not matched.by_key:
+        # A 0.00 here would read as a score; it is a wrong file, benchmark or data root.
+        raise AnswersError(
+            f"none of the {len(answers.records)} answers in {answers.path} matches one of the {n_expected} "
+            f"{benchmark} items in the data files (e.g. unknown ids {[str(k) for k in matched.unexpected[:3]]}): "
+            "wrong answer file, benchmark or --data-root?")
     if matched.missing:
         notes.append(
             f"{len(matched.missing)} of {n_expected} expected items have no prediction; "
@@ -203,16 +253,33 @@ def make_result(
     )
 
 
-def write_json(path: Path, obj: Any, indent: int | None = None) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=indent, ensure_ascii=False)
+# Output files are replaced atomically: a scorer killed mid-write never leaves a truncated
+# metrics.json or submission file that a later report or upload would take for a result.
+
+
+def write_text(path: Path, text: str) -> str:
+    write_atomic(str(path), text)
     return str(path)
+
+
+def write_json(path: Path, obj: Any, indent: int | None = None) -> str:
+    return write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False))
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> str:
+    return write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path in `path`'s folder for a writer that needs a file name (pandas' to_excel);
+    moved onto `path` when the block succeeds, removed when it fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return str(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -23,6 +23,10 @@ answers with a bare letter, where both agree.
 Submission (LLaVA's MMBench converter): the TSV without hint/category/source/image/comment/
 l2-category, a `prediction` column (raw output text) inserted at position 6, written as
 `mmbench_dev_20230712_<model>.xlsx` (pandas + openpyxl).
+
+Data checks (also by check_data, before inference, with the check that openpyxl is installed): the
+TSV has the columns index, question, A, B and answer, no index twice, every copy's base question
+has its unrotated row (index < 1,000,000), and every answer is one of its row's option letters.
 """
 from __future__ import annotations
 
@@ -30,13 +34,15 @@ import math
 import re
 from pathlib import Path
 
-from .common import AnswerFile, BenchResult, DataFilesMissing, make_result, match_answers, percent, require_file
+from .common import (AnswerFile, BenchResult, DataError, atomic_path, first_duplicate, make_result, match_answers,
+                     percent, require_file)
 
 NAME = "mmbench"
 SPLIT = "mmbench_dev_20230712"
 COPY_STRIDE = 1_000_000
 OPTION_LETTERS = ("A", "B", "C", "D")
 DROPPED_COLUMNS = ("hint", "category", "source", "image", "comment", "l2-category")
+REQUIRED_COLUMNS = ("index", "question", "A", "B", "answer")
 
 _BARE_LETTER = re.compile(r"\(?([A-Z])\)?[.:)]?")
 _LEADING_LETTER = re.compile(r"(?:\(([A-Z])\)|([A-Z])[.:)])\s+\S")
@@ -84,46 +90,70 @@ def extract_letter(text: str, options: dict[str, str]) -> str | None:
 def _read_tsv(path: Path):
     import pandas as pd
 
-    return pd.read_csv(path, sep="\t")
+    try:
+        return pd.read_csv(path, sep="\t")
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as error:
+        raise DataError(f"{path} is not a readable TSV ({error}): re-download the MMBench dev TSV") from None
+
+
+def _illegal_characters():
+    """openpyxl's pattern of characters Excel cannot store (openpyxl also writes the xlsx)."""
+    try:
+        from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
+    except ImportError:
+        raise DataError("writing the MMBench submission xlsx needs openpyxl: pip install openpyxl") from None
+    return ILLEGAL_CHARACTERS_RE
+
+
+def load_table(data_root: Path):
+    """The dev TSV and its rows by index, checked as the module docstring says."""
+    tsv = require_file(data_root / "mmbench" / f"{SPLIT}.tsv", "official MMBench dev TSV")
+    table = _read_tsv(tsv)
+    absent = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if absent:
+        raise DataError(f"{tsv} has no column(s) {absent}: not the MMBench dev TSV (the test TSV has no answers)")
+    records = table.to_dict("records")
+    repeated = first_duplicate(int(row["index"]) for row in records)
+    if repeated:
+        raise DataError(f"{tsv} row {repeated[0] + 1} repeats index {repeated[1]}: the circular copies would merge")
+    rows = {int(row["index"]): row for row in records}
+    for number, (index, row) in enumerate(rows.items(), start=1):
+        if index % COPY_STRIDE not in rows:
+            raise DataError(f"{tsv} row {number}: index {index} is a circular copy of question {index % COPY_STRIDE}, "
+                            "which the TSV lacks")
+        answer = str(row["answer"]).strip()
+        if answer not in row_options(row):
+            raise DataError(f"{tsv} row {number} (index {index}): answer {answer!r} is not one of its options "
+                            f"{list(row_options(row))}")
+    return table, rows
 
 
 def _write_submission(table, predictions: dict[int, str], path: Path) -> str:
-    try:
-        from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
-    except ImportError as error:  # pragma: no cover - openpyxl is a declared dependency
-        raise RuntimeError("writing the MMBench xlsx needs openpyxl: pip install openpyxl") from error
+    illegal_characters = _illegal_characters()
     sheet = table.drop(columns=[c for c in DROPPED_COLUMNS if c in table.columns])
     column = [predictions.get(int(i)) for i in sheet["index"]]
     # Excel cannot store control characters; they are removed from the uploaded text only.
-    column = [ILLEGAL_CHARACTERS_RE.sub("", t) if isinstance(t, str) else t for t in column]
+    column = [illegal_characters.sub("", t) if isinstance(t, str) else t for t in column]
     sheet.insert(min(6, len(sheet.columns)), "prediction", column)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.to_excel(path, index=False, engine="openpyxl")
+    with atomic_path(path) as partial:
+        sheet.to_excel(partial, index=False, engine="openpyxl")
     return str(path)
 
 
 def check_data(data_root: Path) -> None:
-    """The data files the scorer reads exist (cheap: nothing is parsed); raises DataFilesMissing."""
-    require_file(data_root / "mmbench" / f"{SPLIT}.tsv", "official MMBench dev TSV")
+    """The data files the scorer reads exist and agree, and the xlsx can be written; raises DataError."""
+    load_table(data_root)
+    _illegal_characters()
 
 
 def evaluate(answers: AnswerFile, data_root: Path, out_dir: Path, model_id: str) -> BenchResult:
-    check_data(data_root)
-    tsv = require_file(data_root / "mmbench" / f"{SPLIT}.tsv", "official MMBench dev TSV")
-    table = _read_tsv(tsv)
-    if "index" not in table.columns:
-        raise DataFilesMissing(f"{tsv} has no 'index' column: not an MMBench TSV")
-    rows = {int(row["index"]): row for row in table.to_dict("records")}
+    table, rows = load_table(data_root)
 
     # Only the first round counts (entry points run with a single prediction per row).
     first_round = [r for r in answers.records if int(r.get("round_id", 0) or 0) == 0]
     matched = match_answers(first_round, lambda r: int(r["question_id"]), rows)
     predictions = {index: r.get("text", "") for index, r in matched.by_key.items()}
     files = [_write_submission(table, predictions, out_dir / f"{SPLIT}_{model_id}.xlsx")]
-
-    if "answer" not in table.columns:
-        notes = ["this TSV has no ground truth (test split): submit the xlsx to the MMBench server"]
-        return make_result(NAME, answers, matched, {}, None, len(rows), notes=notes, files=files)
 
     row_correct: dict[int, bool] = {}
     unparsed = 0

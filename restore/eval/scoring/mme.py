@@ -19,13 +19,18 @@ wrong (it stays in acc and acc+) and is listed in missing_ids. On complete input
 identical. The txt files in `mme_results/` are written like the converter's (answer-file
 order), with tabs/newlines inside predictions replaced by spaces so they stay readable by
 calculation.py.
+
+Data checks (also by check_data, before inference): every question of `llava_mme.jsonl` has its
+ground truth in the release, every release question is in the question file, and all 14 subtasks
+(and no other category) are there; otherwise perception/cognition would be sums over another set.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from .common import (SHORT_ANSWER_SUFFIX, AnswerFile, BenchResult, DataError, load_jsonl, make_result,
-                     match_answers, require_dir, require_file)
+from .common import (SHORT_ANSWER_SUFFIX, AnswerFile, BenchResult, DataError, first_duplicate, load_jsonl,
+                     make_result, match_answers, require_dir, require_fields, require_file, write_text)
 
 NAME = "mme"
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork", "OCR")
@@ -55,11 +60,14 @@ def read_ground_truth(release: Path) -> dict[tuple[str, str, str], str]:
     for category_dir in sorted(p for p in release.iterdir() if p.is_dir() and p.name in PERCEPTION + COGNITION):
         qa_dir = category_dir / "questions_answers_YN" if (category_dir / "images").is_dir() else category_dir
         for txt in sorted(qa_dir.glob("*.txt")):
-            for line in txt.read_text(encoding="utf-8").splitlines():
+            for number, line in enumerate(txt.read_text(encoding="utf-8").splitlines(), start=1):
                 if not line.strip():
                     continue
-                question, answer = line.strip().split("\t")
-                truth[(category_dir.name, txt.name, question)] = answer.strip().lower()
+                fields = line.strip().split("\t")
+                if len(fields) != 2 or fields[1].strip().lower() not in ("yes", "no"):
+                    raise DataError(f"{txt} line {number} is not 'question<TAB>Yes/No': {line!r} "
+                                    "(re-extract the official MME release)")
+                truth[(category_dir.name, txt.name, fields[0])] = fields[1].strip().lower()
     return truth
 
 
@@ -82,23 +90,65 @@ def _one_line(text: str) -> str:
     return text.replace("\t", " ").replace("\r", " ").replace("\n", " ")
 
 
+@dataclass
+class MmeData:
+    """Expected items (question_id, question text) in question-file order, each item's ground-truth
+    key (category, txt name, release question), and the ground truth."""
+
+    expected: list[tuple[str, str]]
+    located: dict[tuple[str, str], tuple[str, str, str]]
+    truth: dict[tuple[str, str, str], str]
+
+
+def _check_same_set(located: dict, truth: dict, question_file: Path) -> None:
+    categories = {category for category, _, _ in located.values()}
+    unofficial = sorted(categories - set(PERCEPTION + COGNITION))
+    if unofficial:
+        raise DataError(f"{question_file} has categories {unofficial} that are not MME subtasks")
+    absent = [c for c in PERCEPTION + COGNITION if c not in categories]
+    if absent:
+        raise DataError(f"{question_file} has no question of the MME subtask(s) {', '.join(absent)}: perception and "
+                        "cognition would be sums over fewer subtasks (use LLaVA's full llava_mme.jsonl)")
+    asked = set(located.values())
+    unasked = [key for key in truth if key not in asked]
+    if unasked:
+        category, txt_name, question = unasked[0]
+        raise DataError(f"{len(unasked)} questions of {RELEASE} are not in {question_file}, e.g. {category}/{txt_name}: "
+                        f"{question!r}: question file and release do not match")
+
+
+def load_data(data_root: Path) -> MmeData:
+    """Read the question file and the release and tie every question to its ground truth; DataError
+    on any mismatch (see the module docstring)."""
+    folder = data_root / "MME"
+    question_file = require_file(folder / "llava_mme.jsonl", "LLaVA's MME question file (eval.zip)")
+    release = require_dir(folder / RELEASE, "the official MME release folder")
+    questions = load_jsonl(question_file)
+    for number, question in enumerate(questions, start=1):
+        require_fields(question, ("question_id", "text"), f"{question_file} line {number}")
+    expected = [(str(q["question_id"]), q["text"]) for q in questions]
+    repeated = first_duplicate(expected)
+    if repeated:
+        raise DataError(f"{question_file} line {repeated[0] + 1} repeats question {repeated[1]}: answers could not "
+                        "be told apart")
+    truth = read_ground_truth(release)
+    located = {item: lookup_truth(truth, *item) for item in expected}
+    _check_same_set(located, truth, question_file)
+    return MmeData(expected, located, truth)
+
+
 def check_data(data_root: Path) -> None:
-    """The data files the scorer reads exist (cheap: nothing is parsed); raises DataFilesMissing."""
-    require_file(data_root / "MME" / "llava_mme.jsonl", "LLaVA's MME question file (eval.zip)")
-    require_dir(data_root / "MME" / RELEASE, "the official MME release folder")
+    """The data files the scorer reads exist and agree (see the module docstring); raises DataError."""
+    load_data(data_root)
 
 
 def evaluate(answers: AnswerFile, data_root: Path, out_dir: Path, model_id: str) -> BenchResult:
-    check_data(data_root)
-    folder = data_root / "MME"
-    questions = load_jsonl(require_file(folder / "llava_mme.jsonl", "LLaVA's MME question file (eval.zip)"))
-    truth = read_ground_truth(require_dir(folder / RELEASE, "the official MME release folder"))
+    data = load_data(data_root)
+    expected, located, truth = data.expected, data.located, data.truth
 
     def key(record: dict) -> tuple[str, str]:
         return str(record["question_id"]), record["prompt"]
 
-    expected = [(str(q["question_id"]), q["text"]) for q in questions]
-    located = {item: lookup_truth(truth, *item) for item in expected}
     matched = match_answers(answers.records, key, expected)
 
     # Per category: question results, and per image whether all its questions are right.
@@ -119,19 +169,11 @@ def evaluate(answers: AnswerFile, data_root: Path, out_dir: Path, model_id: str)
         acc = stats["correct"] / stats["n"]
         acc_plus = sum(stats["images"].values()) / len(stats["images"])
         scores[category] = 100.0 * (acc + acc_plus)
-    notes = []
-    absent = [c for c in PERCEPTION + COGNITION if c not in scores]
-    if absent:
-        notes.append(f"subtasks absent from the question file (not in the sums): {', '.join(absent)}")
-    metrics["perception"] = sum(scores[c] for c in PERCEPTION if c in scores)
-    metrics["cognition"] = sum(scores[c] for c in COGNITION if c in scores)
+    metrics["perception"] = sum(scores[c] for c in PERCEPTION)
+    metrics["cognition"] = sum(scores[c] for c in COGNITION)
     metrics["total"] = metrics["perception"] + metrics["cognition"]
     for category in PERCEPTION + COGNITION:
-        if category in scores:
-            metrics[category] = scores[category]
-    for category in sorted(set(scores) - set(PERCEPTION + COGNITION)):
         metrics[category] = scores[category]
-        notes.append(f"category {category!r} is not an official subtask: reported, not summed")
 
     # Result txt files in the converter's layout, answer-file order.
     lines: dict[str, list[str]] = {}
@@ -147,12 +189,9 @@ def evaluate(answers: AnswerFile, data_root: Path, out_dir: Path, model_id: str)
         lines.setdefault(category, []).append("\t".join(row))
     files = []
     for category, rows in lines.items():
-        path = out_dir / "mme_results" / f"{category}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
-        files.append(str(path))
+        files.append(write_text(out_dir / "mme_results" / f"{category}.txt", "".join(r + "\n" for r in rows)))
     # Two questions share an image id: show missing items as "image id :: question".
     matched.missing = [f"{qid} :: {text.splitlines()[0]}" for qid, text in matched.missing]
     matched.unexpected = [f"{u[0]} :: {str(u[1]).splitlines()[0] if u[1] else ''}" if isinstance(u, tuple) else u
                           for u in matched.unexpected]
-    return make_result(NAME, answers, matched, metrics, "total", len(expected), notes=notes, files=files)
+    return make_result(NAME, answers, matched, metrics, "total", len(expected), files=files)

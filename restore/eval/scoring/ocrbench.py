@@ -13,12 +13,16 @@ Differences from the official scorer: it reads the answers' own copies of the an
 and prints a Final Score only when exactly 1000 lines were scored. Here answers are matched to
 OCRBench.json items by (dataset_name, id, image_path, question); an unanswered item scores 0
 and is listed in missing_ids, so final_score is always defined (a lower bound when incomplete).
+
+Data checks (also by check_data, before inference): every item has the six fields and one of the
+ten OCRBench types, and no item (dataset_name, id, image_path, question) repeats.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from .common import AnswerFile, BenchResult, load_json, make_result, match_answers, percent, require_file
+from .common import (AnswerFile, BenchResult, DataError, first_duplicate, load_json, make_result, match_answers,
+                     percent, require_fields, require_file)
 
 NAME = "ocrbench"
 RECOGNITION_TYPES = (
@@ -48,14 +52,32 @@ def item_key(item: dict) -> tuple[str, str, str, str]:
     return str(item["dataset_name"]), str(item["id"]), str(item["image_path"]), str(item["question"])
 
 
+ITEM_FIELDS = ("dataset_name", "id", "image_path", "question", "answers", "type")
+
+
+def load_items(data_root: Path) -> list[dict]:
+    """OCRBench.json's items, checked as the module docstring says."""
+    path = require_file(data_root / "ocrbench" / "OCRBench.json", "official OCRBench.json")
+    items = load_json(path)
+    if not isinstance(items, list):
+        raise DataError(f"{path} is not OCRBench.json (a JSON list of items)")
+    for number, item in enumerate(items, start=1):
+        require_fields(item, ITEM_FIELDS, f"{path} item {number}")
+        if item["type"] not in RECOGNITION_TYPES + OTHER_TYPES:
+            raise DataError(f"{path} item {number}: type {item['type']!r} is not an OCRBench question type")
+    repeated = first_duplicate(item_key(item) for item in items)
+    if repeated:
+        raise DataError(f"{path} item {repeated[0] + 1} repeats item {repeated[1][:2]}: answers could not be told apart")
+    return items
+
+
 def check_data(data_root: Path) -> None:
-    """The data files the scorer reads exist (cheap: nothing is parsed); raises DataFilesMissing."""
-    require_file(data_root / "ocrbench" / "OCRBench.json", "official OCRBench.json")
+    """The data file the scorer reads exists and is consistent; raises DataError."""
+    load_items(data_root)
 
 
 def evaluate(answers: AnswerFile, data_root: Path, out_dir: Path, model_id: str) -> BenchResult:
-    check_data(data_root)
-    items = load_json(require_file(data_root / "ocrbench" / "OCRBench.json", "official OCRBench.json"))
+    items = load_items(data_root)
     keys = [item_key(item) for item in items]
     matched = match_answers(answers.records, item_key, keys)
 

@@ -1,7 +1,13 @@
 """POPE (COCO): accuracy, precision, recall, F1 and yes-ratio per split, as LLaVA's `eval_pope.py`,
 and the mean F1 over the splits (the reported POPE number, main metric "f1_mean").
 
-Each split's labels come from `coco/coco_pope_<split>.json` (JSON lines with label yes/no).
+The benchmark is exactly three splits, adversarial, popular and random, whose labels come from
+`coco/coco_pope_<split>.json` (JSON lines with label yes/no); that folder holds nothing else (the
+official scorer asserts so). The k-th label line of a split must be the k-th question of that split in
+`llava_pope_test.jsonl`: same image, same question text (the question file adds LLaVA's suffix on a
+new line), and as many label lines as questions. Anything else (a missing or extra split, another
+POPE release such as the current one, whose random split has 3,000 items instead of LLaVA's 2,910)
+is a DataError naming the first line that differs, raised by check_data too, before inference.
 Parsing: text before the first period, commas removed, split on single spaces; the answer is
 "no" if a word is exactly "No", "no" or "not", otherwise "yes" (so "NO", "Not" and an empty
 output count as yes). "yes" is the positive class. All values are percentages.
@@ -18,11 +24,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import (AnswerFile, BenchResult, DataFilesMissing, load_jsonl, make_result, match_answers,
-                     require_dir, require_file)
+from dataclasses import dataclass
+
+from .common import (AnswerFile, BenchResult, DataError, DataFilesMissing, load_jsonl, make_result, match_answers,
+                     require_dir, require_fields, require_file)
 
 NAME = "pope"
 LABEL_PREFIX = "coco_pope_"
+SPLITS = ("adversarial", "popular", "random")
+QUESTION_FILE = "llava_pope_test.jsonl"
 
 
 def parse_yes_no(text: str) -> str:
@@ -51,62 +61,110 @@ def split_metrics(predictions: list[str], labels: list[str]) -> dict[str, float]
     }
 
 
+def label_file_name(split: str) -> str:
+    return f"{LABEL_PREFIX}{split}.json"
+
+
+@dataclass
+class PopeData:
+    """Question ids of each split in question-file order, and the label of every question id."""
+
+    ids_by_split: dict[str, list[str]]
+    label_of: dict[str, str]
+
+
+def _check_label_folder(label_dir: Path) -> None:
+    expected = {label_file_name(split) for split in SPLITS}
+    present = {p.name for p in label_dir.iterdir()}
+    absent = sorted(expected - present)
+    if absent:
+        raise DataFilesMissing(f"missing {', '.join(str(label_dir / name) for name in absent)}: POPE needs exactly the "
+                               f"label files {', '.join(sorted(expected))} (POPE commit e3e3926, see docs/data.md)")
+    extra = sorted(present - expected)
+    if extra:
+        raise DataError(f"{label_dir} holds {extra} besides the three POPE label files: POPE is exactly the splits "
+                        f"{', '.join(SPLITS)}; move the other files out of that folder")
+
+
+def _questions_by_split(question_file: Path) -> dict[str, list[tuple[int, dict]]]:
+    """(line number, question) of each split, in file order; a category outside SPLITS is a DataError."""
+    by_split: dict[str, list[tuple[int, dict]]] = {split: [] for split in SPLITS}
+    for number, question in enumerate(load_jsonl(question_file), start=1):
+        require_fields(question, ("question_id", "image", "text", "category"), f"{question_file} line {number}")
+        if question["category"] not in by_split:
+            raise DataError(f"{question_file} line {number}: category {question['category']!r} is not a POPE split "
+                            f"({', '.join(SPLITS)}): not LLaVA's POPE question file")
+        by_split[question["category"]].append((number, question))
+    return by_split
+
+
+def question_matches_label(question: dict, label: dict) -> bool:
+    """Same image and same question: the question file's text is the label text plus LLaVA's suffix line."""
+    return (question["image"] == label["image"]
+            and question["text"].split("\n")[0].strip() == str(label["text"]).strip())
+
+
+def _pair_split(split: str, questions: list[tuple[int, dict]], label_file: Path,
+                question_file: Path) -> dict[str, str]:
+    labels = load_jsonl(label_file)
+    for k, label in enumerate(labels[:len(questions)]):
+        require_fields(label, ("image", "text", "label"), f"{label_file} line {k + 1}")
+        number, question = questions[k]
+        if not question_matches_label(question, label):
+            raise DataError(
+                f"{label_file} line {k + 1} ({label['image']}: {label['text']!r}) does not match the {split} "
+                f"question {k + 1} of {question_file} (line {number}: {question['image']}: "
+                f"{question['text'].splitlines()[0]!r}): question file and label files are from different POPE "
+                "versions (LLaVA used POPE commit e3e3926, see docs/data.md)")
+        if str(label["label"]).lower() not in ("yes", "no"):
+            raise DataError(f"{label_file} line {k + 1}: label {label['label']!r} is not yes/no")
+    if len(labels) != len(questions):
+        first_unpaired = (f"label line {len(questions) + 1} has no question" if len(labels) > len(questions)
+                          else f"question line {questions[len(labels)][0]} of {question_file} has no label")
+        raise DataError(f"{label_file} has {len(labels)} label lines but {question_file} has {len(questions)} {split} "
+                        f"questions ({first_unpaired}): question file and label files are from different POPE "
+                        "versions (LLaVA used POPE commit e3e3926, whose random split has 2,910 items)")
+    return {str(question["question_id"]): str(label["label"]).lower()
+            for (_, question), label in zip(questions, labels)}
+
+
+def load_data(data_root: Path) -> PopeData:
+    """Read and cross-check the question file and the three label files; DataError on any mismatch."""
+    folder = data_root / "pope"
+    question_file = require_file(folder / QUESTION_FILE, "LLaVA's POPE question file (eval.zip)")
+    label_dir = require_dir(folder / "coco", "POPE's coco_pope_*.json label files")
+    _check_label_folder(label_dir)
+    by_split = _questions_by_split(question_file)
+    label_of: dict[str, str] = {}
+    for split in SPLITS:
+        if not by_split[split]:
+            raise DataError(f"{question_file} has no {split} question: POPE needs all of {', '.join(SPLITS)}")
+        label_of.update(_pair_split(split, by_split[split], label_dir / label_file_name(split), question_file))
+    ids_by_split = {split: [str(q["question_id"]) for _, q in by_split[split]] for split in SPLITS}
+    if len(label_of) != sum(map(len, ids_by_split.values())):
+        raise DataError(f"{question_file} repeats a question_id: answers could not be told apart")
+    return PopeData(ids_by_split, label_of)
+
+
 def check_data(data_root: Path) -> None:
-    """The data files the scorer reads exist (cheap: nothing is parsed); raises DataFilesMissing."""
-    require_file(data_root / "pope" / "llava_pope_test.jsonl", "LLaVA's POPE question file (eval.zip)")
-    label_dir = require_dir(data_root / "pope" / "coco", "POPE's coco_pope_*.json label files")
-    if not any(label_dir.glob(f"{LABEL_PREFIX}*.json")):
-        raise DataFilesMissing(f"no {LABEL_PREFIX}*.json label files in {label_dir} (see docs/data.md)")
+    """The data files the scorer reads exist and agree (see the module docstring); raises DataError."""
+    load_data(data_root)
 
 
 def evaluate(answers: AnswerFile, data_root: Path, out_dir: Path, model_id: str) -> BenchResult:
-    check_data(data_root)
-    folder = data_root / "pope"
-    questions = load_jsonl(require_file(folder / "llava_pope_test.jsonl", "LLaVA's POPE question file (eval.zip)"))
-    label_dir = require_dir(folder / "coco", "POPE's coco_pope_*.json label files")
-    label_files = sorted(label_dir.glob(f"{LABEL_PREFIX}*.json"))
-    if not label_files:
-        raise DataFilesMissing(f"no {LABEL_PREFIX}*.json label files in {label_dir} (see docs/data.md)")
-    notes = []
-    others = sorted(p.name for p in label_dir.iterdir() if p not in label_files)
-    if others:
-        notes.append(f"ignored files in {label_dir.name}/ (the official scorer asserts there are none): {others}")
-
-    labels_by_split = {p.name[len(LABEL_PREFIX):-len(".json")]: load_jsonl(p) for p in label_files}
-    label_of: dict[str, str] = {}  # question_id -> label
-    position = {split: 0 for split in labels_by_split}
-    mismatched_text = 0
-    for q in questions:
-        split = q.get("category")
-        if split not in labels_by_split:
-            continue
-        k = position[split]
-        position[split] += 1
-        if k >= len(labels_by_split[split]):
-            continue
-        label_line = labels_by_split[split][k]
-        label_of[str(q["question_id"])] = label_line["label"]
-        mismatched_text += not q.get("text", "").startswith(label_line.get("text", ""))
-    for split, labels in labels_by_split.items():
-        if position[split] != len(labels):
-            notes.append(f"split {split}: {position[split]} questions in the question file, {len(labels)} labels")
-    if mismatched_text:
-        notes.append(f"{mismatched_text} questions do not start with the text of the label line they are paired "
-                     "with: question file and label files may be from different POPE versions")
-
-    expected = [str(q["question_id"]) for q in questions if str(q["question_id"]) in label_of]
-    split_of = {str(q["question_id"]): q["category"] for q in questions}
+    data = load_data(data_root)
+    expected = [qid for split in SPLITS for qid in data.ids_by_split[split]]
     matched = match_answers(answers.records, lambda r: str(r["question_id"]), expected)
 
     metrics: dict[str, float] = {}
     f1s, accs = [], []
-    for split in labels_by_split:
-        ids = [i for i in expected if split_of[i] == split and i in matched.by_key]
+    for split in SPLITS:
+        ids = [i for i in data.ids_by_split[split] if i in matched.by_key]
         predictions = [parse_yes_no(matched.by_key[i].get("text", "")) for i in ids]
-        values = split_metrics(predictions, [label_of[i] for i in ids])
+        values = split_metrics(predictions, [data.label_of[i] for i in ids])
         for name, value in values.items():
             metrics[f"{split}/{name}"] = value
         f1s.append(values["f1"])
         accs.append(values["accuracy"])
     metrics = {"f1_mean": sum(f1s) / len(f1s), "accuracy_mean": sum(accs) / len(accs), **metrics}
-    return make_result(NAME, answers, matched, metrics, "f1_mean", len(expected), notes=notes)
+    return make_result(NAME, answers, matched, metrics, "f1_mean", len(expected))

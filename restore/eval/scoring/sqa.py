@@ -16,18 +16,27 @@ Difference from the official scorer: eval_science_qa.py takes the IMG denominato
 predictions whose prompt contains "<image>", so a missing image prediction silently leaves
 the denominator. Here it stays in (as FAILED) and is listed in missing_ids; on complete
 inputs the numbers are identical.
+
+Data checks (also by check_data, before inference): every test problem of pid_splits.json is in
+problems.json with its answer among its choices, and LLaVA's question file `llava_test_CQM-A.json`
+holds exactly the test problems, with an image exactly where problems.json has one; otherwise a
+DataError names the first problem that differs.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from .common import AnswerFile, BenchResult, load_json, make_result, match_answers, percent, require_file
+from dataclasses import dataclass
+
+from .common import (AnswerFile, BenchResult, DataError, first_duplicate, load_json, make_result, match_answers,
+                     percent, require_fields, require_file)
 
 NAME = "sqa"
 LETTERS = ("A", "B", "C", "D", "E")
 FAILED = "FAILED"
 _ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
+QUESTION_FILE = "llava_test_CQM-A.json"
 
 
 def parse_letter(text: str) -> str:
@@ -43,18 +52,62 @@ def choice_index(letter: str, n_choices: int) -> int:
     return LETTERS.index(letter) if letter in LETTERS[:n_choices] else -1
 
 
+@dataclass
+class SqaData:
+    problems: dict[str, dict]
+    test_ids: list[str]
+    has_image: dict[str, bool]
+
+
+def _check_question_file(path: Path, test_ids: list[str], has_image: dict[str, bool]) -> None:
+    items = load_json(path)
+    if not isinstance(items, list):
+        raise DataError(f"{path} is not LLaVA's ScienceQA question file (a JSON list)")
+    ids = [str(require_fields(item, ("id",), f"{path} item {n}")["id"]) for n, item in enumerate(items, start=1)]
+    for number, (pid, item) in enumerate(zip(ids, items), start=1):
+        if pid not in has_image:
+            raise DataError(f"{path} item {number}: problem {pid} is not a test problem of pid_splits.json")
+        if ("image" in item) != has_image[pid]:
+            raise DataError(f"{path} item {number}: problem {pid} {'has' if 'image' in item else 'lacks'} an image, "
+                            "problems.json says the opposite: the files are from different releases")
+    repeated = first_duplicate(ids)
+    if repeated:
+        raise DataError(f"{path} item {repeated[0] + 1} repeats problem {repeated[1]}")
+    if len(ids) != len(test_ids):
+        asked = set(ids)
+        unasked = next(pid for pid in test_ids if pid not in asked)
+        raise DataError(f"pid_splits.json has {len(test_ids)} test problems, {path} {len(ids)} (e.g. {unasked} is not "
+                        "asked): question file and ScienceQA release do not match")
+
+
+def load_data(data_root: Path) -> SqaData:
+    """problems.json, the test split and LLaVA's question file, checked as the module docstring says."""
+    folder = data_root / "scienceqa"
+    problems_file = require_file(folder / "problems.json", "ScienceQA problems.json")
+    splits_file = require_file(folder / "pid_splits.json", "ScienceQA pid_splits.json")
+    question_file = require_file(folder / QUESTION_FILE, "LLaVA's ScienceQA question file (eval.zip)")
+    problems = {str(pid): problem for pid, problem in load_json(problems_file).items()}
+    test_ids = [str(pid) for pid in require_fields(load_json(splits_file), ("test",), str(splits_file))["test"]]
+    for pid in test_ids:
+        if pid not in problems:
+            raise DataError(f"test problem {pid} of {splits_file} is not in {problems_file}")
+        problem = require_fields(problems[pid], ("choices", "answer"), f"{problems_file}, problem {pid}")
+        if not 0 <= int(problem["answer"]) < len(problem["choices"]):
+            raise DataError(f"{problems_file}, problem {pid}: answer {problem['answer']} is not one of its "
+                            f"{len(problem['choices'])} choices")
+    has_image = {pid: bool(problems[pid].get("image")) for pid in test_ids}
+    _check_question_file(question_file, test_ids, has_image)
+    return SqaData(problems, test_ids, has_image)
+
+
 def check_data(data_root: Path) -> None:
-    """The data files the scorer reads exist (cheap: nothing is parsed); raises DataFilesMissing."""
-    require_file(data_root / "scienceqa" / "problems.json", "ScienceQA problems.json")
-    require_file(data_root / "scienceqa" / "pid_splits.json", "ScienceQA pid_splits.json")
+    """The data files the scorer reads exist and agree (see the module docstring); raises DataError."""
+    load_data(data_root)
 
 
 def evaluate(answers: AnswerFile, data_root: Path, out_dir: Path, model_id: str) -> BenchResult:
-    check_data(data_root)
-    folder = data_root / "scienceqa"
-    problems = load_json(require_file(folder / "problems.json", "ScienceQA problems.json"))
-    test_ids = [str(pid) for pid in load_json(require_file(folder / "pid_splits.json", "ScienceQA pid_splits.json"))["test"]]
-    has_image = {pid: bool(problems[pid].get("image")) for pid in test_ids}
+    data = load_data(data_root)
+    problems, test_ids, has_image = data.problems, data.test_ids, data.has_image
 
     answered = {str(r.get("question_id")) for r in answers.records}
     text_only_answered = any(not has_image[pid] and pid in answered for pid in test_ids)

@@ -15,17 +15,26 @@ the denominator) and is listed in missing_ids as "image :: question (question_id
 reported as unexpected. Two questions with the same image and text are answered in order and
 both scored against the annotation entry the official dict keeps (the last one). On complete
 inputs the numbers are identical.
+
+Data checks (also by check_data, before inference): LLaVA's question file
+`llava_textvqa_val_v051_ocr.jsonl` asks exactly the annotation's questions (same image id and
+question, as often), so the accuracy is over the questions that were asked; otherwise a DataError
+names the first line that differs.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-from .common import AnswerFile, BenchResult, Matched, load_json, make_result, percent, require_file
+from collections import Counter
+
+from .common import (AnswerFile, BenchResult, DataError, Matched, load_json, load_jsonl, make_result, percent,
+                     require_fields, require_file)
 from .vqa_normalize import normalize_answer, soft_scores
 
 NAME = "textvqa"
 ANNOTATION = "TextVQA_0.5.1_val.json"
+QUESTION_FILE = "llava_textvqa_val_v051_ocr.jsonl"
 _OCR_TOKENS_QUESTION = re.compile(r"Question: (.*?) Short answer:", re.DOTALL)
 
 
@@ -40,14 +49,38 @@ def prompt_question(prompt: str) -> str:
     return lines[0].lower()
 
 
+def load_entries(data_root: Path) -> list[dict]:
+    """The annotation's entries, checked against the question file (module docstring)."""
+    path = require_file(data_root / "textvqa" / ANNOTATION, "official TextVQA val annotation")
+    question_file = require_file(data_root / "textvqa" / QUESTION_FILE, "LLaVA's TextVQA question file (eval.zip)")
+    annotation = load_json(path)
+    if not isinstance(annotation, dict):
+        raise DataError(f"{path} is not the TextVQA annotation (a JSON object with 'data')")
+    entries = [require_fields(e, ("image_id", "question", "question_id", "answers"), f"{path}, entry {i + 1}")
+               for i, e in enumerate(require_fields(annotation, ("data",), str(path))["data"])]
+    unasked = Counter((str(e["image_id"]), e["question"].lower()) for e in entries)
+    for number, line in enumerate(load_jsonl(question_file), start=1):
+        require_fields(line, ("question_id", "text"), f"{question_file} line {number}")
+        key = (str(line["question_id"]), prompt_question(line["text"]))
+        if not unasked[key]:
+            raise DataError(f"{question_file} line {number}: image {key[0]}, question {key[1]!r} is not "
+                            f"{'in' if key not in unasked else 'that often in'} {path}: question file and annotation "
+                            "do not match")
+        unasked[key] -= 1
+    left = [key for key, n in unasked.items() if n]
+    if left:
+        raise DataError(f"{sum(unasked.values())} questions of {path} are not in {question_file}, e.g. image "
+                        f"{left[0][0]}: {left[0][1]!r}: question file and annotation do not match")
+    return entries
+
+
 def check_data(data_root: Path) -> None:
-    """The data files the scorer reads exist (cheap: nothing is parsed); raises DataFilesMissing."""
-    require_file(data_root / "textvqa" / ANNOTATION, "official TextVQA val annotation")
+    """The data files the scorer reads exist and agree (see the module docstring); raises DataError."""
+    load_entries(data_root)
 
 
 def evaluate(answers: AnswerFile, data_root: Path, out_dir: Path, model_id: str) -> BenchResult:
-    check_data(data_root)
-    entries = load_json(require_file(data_root / "textvqa" / ANNOTATION, "official TextVQA val annotation"))["data"]
+    entries = load_entries(data_root)
     waiting: dict[tuple[str, str], list[str]] = {}  # key -> question ids not answered yet, in order
     truth: dict[tuple[str, str], list[str]] = {}
     for entry in entries:

@@ -8,12 +8,15 @@ Upload `vqav2_test-dev2015_<model>.json` to the VQA challenge on EvalAI (test-de
 Here the metrics only count what was answered (`answered`: percent of the test-dev questions);
 main_metric is None. Test-dev questions without a prediction are listed in missing_ids; the
 official converter fills them with "" silently (this file does the same, and says how many).
+Data checks (also by check_data, before inference): every test-dev question is in the full test2015
+list (else it could not be uploaded) and no question id repeats; otherwise a DataError.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from .common import AnswerFile, BenchResult, load_jsonl, make_result, match_answers, percent, require_file, write_json
+from .common import (AnswerFile, BenchResult, DataError, first_duplicate, load_jsonl, make_result, match_answers,
+                     percent, require_fields, require_file, write_json)
 from .vqa_normalize import normalize_answer
 
 NAME = "vqav2"
@@ -21,17 +24,36 @@ TEST_DEV_FILE = "llava_vqav2_mscoco_test-dev2015.jsonl"
 TEST_ALL_FILE = "llava_vqav2_mscoco_test2015.jsonl"
 
 
+def _question_ids(path: Path, questions: list[dict]) -> list[str]:
+    ids = [str(require_fields(q, ("question_id",), f"{path} line {n}")["question_id"])
+           for n, q in enumerate(questions, start=1)]
+    repeated = first_duplicate(ids)
+    if repeated:
+        raise DataError(f"{path} line {repeated[0] + 1} repeats question {repeated[1]}")
+    return ids
+
+
+def load_data(data_root: Path) -> tuple[list[dict], list[dict]]:
+    """(test-dev questions, all test2015 questions), checked as the module docstring says."""
+    folder = data_root / "vqav2"
+    dev_file = require_file(folder / TEST_DEV_FILE, "LLaVA's VQAv2 test-dev question file (eval.zip)")
+    all_file = require_file(folder / TEST_ALL_FILE, "LLaVA's full test2015 question list (eval.zip)")
+    test_dev, test_all = load_jsonl(dev_file), load_jsonl(all_file)
+    dev_ids, all_ids = _question_ids(dev_file, test_dev), set(_question_ids(all_file, test_all))
+    for number, qid in enumerate(dev_ids, start=1):
+        if qid not in all_ids:
+            raise DataError(f"{dev_file} line {number}: question {qid} is not in {all_file}, so it could not be "
+                            "uploaded: the two files are not from the same eval.zip")
+    return test_dev, test_all
+
+
 def check_data(data_root: Path) -> None:
-    """The data files the scorer reads exist (cheap: nothing is parsed); raises DataFilesMissing."""
-    require_file(data_root / "vqav2" / TEST_DEV_FILE, "LLaVA's VQAv2 test-dev question file (eval.zip)")
-    require_file(data_root / "vqav2" / TEST_ALL_FILE, "LLaVA's full test2015 question list (eval.zip)")
+    """The data files the scorer reads exist and agree (see the module docstring); raises DataError."""
+    load_data(data_root)
 
 
 def evaluate(answers: AnswerFile, data_root: Path, out_dir: Path, model_id: str) -> BenchResult:
-    check_data(data_root)
-    folder = data_root / "vqav2"
-    test_dev = load_jsonl(require_file(folder / TEST_DEV_FILE, "LLaVA's VQAv2 test-dev question file (eval.zip)"))
-    test_all = load_jsonl(require_file(folder / TEST_ALL_FILE, "LLaVA's full test2015 question list (eval.zip)"))
+    test_dev, test_all = load_data(data_root)
     dev_ids = [str(q["question_id"]) for q in test_dev]
     matched = match_answers(answers.records, lambda r: str(r["question_id"]), dev_ids)
 
@@ -45,16 +67,12 @@ def evaluate(answers: AnswerFile, data_root: Path, out_dir: Path, model_id: str)
     out_file = out_dir / f"vqav2_test-dev2015_{model_id}.json"
     files = [write_json(out_file, submission)]
 
-    all_ids = {str(q["question_id"]) for q in test_all}
-    not_in_full = [qid for qid in dev_ids if qid not in all_ids]
     notes = [
         "online scoring only: upload the submission file to EvalAI (VQA challenge, test-dev phase); "
         "no local accuracy exists because test answers are hidden",
         f"submission covers {len(submission)} test2015 questions; "
         f"{sum(1 for s in submission if str(s['question_id']) not in text_by_id)} of them have an empty answer",
     ]
-    if not_in_full:
-        notes.append(f"{len(not_in_full)} test-dev questions are absent from {TEST_ALL_FILE}; they cannot be uploaded")
     answered = len(dev_ids) - len(matched.missing)
     metrics = {"answered": percent(answered, len(dev_ids)), "submission_questions": len(submission)}
     return make_result(NAME, answers, matched, metrics, None, len(dev_ids), notes=notes, files=files)
