@@ -161,7 +161,9 @@ def visionzip_reference(
 
     The similarities and the group sums are one matrix product per sample, the shapes of the
     official batched products, so that their rounding is the same; the ranking, the split, the
-    choice of targets and the assignment (first maximum on ties) are spelled out.
+    choice of targets and the assignment (first maximum on ties) are spelled out. Bit-equal to the
+    batched code with one BLAS thread (the tests use one): with several, a batched float32 product
+    may split its sums differently from a per-sample one.
     """
     dominant_per_sample, sequences, groups_per_sample, sizes_per_sample = [], [], [], []
     for b in range(raw_features.shape[0]):
