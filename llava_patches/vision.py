@@ -49,23 +49,22 @@ def encode_with_cls_attention(
     selected = hidden if hidden_index == 0 else None
     cls_attention = None
     captured = {}
-    key_hook = None
     if with_keys:
-        key_hook = layers[attention_index].self_attn.k_proj.register_forward_hook(
-            lambda _module, _inputs, output: captured.__setitem__("keys", output)
-        )
-    try:
-        for index in range(max(hidden_index, attention_index + 1)):
-            wants_attention = index == attention_index
-            outputs = layers[index](hidden, None, None, output_attentions=wants_attention)
-            hidden = outputs[0]
-            if wants_attention:
-                cls_attention = outputs[1][:, :, 0, 1:]
-            if index + 1 == hidden_index:
-                selected = hidden
-    finally:
-        if key_hook is not None:
+        # One-shot: the hook removes itself when the attention layer runs, so that an exception
+        # inside CLIP cannot leave it behind for later calls.
+        def keep_keys(_module, _inputs, output):
+            captured["keys"] = output
             key_hook.remove()
+
+        key_hook = layers[attention_index].self_attn.k_proj.register_forward_hook(keep_keys)
+    for index in range(max(hidden_index, attention_index + 1)):
+        wants_attention = index == attention_index
+        outputs = layers[index](hidden, None, None, output_attentions=wants_attention)
+        hidden = outputs[0]
+        if wants_attention:
+            cls_attention = outputs[1][:, :, 0, 1:]
+        if index + 1 == hidden_index:
+            selected = hidden
     features = selected[:, 1:].to(images.dtype)
     cls_attention = cls_attention.to(images.dtype).mean(dim=1).float()
     extras = ()
