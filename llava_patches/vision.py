@@ -26,11 +26,17 @@ def _layer_indices(select_layer: int, num_layers: int) -> Tuple[int, int]:
 
 
 @torch.no_grad()
-def encode_with_cls_attention(vision_tower, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def encode_with_cls_attention(
+    vision_tower, images: torch.Tensor, *, with_keys: bool = False, with_cls: bool = False
+) -> Tuple[torch.Tensor, ...]:
     """Patch features [B, N, C] of the select layer and head-averaged CLS->patch attention [B, N].
 
     ``vision_tower`` is LLaVA's ``CLIPVisionTower``. Features come back in ``images.dtype`` like
     stock LLaVA; the attention is averaged over heads in that dtype and returned as float32.
+
+    Only when asked (VisionZip needs them), after those two: ``with_keys`` the patch keys [B, N, Ck]
+    of that attention layer averaged over heads, in the tower's dtype (taken from the layer's own
+    key projection as it runs, not recomputed); ``with_cls`` the CLS token's feature [B, C].
     """
     if getattr(vision_tower, "select_feature", "patch") != "patch":
         raise NotImplementedError("token reduction needs mm_vision_select_feature='patch'")
@@ -42,6 +48,15 @@ def encode_with_cls_attention(vision_tower, images: torch.Tensor) -> Tuple[torch
     hidden = clip.pre_layrnorm(hidden)
     selected = hidden if hidden_index == 0 else None
     cls_attention = None
+    captured = {}
+    if with_keys:
+        # One-shot: the hook removes itself when the attention layer runs, so that an exception
+        # inside CLIP cannot leave it behind for later calls.
+        def keep_keys(_module, _inputs, output):
+            captured["keys"] = output
+            key_hook.remove()
+
+        key_hook = layers[attention_index].self_attn.k_proj.register_forward_hook(keep_keys)
     for index in range(max(hidden_index, attention_index + 1)):
         wants_attention = index == attention_index
         outputs = layers[index](hidden, None, None, output_attentions=wants_attention)
@@ -52,12 +67,37 @@ def encode_with_cls_attention(vision_tower, images: torch.Tensor) -> Tuple[torch
             selected = hidden
     features = selected[:, 1:].to(images.dtype)
     cls_attention = cls_attention.to(images.dtype).mean(dim=1).float()
-    return features, cls_attention
+    extras = ()
+    if with_keys:
+        extras += (_head_mean_keys(captured["keys"], layers[attention_index].self_attn.num_heads)[:, 1:],)
+    if with_cls:
+        extras += (selected[:, 0].to(images.dtype),)
+    return (features, cls_attention) + extras
 
 
-def encode_visual_tokens(model, images: torch.Tensor) -> tr.VisualTokens:
+def _head_mean_keys(keys: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, L, H * d] key projection -> [B, L, d] mean over heads, reduced over a contiguous
+    [B, H, L, d] layout as VisionZip does, so that the rounding is the same."""
+    batch_size, length, _ = keys.shape
+    return keys.view(batch_size, length, num_heads, -1).transpose(1, 2).contiguous().mean(dim=1)
+
+
+def encode_visual_tokens(
+    model, images: torch.Tensor, *, with_keys: bool = False, with_cls: bool = False
+) -> tr.VisualTokens:
     """What every selector sees for ``images`` [I, 3, H, W] on a LLaVA model: projected features,
-    the select layer's features and its CLS attention."""
+    the select layer's features and its CLS attention; with the flags also ``keys`` and
+    ``cls_raw_feature`` (VisionZip's inputs, see encode_with_cls_attention)."""
     llm = model.get_model()
-    raw, cls_attention = encode_with_cls_attention(llm.get_vision_tower(), images)
-    return tr.VisualTokens(features=llm.mm_projector(raw), raw_features=raw, cls_attention=cls_attention)
+    raw, cls_attention, *extras = encode_with_cls_attention(
+        llm.get_vision_tower(), images, with_keys=with_keys, with_cls=with_cls
+    )
+    keys = extras.pop(0) if with_keys else None
+    cls_raw_feature = extras.pop(0) if with_cls else None
+    return tr.VisualTokens(
+        features=llm.mm_projector(raw),
+        raw_features=raw,
+        cls_attention=cls_attention,
+        keys=keys,
+        cls_raw_feature=cls_raw_feature,
+    )

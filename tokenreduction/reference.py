@@ -141,6 +141,89 @@ def holov_reference(
     return torch.stack(picks_per_sample)
 
 
+@torch.no_grad()
+def visionzip_reference(
+    raw_features: torch.Tensor,
+    cls_attention: torch.Tensor,
+    keys: torch.Tensor,
+    n_dominant: int,
+    n_contextual: int,
+    cls_feature: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VisionZip (restated; not in the three above nor in REFERENCES: it is more than a selection),
+    one sample, one remaining token and one group at a time.
+
+    ``n_dominant`` counts the dominant patches (the CLS token, when ``cls_feature`` [B, C] is given,
+    comes on top of them). Returns (dominant [B, n_dominant] ascending, sequence [B, n, C] =
+    [cls, dominant patches, contextual tokens], groups [B, M], sizes [B, n_contextual]), where groups
+    gives the contextual token of each non-dominant patch (ascending patch order) and sizes counts
+    each group's tokens, its target included.
+
+    The similarities and the group sums are one matrix product per sample, the shapes of the
+    official batched products, so that their rounding is the same; the ranking, the split, the
+    choice of targets and the assignment (first maximum on ties) are spelled out. Bit-equal to the
+    batched code with one BLAS thread (the tests use one): with several, a batched float32 product
+    may split its sums differently from a per-sample one.
+    """
+    dominant_per_sample, sequences, groups_per_sample, sizes_per_sample = [], [], [], []
+    for b in range(raw_features.shape[0]):
+        features, attention, sample_keys = raw_features[b], cls_attention[b], keys[b]
+        dtype, device = features.dtype, features.device
+        n_tokens = features.shape[0]
+        # The same single top-k call as the official code, so that a tie at the cut goes the same way.
+        dominant = sorted(attention.topk(n_dominant).indices.tolist())
+        dominant_set = set(dominant)
+        remaining = [i for i in range(n_tokens) if i not in dominant_set]
+
+        step = max(1, len(remaining) // n_contextual)
+        targets = list(range(0, len(remaining), step))[:n_contextual]
+        assert len(targets) == n_contextual
+        target_set = set(targets)
+        others = [p for p in range(len(remaining)) if p not in target_set]
+
+        remaining_keys = sample_keys[remaining]
+        unit = remaining_keys / remaining_keys.norm(dim=-1, keepdim=True)
+        similarity = (unit[others] @ unit[targets].t()).tolist()  # exact: fp16/bf16/fp32 -> float
+        members = [[] for _ in targets]
+        group_of = [0] * len(remaining)
+        for g, p in enumerate(targets):
+            group_of[p] = g
+        for row, p in enumerate(others):
+            best = 0
+            for g in range(1, n_contextual):
+                if similarity[row][g] > similarity[row][best]:
+                    best = g
+            members[best].append(row)
+            group_of[p] = best
+
+        # Built token-major and used transposed, the layout of the official product: a BLAS call
+        # on a transposed operand may sum in another order than one on a contiguous one.
+        one_hot = torch.zeros(len(others), n_contextual, dtype=dtype, device=device)
+        for g, rows in enumerate(members):
+            one_hot[rows, g] = 1
+        sums = one_hot.t() @ features[remaining][others]
+        contextual = []
+        for g, p in enumerate(targets):
+            # The divisor is a count held in the features' dtype (bf16 rounds counts above 256).
+            count = torch.tensor(float(max(1, len(members[g]))), dtype=dtype, device=device)
+            contextual.append(features[remaining[p]] + sums[g] / count)
+
+        parts = ([cls_feature[b][None].to(dtype)] if cls_feature is not None else []) + [
+            features[dominant],
+            torch.stack(contextual),
+        ]
+        dominant_per_sample.append(torch.tensor(dominant, dtype=torch.long, device=device))
+        sequences.append(torch.cat(parts))
+        groups_per_sample.append(torch.tensor(group_of, dtype=torch.long, device=device))
+        sizes_per_sample.append(torch.tensor([1 + len(m) for m in members], dtype=torch.long, device=device))
+    return (
+        torch.stack(dominant_per_sample),
+        torch.stack(sequences),
+        torch.stack(groups_per_sample),
+        torch.stack(sizes_per_sample),
+    )
+
+
 # Name -> restatement, for tests and benchmarks that compare every built-in selector with its reference.
 # Each takes (VisualTokens, n_keep) like a registered selector.
 REFERENCES = {

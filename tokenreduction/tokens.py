@@ -14,11 +14,16 @@ class VisualTokens:
     features:      [B, N, D] projected tokens (after the mm_projector), what the LLM sees.
     raw_features:  [B, N, C] vision-encoder patch features of the select layer.
     cls_attention: [B, N]    CLS->patch attention of the select layer, averaged over heads.
+    keys:          [B, N, Ck] keys of the patches in the select layer's attention, averaged over
+                   heads (VisionZip's similarity); only computed when asked for.
+    cls_raw_feature: [B, C]  the CLS token's select-layer feature (VisionZip keeps it); only when asked.
     """
 
     features: torch.Tensor
     raw_features: Optional[torch.Tensor] = None
     cls_attention: Optional[torch.Tensor] = None
+    keys: Optional[torch.Tensor] = None
+    cls_raw_feature: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         if self.features.dim() != 3:
@@ -34,6 +39,17 @@ class VisualTokens:
             raise ValueError(
                 f"cls_attention must be [B, N] = [{B}, {N}], got shape {tuple(self.cls_attention.shape)}"
             )
+        if self.keys is not None and (self.keys.dim() != 3 or tuple(self.keys.shape[:2]) != (B, N)):
+            raise ValueError(f"keys must be [B, N, Ck] with B={B}, N={N}, got shape {tuple(self.keys.shape)}")
+        if self.cls_raw_feature is not None:
+            C = self.raw_features.shape[-1] if self.raw_features is not None else None
+            if self.cls_raw_feature.dim() != 2 or self.cls_raw_feature.shape[0] != B or (
+                C is not None and self.cls_raw_feature.shape[1] != C
+            ):
+                raise ValueError(
+                    f"cls_raw_feature must be [B, C] with B={B}, C as in raw_features ({C}), "
+                    f"got shape {tuple(self.cls_raw_feature.shape)}"
+                )
 
     @property
     def batch_size(self) -> int:
