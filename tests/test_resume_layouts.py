@@ -101,21 +101,6 @@ def test_reuse_never_mixes_configurations_or_trusts_damaged_files(data, tmp_path
     assert plan(data, chunks / "2_0.jsonl", 2, 0).done != {}
 
 
-def test_a_repeated_question_keeps_its_key_in_every_chunking(data, tmp_path):
-    rows = (question_file(data)).read_text().splitlines(keepends=True)
-    questions = tmp_path / "repeated.jsonl"
-    questions.write_text(rows[0] + rows[1] + rows[1] + rows[2])  # the repeat straddles the cut of 2 chunks
-    chunks = tmp_path / "chunks"
-    chunks.mkdir()
-    for k in range(2):
-        write_chunk(data, chunks / f"2_{k}.jsonl", 2, k, questions=questions)
-    # resuming the chunk that holds the second copy: not taken for another run's answer
-    assert plan(data, chunks / "2_1.jsonl", 2, 1, questions=questions).pending == []
-    out = tmp_path / "merge.jsonl"
-    assert shards.merge_chunks([str(chunks / f"2_{k}.jsonl") for k in range(2)], str(out)) == 4
-    assert len(plan(data, chunks / "1_0.jsonl", 1, 0, questions=questions).pending) == 0
-
-
 def test_nodes_with_another_layout_are_refused_with_what_differs(tmp_path):
     shards.check_node_layout(str(tmp_path), nodes=2, node_rank=0, shards=1, record=True)
     shards.check_node_layout(str(tmp_path), nodes=2, node_rank=1, shards=1, record=True)  # same layout: fine

@@ -50,22 +50,9 @@ def chunk_items(entry: EntryPoint, settings: Mapping[str, Any], num_chunks: int,
     return items[start:stop]
 
 
-def answer_keys(entry: EntryPoint, lines: Iterable[Mapping[str, Any]],
-                chunk_keys: Sequence[str] = ()) -> List[str]:
-    """Keys of a chunk file's answer lines. ``chunk_keys`` (the chunk's item keys) continue the numbering
-    of a repeated question from the chunks before it: an answer has the same key in every chunking."""
-    first_number: Dict[str, int] = {}
-    for key in chunk_keys:
-        base, number = key.rsplit("#", 1)
-        first_number.setdefault(base, int(number))
-    seen: Dict[str, int] = {}
-    keys = []
-    for line in lines:
-        base = entry.answer_key(line)
-        n = seen.get(base, 0)
-        seen[base] = n + 1
-        keys.append(f"{base}#{first_number.get(base, 0) + n}")
-    return keys
+def answer_keys(entry: EntryPoint, lines: Iterable[Mapping[str, Any]]) -> List[str]:
+    """Keys of a chunk file's answer lines (a question is asked once: question files with repeats are refused)."""
+    return numbered_keys(entry.answer_key(line) for line in lines)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -179,7 +166,7 @@ def existing_answers(entry: EntryPoint, answers_file: str, items: Sequence[Item]
         if lines:
             check_resumable(entry, answers_file, settings, num_chunks, chunk_idx)
             wanted = {item.key for item in items}
-            for key, line in zip(answer_keys(entry, lines, [item.key for item in items]), lines):
+            for key, line in zip(answer_keys(entry, lines), lines):
                 if key not in wanted:
                     raise SetupError(f"{answers_file} holds an answer ({key.rsplit('#', 1)[0]}) to a question that "
                                      "is not in this chunk: it belongs to another run; delete it or pass --overwrite")
@@ -255,7 +242,7 @@ def sibling_answers(entry: EntryPoint, path: str, meta: Mapping[str, Any],
     chunk_keys = all_keys[start:stop]
     try:
         lines, _ = read_answer_lines(path)
-        keys = answer_keys(entry, lines, chunk_keys)
+        keys = answer_keys(entry, lines)
     except (OSError, SetupError, KeyError, TypeError):
         return {}
     if not set(keys) <= set(chunk_keys):
@@ -266,7 +253,7 @@ def sibling_answers(entry: EntryPoint, path: str, meta: Mapping[str, Any],
 def put_in_question_order(entry: EntryPoint, answers_file: str, items: Sequence[Item]) -> None:
     """Resumed answers may come from runs in another order: rewrite the finished file in question order."""
     lines, _ = read_answer_lines(answers_file)
-    by_key = dict(zip(answer_keys(entry, lines, [i.key for i in items]), lines))
+    by_key = dict(zip(answer_keys(entry, lines), lines))
     missing = [i.key for i in items if i.key not in by_key]
     if missing:  # cannot happen unless someone wrote to the file meanwhile
         raise RuntimeError(f"{answers_file}: {len(missing)} answers missing after the run, e.g. {missing[0]}")

@@ -8,6 +8,8 @@ import argparse
 import os
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
+from restore.settings import ReductionSettings, add_setting_arguments, overrides_from, resolve_settings, run_tag
+
 from .entry_point import MAX_VISUAL_TOKENS, OPTION_LETTER_SUFFIX, EntryPoint, SetupError
 
 DEFAULT_MODEL_PATH = "liuhaotian/llava-v1.5-7b"
@@ -49,6 +51,7 @@ def build_parser(entry: EntryPoint) -> argparse.ArgumentParser:
     r.add_argument("--n_vis", "--n-vis", dest="n_vis", type=int, default=None,
                    help=f"visual tokens kept, 1..{MAX_VISUAL_TOKENS}; required with --base")
     r.add_argument("--restore", action="store_true", help="apply RESTORE on top of --base (needs --n_vis >= 2)")
+    add_setting_arguments(r)
     r.add_argument("--plugin", metavar="MODULE", action="append", default=[],
                    help="import this module (e.g. mylab.my_method, importable from PYTHONPATH) before --base is "
                         "checked, so that the selectors it registers can be named; repeatable")
@@ -76,6 +79,7 @@ def check_arguments(entry: EntryPoint, args: argparse.Namespace,
     that can be found without the model."""
     load_plugins(args.plugin)  # before --base is checked: a plugin registers the names it may take
     base = validate_reduction(args.base, args.n_vis, args.restore)
+    args.reduction = reduction_settings(args, base)
     num_chunks, chunk_idx = resolve_chunk(args.num_chunks, args.chunk_idx, env)
     if args.max_new_tokens < 1:
         raise SetupError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
@@ -168,10 +172,26 @@ def validate_reduction(base: Optional[str], n_vis: Optional[int], restore: bool)
     return tokenreduction.canonical_name(base)
 
 
-def describe_reduction(base: Optional[str], n_vis: Optional[int], restore: bool) -> str:
+def reduction_settings(args: argparse.Namespace, base: Optional[str]) -> Optional[ReductionSettings]:
+    """The reduction the flags ask for (None: no reduction); SetupError for impossible settings."""
+    overrides = overrides_from(args)
+    if base is None:
+        given = [f"--{k}" for k, v in overrides.items() if v is not None]
+        if given:
+            raise SetupError(f"{', '.join(given)} need --base and --n_vis (no reduction has no settings)")
+        return None
+    try:
+        return resolve_settings(base, args.n_vis, bool(args.restore), MAX_VISUAL_TOKENS, **overrides)
+    except ValueError as e:
+        raise SetupError(f"reduction settings: {e}") from None
+
+
+def describe_reduction(base: Optional[str], n_vis: Optional[int], restore: bool,
+                       settings: Optional[Mapping[str, Any]] = None) -> str:
     if base is None:
         return "none (all visual tokens)"
-    return f"{base}, {n_vis} visual tokens" + (", RESTORE" if restore else "")
+    extra = "".join(f", {k}={v}" for k, v in (settings or {}).items())
+    return f"{base}, {n_vis} visual tokens" + (", RESTORE" if restore else "") + extra
 
 
 def chunk_source(num_chunks: Optional[int], chunk_idx: Optional[int], env: Mapping[str, str]) -> str:
@@ -225,6 +245,18 @@ def local_or_hub(path: str) -> str:
     return os.path.abspath(expanded) if os.path.exists(expanded) else path
 
 
+def reduction_record(settings: Optional[ReductionSettings], base: Optional[str], n_vis: Optional[int]) -> Dict[str, Any]:
+    """How an answers file records its reduction: base, n_vis and restore as the first release did, and
+    ``reduction_settings`` only for settings away from the defaults, so that older answers files resume.
+    Recorded by the reduction itself, not its spelling: two spellings of one configuration share answers."""
+    if settings is None:
+        return {"base": base, "n_vis": n_vis, "restore": False}
+    as_restore = settings.named_as_restore
+    overrides = settings.overrides(as_restore)
+    return {"base": base, "n_vis": n_vis, "restore": as_restore,
+            **({"reduction_settings": overrides} if overrides else {})}
+
+
 def common_settings(args: argparse.Namespace, base: Optional[str]) -> Dict[str, Any]:
     """The settings every entry point records in its answers file's meta (a resume must match them);
     check_arguments adds the resolved device type and dtype."""
@@ -238,9 +270,7 @@ def common_settings(args: argparse.Namespace, base: Optional[str]) -> Dict[str, 
         "top_p": args.top_p,
         "num_beams": args.num_beams,
         "max_new_tokens": args.max_new_tokens,
-        "base": base,
-        "n_vis": args.n_vis,
-        "restore": bool(args.restore),
+        **reduction_record(getattr(args, "reduction", None), base, args.n_vis),
         # only when given, so that the answers files of runs without plugins keep their settings record
         **({"plugins": list(dict.fromkeys(args.plugin))} if args.plugin else {}),
     }

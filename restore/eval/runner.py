@@ -52,7 +52,7 @@ def _run_planned(entry: EntryPoint, args: argparse.Namespace, plan: Plan) -> int
         print(f"[{entry.name}] {plan.chunk_label}"
               f"{f' (from {source})' if source else ''}: {len(plan.items)} items, "
               f"{len(plan.items) - len(plan.pending)} already answered; reduction: "
-              f"{describe_reduction(plan.settings['base'], args.n_vis, args.restore)}", flush=True)
+              f"{describe_reduction(plan.settings['base'], args.n_vis, args.restore, _overrides(args))}", flush=True)
         # --no-image-check skips only the slow part (decoding); a missing file is always found here
         decode = not args.no_image_check
         needs_pixels = decode and any(item.image is not None for item in plan.pending)
@@ -213,6 +213,13 @@ def image_preprocessing_for_check(model_path: str) -> Callable[[Any], Any]:
     return lambda image: preprocess_image(image, image_processor, model_config)
 
 
+def _overrides(args: argparse.Namespace) -> dict:
+    """The reduction settings given on the command line."""
+    from restore.settings import overrides_from
+
+    return {k: v for k, v in overrides_from(args).items() if v is not None}
+
+
 def load_model_for_eval(args: argparse.Namespace, base: Optional[str]):
     """(tokenizer, model with the reduction applied, image processor, model_name)."""
     import restore
@@ -228,8 +235,8 @@ def load_model_for_eval(args: argparse.Namespace, base: Optional[str]):
     if base is None:
         model = restore.apply(model, base=None)
     else:
-        model = restore.apply(model, base=base, n_vis=args.n_vis, restore=args.restore)
-    print(f"model loaded; reduction: {describe_reduction(base, args.n_vis, args.restore)}", flush=True)
+        model = restore.apply(model, base=base, n_vis=args.n_vis, restore=args.restore, **_overrides(args))
+    print(f"model loaded; reduction: {describe_reduction(base, args.n_vis, args.restore, _overrides(args))}", flush=True)
     return tokenizer, model, image_processor, model_name
 
 

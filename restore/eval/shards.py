@@ -63,7 +63,7 @@ def chunk_problems(chunk_files: Sequence[str]) -> Tuple[List[str], List[str], Op
         except (OSError, SetupError) as e:
             conflicts.append(f"{path}: damaged ({e})")
             continue
-        found = answer_keys(entry, lines, expected)
+        found = answer_keys(entry, lines)
         if cut or found != expected:
             conflicts.append(f"{path}: marked complete but holds {len(found)} answers, expected {len(expected)} "
                              "in question order (damaged: delete it and its .meta.json and rerun its node)")
@@ -198,7 +198,7 @@ def write_result_record(results_dir: str, benchmark: str, answers_file: str, met
         "settings": settings,
         "answers_file": os.path.abspath(answers_file),
     }
-    tag = run_tag(base, record["n_vis"], record["restore"])
+    tag = record["run_name"] if run_name else run_tag(base, record["n_vis"], record["restore"])
     path = os.path.join(results_dir, f"{benchmark}__{model}__{tag}__{now:%Y%m%dT%H%M%S}-{os.getpid()}.json")
     write_atomic(path, json.dumps(record, indent=1) + "\n")
     return path, record
@@ -228,7 +228,7 @@ def finish_run(benchmark: str, chunk_files: Sequence[str], answers_dir: str, dat
     main_metric = record["main_metric"]
     value = record["metrics"].get(main_metric) if main_metric else None
     shown = f"{main_metric} = {value:.2f}" if isinstance(value, (int, float)) else "no local score"
-    print(f"[{benchmark}] {model}, {describe_reduction(record['settings'].get('base'), record['n_vis'], record['restore'])}: "
+    print(f"[{benchmark}] {model}, {describe_reduction(record['settings'].get('base'), record['n_vis'], record['restore'], record['settings'].get('reduction_settings'))}: "
           f"{shown} ({record['n_items']} answers, inference {wall_time_s:.0f} s); result: {path}")
     return 0
 
@@ -252,7 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     f.add_argument("--run-name", default=None, help="the answers subfolder; a non-default one is its own row "
                                                     "in restore.report")
     f.add_argument("chunks", nargs="+")
-    n = sub.add_parser("layout", help="refuse a node layout (--nodes, --shards) other nodes of this run do not "
+    n = sub.add_parser("layout", allow_abbrev=False, help="refuse a node layout (--nodes, --shards) other nodes of this run do not "
                                       "share (exit 1), else record this node's")
     n.add_argument("--answers-dir", required=True)
     n.add_argument("--nodes", type=int, required=True)

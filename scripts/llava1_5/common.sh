@@ -45,7 +45,9 @@ options of this script:
 
 CPU shards run OMP_NUM_THREADS threads each (default $DEFAULT_CPU_THREADS_PER_SHARD, whatever --shards is).
 
-entry-point flags are passed through, e.g. --base HoloV --n_vis 64 --restore, --device cpu,
+entry-point flags are passed through, e.g. --base HoloV --n_vis 64 --restore, RESTORE's settings
+(--prune_ratio 0.75 --anchors uniform --positions reindexed --calibration size --calibration_c 2
+--merged_position mean; docs/settings.md, each named in the run name), --device cpu,
 --dtype bfloat16, --temperature 0.2, --max_new_tokens 16, --overwrite (see python -m restore.eval.$ENTRY -h).
 EOF
 }
@@ -158,11 +160,6 @@ run_benchmark() {
         die "image folder $data_root/$IMAGE_FOLDER not found (see docs/evaluation.md)"
     fi
 
-    # The scorer's own files (annotations, labels) are first read after inference: check them now.
-    local data_problem
-    data_problem=$("$PY" -m restore.eval.scoring "$BENCH" --data-root "$data_root" --check-data 2>&1) \
-        || die "${data_problem#error: }"
-
     # The entry point parses the pass-through flags exactly as every shard will (no abbreviations, no
     # unknown flags, plugins imported before --base is checked) and reads the question file: once, now.
     local -a check_images=()
@@ -174,16 +171,19 @@ run_benchmark() {
         ${ENTRY_ARGS[@]+"${ENTRY_ARGS[@]}"} ${pass[@]+"${pass[@]}"} 2>&1) \
         || { echo "$entry_problem" >&2; exit 2; }
 
+    # The scorer's own files (annotations, labels) are first read after inference: check them now.
+    local data_problem
+    data_problem=$("$PY" -m restore.eval.scoring "$BENCH" --data-root "$data_root" --check-data 2>&1) \
+        || die "${data_problem#error: }"
+
     # Answers are keyed by model and reduction setting, so no run ever merges another run's files.
     local model_name tag answers_dir
     model_name=$(model_name_of "$model_path")
     if [[ -n $run_name ]]; then
         tag=$run_name
-    elif [[ -n $base ]]; then
-        tag="${base,,}-$n_vis"
-        ((restore)) && tag+="-restore"
     else
-        tag=full
+        # One place names a configuration (restore.settings.run_tag): base, budget and every setting.
+        tag=$("$PY" -m restore.settings tag ${pass[@]+"${pass[@]}"}) || die "cannot name this configuration"
     fi
     answers_dir="$answers_root/$BENCH/$model_name/$tag"
     require_writable_dir "$answers_dir/chunks" "answers folder"
