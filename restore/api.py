@@ -125,7 +125,9 @@ def apply(
     name = tr.canonical_name(base)
     if isinstance(n_vis, bool) or not isinstance(n_vis, int) or not 1 <= n_vis <= num_patches:
         raise ValueError(f"n_vis must be an integer in 1..{num_patches} (visual tokens per image), got {n_vis!r}")
-    settings = resolve_settings(name, n_vis, bool(restore), num_patches, **overrides)
+    if tr.acts_in(name) == "llm":
+        raise NotImplementedError(f"{name} acts inside the LLM, which restore.apply does not support yet")
+    settings = resolve_settings(name, n_vis, bool(restore), num_patches, acts=tr.acts_in(name), **overrides)
 
     remove(model)
     ctx = RestoreContext(settings)

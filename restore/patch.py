@@ -14,7 +14,7 @@ from llava_patches.assembly import ImageTokens, SequenceLayout, assemble, split_
 from llava_patches.vision import encode_visual_tokens
 
 from .attention import calibrated_decode_masks, calibrated_prefill_masks
-from .reduce import reduce_visual_tokens
+from .reduce import ReducedImages, arrange_merged_tokens, reduce_visual_tokens
 from .settings import ReductionSettings
 
 RestoreSettings = ReductionSettings  # the name of the first release
@@ -37,6 +37,21 @@ def _cache_length(past_key_values) -> int:
     if hasattr(past_key_values, "get_seq_length"):
         return int(past_key_values.get_seq_length())
     return int(past_key_values[0][0].shape[-2]) if len(past_key_values) else 0
+
+
+def reduce_images(model, pixels: torch.Tensor, settings: ReductionSettings) -> ReducedImages:
+    """The visual tokens of ``pixels`` [I, 3, H, W] after the reduction, wherever the base method acts."""
+    llm = model.get_model()
+    if settings.merges_itself:  # ToMe: merged inside CLIP, n_vis tokens leave the select layer
+        from llava_patches.tome import encode_with_tome
+
+        merged = encode_with_tome(llm.get_vision_tower(), pixels, settings.n_vis)
+        return arrange_merged_tokens(llm.mm_projector(merged.features), merged.sizes, merged.source, settings)
+    import tokenreduction as tr
+
+    needs = tr.method_needs(settings.base, plain=settings.is_plain_base)
+    tokens = encode_visual_tokens(model, pixels, with_keys="keys" in needs, with_cls="cls_raw_feature" in needs)
+    return reduce_visual_tokens(tokens, settings, project=llm.mm_projector)
 
 
 class ReducedLlavaMixin:
@@ -63,7 +78,7 @@ class ReducedLlavaMixin:
         settings = self._restore_ctx.settings
         model = self.get_model()
         pixels = split_images(images)
-        reduced = reduce_visual_tokens(encode_visual_tokens(self, pixels), settings)
+        reduced = reduce_images(self, pixels, settings)
         per_image = [ImageTokens(reduced.features[i], reduced.positions[i], reduced.sizes[i]) for i in range(pixels.shape[0])]
         embeds, attention_mask, labels, layout = assemble(
             model.embed_tokens, input_ids, attention_mask, labels, per_image,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -28,11 +28,13 @@ def retained_budget(n_vis: int, restore: bool) -> int:
 
 
 def reduce_visual_tokens(tokens: tr.VisualTokens, settings: Union[ReductionSettings, str], n_vis: Optional[int] = None,
-                         restore: bool = False, **overrides: Any) -> ReducedImages:
+                         restore: bool = False, *, project: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                         **overrides: Any) -> ReducedImages:
     """Keep ``settings.n_keep`` tokens with the base method, merge the others into the rest of the budget.
 
     ``settings`` is a :class:`ReductionSettings`, or a base name followed by ``n_vis``, ``restore`` and
-    any keyword setting of :func:`restore.apply`.
+    any keyword setting of :func:`restore.apply`. A method with its own plain-row reduction (VisionZip's
+    contextual tokens) gives the plain row itself; ``project`` (the mm_projector) then maps raw features.
 
     Tokens stay in the order the base method feeds them to the LLM when nothing is merged and
     positions are re-indexed (the paper's baseline rows); otherwise they are ordered by position
@@ -42,6 +44,9 @@ def reduce_visual_tokens(tokens: tr.VisualTokens, settings: Union[ReductionSetti
         settings = resolve_settings(tr.canonical_name(settings), n_vis, restore, tokens.num_tokens, **overrides)
     B, N, D = tokens.features.shape
     device = tokens.features.device
+    own = tr.plain_reduction(settings.base) if settings.is_plain_base else None
+    if own is not None:
+        return _own_plain_row(own(tokens, settings.n_vis), project)
     if settings.n_keep > 0:
         keep = tr.get_selector(settings.base)(tokens, settings.n_keep)
     else:  # gamma = 0: merge only
@@ -71,4 +76,33 @@ def reduce_visual_tokens(tokens: tr.VisualTokens, settings: Union[ReductionSetti
         positions=positions.gather(1, order),
         sizes=sizes.gather(1, order),
         source=order.argsort(dim=-1).gather(1, source.clamp(min=0)).masked_fill(source < 0, -1),
+    )
+
+
+def _own_plain_row(own: tr.OwnReduction, project: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> ReducedImages:
+    features = own.features
+    if own.space == "raw":
+        if project is None:
+            raise ValueError("this method merges raw vision features: pass project= (the model's mm_projector)")
+        features = project(features)
+    return ReducedImages(features, own.positions, own.sizes.float(), own.source)
+
+
+def arrange_merged_tokens(features: torch.Tensor, sizes: torch.Tensor, source: torch.Tensor,
+                          settings: ReductionSettings) -> ReducedImages:
+    """Tokens merged by the base method itself (ToMe): features [B, n, D] in its order, sizes [B, n], source
+    [B, N] (the token of every patch). Each token's position comes from its patches (``merged_position``);
+    with retained positions the tokens are ordered by it, re-indexed they keep the method's order."""
+    B, N = source.shape
+    n = features.shape[1]
+    patches = torch.arange(N, device=source.device).expand(B, N)
+    positions = group_positions(patches, source, n, settings.merged_position, span=N)
+    if settings.in_base_order:
+        return ReducedImages(features, positions, sizes.float(), source)
+    order = positions.sort(dim=-1, stable=True).indices
+    return ReducedImages(
+        features=features.gather(1, order.unsqueeze(-1).expand(-1, -1, features.shape[-1])),
+        positions=positions.gather(1, order),
+        sizes=sizes.float().gather(1, order),
+        source=order.argsort(dim=-1).gather(1, source),
     )

@@ -5,7 +5,7 @@ merges the other tokens into ``n_vis - n_keep`` groups around anchors, gives the
 position ids, and may calibrate attention. ``restore=True`` is the paper's default point of that space,
 ``restore=False`` the plain base method; every keyword setting overrides one coordinate.
 
-Torch-free, so the evaluation scripts and the report can build run names without loading a model.
+Torch-free to import; resolving the settings of a method name looks up where it acts in the registry.
 """
 from __future__ import annotations
 
@@ -42,6 +42,7 @@ class ReductionSettings:
     calibration: str = "none"  # size_distance: log s + log(c - D); size: log s; none: plain causal attention
     calibration_c: float = 2.0  # c in log(c - D)
     merged_position: str = "median"  # which member position a merged group takes
+    acts: str = "before_llm"  # where the base method acts: before_llm, vision_encoder (merges itself), llm
 
     @property
     def n_keep(self) -> int:
@@ -49,12 +50,18 @@ class ReductionSettings:
         return self.n_vis if self.anchors == "none" else int(self.n_vis * self.prune_ratio)
 
     @property
+    def merges_itself(self) -> bool:
+        """The base method merges tokens on its own (ToMe, inside the vision encoder)."""
+        return self.acts == "vision_encoder"
+
+    @property
     def n_merged(self) -> int:
         return self.n_vis - self.n_keep
 
     @property
     def merges(self) -> bool:
-        return self.n_merged > 0
+        """Some reduced token stands for several patches."""
+        return self.merges_itself or self.n_merged > 0
 
     @property
     def retains_positions(self) -> bool:
@@ -72,7 +79,7 @@ class ReductionSettings:
     def in_base_order(self) -> bool:
         """Tokens reach the LLM in the base method's own order only when nothing is merged and positions
         are re-indexed (the paper's baseline layout); otherwise they are ordered by position."""
-        return not self.merges and not self.retains_positions
+        return not self.retains_positions and (self.merges_itself or not self.merges)
 
     @property
     def is_plain_base(self) -> bool:
@@ -93,7 +100,10 @@ class ReductionSettings:
         # c only matters with the distance term; gamma only matters when something is merged.
         if not self.uses_distance:
             changed.pop("calibration_c", None)
-        if not self.merges:  # prune only is named by gamma = 1 alone
+        if self.merges_itself:  # the method's own merging: gamma and anchors do not apply
+            changed.pop("anchors", None)
+            changed.pop("prune_ratio", None)
+        elif not self.merges:  # prune only is named by gamma = 1 alone
             changed.pop("anchors", None)
             changed.pop("merged_position", None)
         return changed
@@ -103,18 +113,39 @@ class ReductionSettings:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "restore"}
 
 
-def resolve_settings(base: str, n_vis: int, restore: bool, num_patches: int,
+def acts_of(base: str) -> str:
+    """Where a registered method acts (imports the registry, hence torch); before_llm for unknown names."""
+    import tokenreduction
+
+    try:
+        return tokenreduction.acts_in(base)
+    except ValueError:
+        return "before_llm"
+
+
+def resolve_settings(base: str, n_vis: int, restore: bool, num_patches: int, acts: Optional[str] = None,
                      **overrides: Optional[Any]) -> ReductionSettings:
     """Settings for ``base`` at ``n_vis``: the defaults of ``restore``, then every override that is not None.
 
-    Raises ValueError with what to change for a setting outside its range or a combination that
-    cannot be built (e.g. a pruning ratio below 1 without anchors to merge the rest around).
+    ``acts``: where the base acts (``tokenreduction.acts_in``); a method that merges on its own inside
+    the vision encoder takes no pruning ratio or anchors. Raises ValueError with what to change for a
+    setting outside its range or a combination that cannot be built (e.g. a pruning ratio below 1
+    without anchors to merge the rest around).
     """
     unknown = sorted(set(overrides) - set(SETTING_NAMES))
     if unknown:
         raise TypeError(f"unknown reduction setting(s) {', '.join(unknown)}; known: {', '.join(SETTING_NAMES)}")
+    if acts is None:
+        acts = acts_of(base)
     values = dict(RESTORE_DEFAULTS if restore else BASELINE_DEFAULTS)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if acts == "vision_encoder":
+        given = [k for k in ("prune_ratio", "anchors") if overrides.get(k) is not None]
+        if given:
+            raise ValueError(f"{base} merges tokens itself inside the vision encoder: {' and '.join(given)} "
+                             f"{'does' if len(given) == 1 else 'do'} not apply (positions, calibration and "
+                             "merged_position do)")
+        values.update(prune_ratio=1.0, anchors="none")
     if values["anchors"] == "none" and overrides.get("prune_ratio") is None:
         values["prune_ratio"] = 1.0  # no anchors means prune only, unless a ratio was asked for explicitly
     _check_choice("anchors", values["anchors"], ANCHORS)
@@ -134,7 +165,8 @@ def resolve_settings(base: str, n_vis: int, restore: bool, num_patches: int,
         raise ValueError(f"prune_ratio={values['prune_ratio']} leaves {1 - values['prune_ratio']:g} of the budget to "
                          "merging, but anchors='none' merges nothing; choose anchors='distinctive' or 'uniform', "
                          "or prune_ratio=1")
-    settings = ReductionSettings(base=base, n_vis=n_vis, restore=bool(restore), num_patches=num_patches, **values)
+    settings = ReductionSettings(base=base, n_vis=n_vis, restore=bool(restore), num_patches=num_patches, acts=acts,
+                                 **values)
     if not settings.merges:
         # Prune only, however it was asked for (gamma = 1, or no anchors): one spelling, one run name.
         return replace(settings, anchors="none", prune_ratio=1.0)

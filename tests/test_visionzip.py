@@ -5,18 +5,8 @@ import pytest
 import torch
 
 import tokenreduction as tr
-from tokenreduction import registry
+from tokenreduction import visionzip as vz
 from tokenreduction.reference import visionzip_reference
-
-# Until VisionZip is imported by tokenreduction/__init__.py (a built-in), importing its module here
-# would register it for every later test file in the session, whose messages list the built-ins.
-# Undo that registration; the `selector` fixture registers it again in a scratch registry.
-_BUILT_IN = "visionzip" in registry._SELECTORS
-from tokenreduction import visionzip as vz  # noqa: E402
-
-if not _BUILT_IN:
-    registry._SELECTORS.pop("visionzip", None)
-    registry._NAMES.pop("visionzip", None)
 
 N_TOKENS = 576
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -24,12 +14,8 @@ BUDGETS = [64, 128, 192, 2, 7, 33, 250]
 
 
 @pytest.fixture
-def selector(monkeypatch):
-    """The registered VisionZip selector, without leaking a registration into other tests."""
-    if not _BUILT_IN:
-        monkeypatch.setattr(registry, "_SELECTORS", dict(registry._SELECTORS))
-        monkeypatch.setattr(registry, "_NAMES", dict(registry._NAMES))
-        tr.register_selector("VisionZip")(vz.visionzip)
+def selector():
+    """The registered VisionZip selector (a built-in: found by the registry's discovery)."""
     return tr.get_selector("VisionZip")
 
 

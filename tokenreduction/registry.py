@@ -1,4 +1,10 @@
-"""Name -> selector registry. Adding a baseline is one new module with one decorated function.
+"""Name -> method registry. Adding a baseline is one new module with one decorated function.
+
+Each method says where it acts: ``before_llm`` (a selector on the vision tower's outputs: HoloV,
+DivPrune, VisPruner, VisionZip), ``vision_encoder`` (merges inside CLIP: ToMe), or ``llm`` (inside the
+language model). A method may also name the vision-tower outputs it needs beyond the features and the
+CLS attention (``needs=("keys",)``), and give its own plain-row reduction when its official pipeline is
+more than keeping n_vis tokens (VisionZip's contextual tokens).
 
 The registry fills itself on first use: every module of this package, then every module installed under
 the ``restore.methods`` entry-point group, is imported once, and each registers its selectors on import.
@@ -7,28 +13,40 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .tokens import VisualTokens
+from .tokens import OwnReduction, VisualTokens
 
 Selector = Callable[[VisualTokens, int], torch.Tensor]
+PlainReduction = Callable[[VisualTokens, int], OwnReduction]
+PLACES = ("before_llm", "vision_encoder", "llm")
 _SELECTORS: Dict[str, Selector] = {}
 _NAMES: Dict[str, str] = {}  # lower-case key -> registered spelling
+_PLACES: Dict[str, str] = {}  # lower-case key -> where the method acts (default before_llm)
+_NEEDS: Dict[str, Tuple[str, ...]] = {}  # lower-case key -> extra VisualTokens fields it reads
+_PLAIN: Dict[str, PlainReduction] = {}  # lower-case key -> its own reduction for the plain (baseline) row
+_PLAIN_NEEDS: Dict[str, Tuple[str, ...]] = {}
 ENTRY_POINT_GROUP = "restore.methods"
 _discovery = {"done": False}
 
 
-def register_selector(name: str) -> Callable[[Selector], Selector]:
+def register_selector(name: str, *, needs: Sequence[str] = ()) -> Callable[[Selector], Selector]:
     """Decorator: ``@register_selector("MyMethod")`` on ``fn(tokens, n_keep) -> LongTensor [B, n_keep]``.
 
     The returned indices are into the N visual tokens, in the order the method feeds them to the LLM.
     The wrapper validates ``n_keep`` and the output, so a selector only implements its algorithm.
+    ``needs``: VisualTokens fields computed only on request (``"keys"``, ``"cls_raw_feature"``).
     """
+    _check_needs(name, needs)
 
     def decorator(fn: Selector) -> Selector:
         key = name.lower()
+        if _PLACES.get(key, "before_llm") != "before_llm":
+            raise ValueError(f"{name!r} is registered as a method acting in the {_PLACES[key]}, not as a selector")
+        _NEEDS[key] = tuple(dict.fromkeys((*_NEEDS.get(key, ()), *needs)))
+        _PLACES[key] = "before_llm"
         if key in _SELECTORS and _SELECTORS[key].__wrapped__ is not fn:
             raise ValueError(f"a selector named {name!r} is already registered")
 
@@ -99,23 +117,80 @@ def load_plugins(modules: Sequence[str]) -> None:
                               "is its folder on PYTHONPATH?") from e
 
 
+def register_method(name: str, acts: str) -> None:
+    """Register a method that is not a selector: it reduces tokens where it acts (``vision_encoder``:
+    inside CLIP; ``llm``: inside the language model), and the reduction machinery of that place runs it."""
+    if acts not in PLACES or acts == "before_llm":
+        raise ValueError(f"acts must be 'vision_encoder' or 'llm' (a before_llm method registers a selector), got {acts!r}")
+    key = name.lower()
+    if key in _NAMES and _PLACES.get(key) != acts:
+        raise ValueError(f"a method named {name!r} is already registered")
+    _NAMES[key], _PLACES[key] = name, acts
+
+
+def register_plain_reduction(name: str, *, needs: Sequence[str] = ()) -> Callable[[PlainReduction], PlainReduction]:
+    """Decorator: ``fn(tokens, n_vis) -> OwnReduction`` is the method's plain (baseline) row, used instead
+    of "keep n_vis tokens with the selector" when every setting is the baseline's. ``needs`` as for
+    :func:`register_selector`, for that path only."""
+    _check_needs(name, needs)
+
+    def decorator(fn: PlainReduction) -> PlainReduction:
+        _PLAIN[name.lower()] = fn
+        _PLAIN_NEEDS[name.lower()] = tuple(needs)
+        return fn
+
+    return decorator
+
+
+def _check_needs(name: str, needs: Sequence[str]) -> None:
+    known = {"keys", "cls_raw_feature"}
+    unknown = sorted(set(needs) - known)
+    if unknown:
+        raise ValueError(f"{name}: unknown needs {unknown}; VisualTokens computes on request: {sorted(known)}")
+
+
+def _key(name: str) -> str:
+    discover_selectors()
+    key = str(name).lower()
+    if key not in _NAMES:
+        raise ValueError(f"unknown selector {name!r}; available: {', '.join(available_selectors())}")
+    return key
+
+
 def get_selector(name: str) -> Selector:
     """The selector registered under ``name`` (case-insensitive)."""
-    discover_selectors()
-    try:
-        return _SELECTORS[str(name).lower()]
-    except KeyError:
-        raise ValueError(
-            f"unknown selector {name!r}; available: {', '.join(available_selectors())}"
-        ) from None
+    key = _key(name)
+    if key not in _SELECTORS:
+        raise ValueError(f"{_NAMES[key]} acts in the {_PLACES[key].replace('_', ' ')} and has no selector")
+    return _SELECTORS[key]
+
+
+def acts_in(name: str) -> str:
+    """Where the method acts: 'before_llm', 'vision_encoder' or 'llm'."""
+    return _PLACES.get(_key(name), "before_llm")
+
+
+def method_needs(name: str, plain: bool = False) -> Tuple[str, ...]:
+    """The VisualTokens fields the method reads that are only computed on request (``plain``: for its
+    own plain-row reduction)."""
+    key = _key(name)
+    return (_PLAIN_NEEDS.get(key, ()) if plain and key in _PLAIN else _NEEDS.get(key, ()))
+
+
+def plain_reduction(name: str) -> Optional[PlainReduction]:
+    """The method's own reduction for its plain row, or None (then: keep n_vis tokens with its selector)."""
+    return _PLAIN.get(_key(name))
 
 
 def canonical_name(name: str) -> str:
-    """The spelling a selector was registered with (``"holov"`` -> ``"HoloV"``)."""
-    get_selector(name)
-    return _NAMES[str(name).lower()]
+    """The spelling a method was registered with (``"holov"`` -> ``"HoloV"``)."""
+    return _NAMES[_key(name)]
 
 
 def available_selectors() -> List[str]:
+    """Every registered method name (selectors and methods acting elsewhere), sorted."""
     discover_selectors()
     return sorted(_NAMES.values(), key=str.lower)
+
+
+available_methods = available_selectors

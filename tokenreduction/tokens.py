@@ -64,3 +64,22 @@ class VisualTokens:
         missing = [f for f in fields if getattr(self, f) is None]
         if missing:
             raise ValueError(f"{method} needs VisualTokens.{', VisualTokens.'.join(missing)}; it was not given")
+
+
+@dataclass
+class OwnReduction:
+    """What a method's own plain-row reduction feeds the LLM (see registry.register_plain_reduction).
+
+    features:  [B, n, C] tokens in the LLM's order; ``space`` says whether they are ``"raw"`` (select-layer
+               features: the caller applies the mm_projector, as VisionZip's official code does) or
+               ``"projected"``.
+    positions: [B, n] a representative patch index per token (informative: the plain row re-indexes).
+    sizes:     [B, n] float32, original patches each token stands for.
+    source:    [B, N] long, the token each patch ended up in, -1 when dropped.
+    """
+
+    features: torch.Tensor
+    space: str
+    positions: torch.Tensor
+    sizes: torch.Tensor
+    source: torch.Tensor

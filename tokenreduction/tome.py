@@ -28,6 +28,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from .registry import register_method
+
 __all__ = [
     "Matching",
     "bipartite_soft_matching",
@@ -239,3 +241,7 @@ def tome_schedule(num_tokens: int, n_vis: int, num_layers: int) -> List[int]:
         remaining_tokens -= r
     assert remaining_tokens == n_vis, (schedule, num_tokens, n_vis)
     return schedule
+
+
+# Where ToMe acts: the vision-encoder reduction of restore runs it (llava_patches.tome).
+register_method("ToMe", acts="vision_encoder")

@@ -24,8 +24,8 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from .registry import register_selector
-from .tokens import VisualTokens
+from .registry import register_plain_reduction, register_selector
+from .tokens import OwnReduction, VisualTokens
 
 # The official LLaVA-1.5 settings are 54 + 10, 108 + 20 and 162 + 30 tokens (dominant + contextual,
 # the CLS token counted among the dominant ones): 10 of every 64 tokens are contextual.
@@ -228,3 +228,23 @@ def visionzip(tokens: VisualTokens, n_keep: int) -> torch.Tensor:
     """
     tokens.require("VisionZip", "cls_attention")
     return visionzip_dominant(tokens.cls_attention, n_keep)
+
+
+@register_plain_reduction("VisionZip", needs=("keys", "cls_raw_feature"))
+def visionzip_plain(tokens: VisualTokens, n_vis: int) -> OwnReduction:
+    """The plain VisionZip row as the LLM gets it: [CLS, dominant patches, contextual tokens], raw.
+
+    The CLS token stands for no patch: it takes position 0 and size 1 (re-indexed positions make both
+    informative only); a contextual token's position is its target's patch.
+    """
+    out = visionzip_reduce(tokens, n_vis)
+    B, n_dominant = out.dominant.shape
+    device = out.dominant.device
+    first = 1 if out.cls is not None else 0
+    cls_position = torch.zeros(B, first, dtype=torch.long, device=device)
+    positions = torch.cat([cls_position, out.dominant, out.targets], dim=1)
+    sizes = torch.cat([torch.ones(B, first + n_dominant, device=device), out.sizes.float()], dim=1)
+    source = torch.full((B, tokens.num_tokens), -1, dtype=torch.long, device=device)
+    source.scatter_(1, out.dominant, first + torch.arange(n_dominant, device=device).expand(B, -1))
+    source.scatter_(1, out.remaining, first + n_dominant + out.groups)
+    return OwnReduction(features=out.raw_sequence, space="raw", positions=positions, sizes=sizes, source=source)
