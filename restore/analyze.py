@@ -168,7 +168,7 @@ def run_hausdorff(args) -> int:
     def batches():
         from tqdm import tqdm
 
-        for path in tqdm(files, desc="images", unit="img"):
+        for path in tqdm(files, desc="images", unit="img"):  # encoded under no_grad by hausdorff_table
             _, images, _ = prompt_inputs(bench, Image.open(path).convert("RGB"))
             yield visual_tokens(bench, images)
 

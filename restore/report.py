@@ -330,6 +330,25 @@ def write_csv(table: Table, path: Path) -> None:
                             + ["" if rel is None else rel, rel_n, "" if mean is None else mean, mean_n])
 
 
+def paper_report(tables: str, results: Path, model: str, out: Path) -> int:
+    """The paper's tables beside the measured values (restore.paper.layout)."""
+    from restore.paper import get_table, table_names
+    from restore.paper.layout import print_paper_table
+
+    names = table_names() if tables == "all" else [t.strip() for t in tables.split(",") if t.strip()]
+    try:
+        chosen = [get_table(name) for name in names]
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for table in chosen:
+        if table.kind == "analysis":
+            print(f"## {table.title}\n(computed by python -m restore.analyze hausdorff, not from run records)\n")
+            continue
+        print_paper_table(table, results, model, table.benchmarks, out=out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m restore.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -337,11 +356,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="where report.md and report.csv go (default: --results)")
     parser.add_argument("--metric", action="append", default=[], metavar="BENCH=NAME",
                         help="show this metric instead of the main one, e.g. mme=perception, seed=total_accuracy")
+    parser.add_argument("--paper", nargs="?", const="all", default=None, metavar="TABLES",
+                        help="print the paper's tables (all, or e.g. table1,table4) with each measured cell beside the "
+                             "published value, in the paper's layout; writes paper_<table>.md/.csv")
+    parser.add_argument("--model", default="llava-v1.5-7b",
+                        help="with --paper: the model name the runs recorded (the checkpoint folder's name)")
     args = parser.parse_args(argv)
     results = Path(args.results)
     if not results.is_dir():
         print(f"error: results folder {results} does not exist", file=sys.stderr)
         return 2
+    if args.paper:
+        return paper_report(args.paper, results, args.model, Path(args.out) if args.out else results)
     overrides = {}
     for item in args.metric:
         bench, _, name = item.partition("=")

@@ -44,6 +44,7 @@ class HausdorffRow:
     n_images: int
 
 
+@torch.no_grad()
 def hausdorff_table(token_batches: Iterable[tr.VisualTokens], bases: Sequence[str], n_vis: int) -> List[HausdorffRow]:
     """Mean h_w over every image of ``token_batches`` for each base and reduction of Table 18."""
     totals: Dict[Tuple[str, str], Tuple[float, int]] = {}

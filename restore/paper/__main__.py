@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from . import PaperConfig, PaperTable, get_table, run_cost, table_names, why_not_runnable
+from . import BENCHMARK_ITEMS, PaperConfig, PaperTable, get_table, table_names, why_not_runnable
 from .layout import existing_results, model_name_of, print_paper_table
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +50,7 @@ def _benchmarks(table: PaperTable, wanted: Optional[str]) -> List[str]:
     if unknown:
         raise SystemExit(f"error: {table.name} has no benchmark {', '.join(unknown)}; "
                          f"its benchmarks: {', '.join(table.benchmarks)}")
-    return chosen
+    return [b for b in table.benchmarks if b in chosen]  # the table's column order
 
 
 def plan(table: PaperTable, benchmarks: Sequence[str], available: Sequence[str], done: set,
@@ -123,9 +123,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     done = existing_results(Path(args.results_dir))
     todo, blocked = plan(table, benchmarks, tr.available_selectors(), done, model)
+    answers = sum(BENCHMARK_ITEMS.get(bench, 0) for _, bench in todo)
     print(f"{table.title}: {len(table.configs())} configurations x {len(benchmarks)} benchmarks; "
-          f"{len(todo)} runs missing ({run_cost(table, [c for c, _ in todo[:0]]) or sum(_items(b) for _, b in todo)} "
-          f"model answers at full size)")
+          f"{len(todo)} runs missing ({answers:,} model answers on the full benchmarks)")
     for config, reason in blocked:
         print(f"  cannot run yet: {config.describe()}: {reason}")
     commands = [script_command(c, b, args, extra) for c, b in todo]
@@ -152,12 +152,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"  {line}", file=sys.stderr)
         return 1
     return 0
-
-
-def _items(bench: str) -> int:
-    from . import BENCHMARK_ITEMS
-
-    return BENCHMARK_ITEMS.get(bench, 0)
 
 
 if __name__ == "__main__":

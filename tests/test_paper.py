@@ -1,0 +1,205 @@
+"""python -m restore.paper and restore.report --paper: the tables' configurations, the commands, the layout."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from restore import paper
+from restore.paper import __main__ as paper_cli
+from restore.paper.layout import MeasuredTable, latest_by_name, model_name_of, render
+from restore.settings import resolve_settings, run_tag
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Rows the paper prints per table (the full model counted where the table shows it), by hand from the paper.
+ROWS = {"table1": 1 + 3 * 15, "table4": 1 + 8, "table5": 1 + 4 * 3, "table6": 1 + 3 * 3 + 2, "table7": 1 + 4,
+        "table11": 3 * 4 * 2, "table12": 4 * 6, "table13": 1 + 8, "table19": 1 + 6, "table2": 1 + 16,
+        "table3": 1 + 18, "table10": 1 + 18, "table18": 12}
+
+
+def test_every_table_has_its_rows_and_a_published_value_per_cell():
+    tables = paper.load_tables()
+    assert set(ROWS) == set(tables)
+    for name, table in tables.items():
+        assert len(table.rows) == ROWS[name], name
+        for row in table.rows:
+            assert set(table.benchmarks) <= set(row.published), (name, row.label)
+    t1 = tables["table1"]
+    assert t1.rows[0].published["mme"] == 1862 and t1.rows[0].published["seed"] == 58.6
+    holov64 = [r for r in t1.rows if r.config == paper.PaperConfig("HoloV", 64, True)]
+    assert len(holov64) == 1 and holov64[0].published["gqa"] == 59.0 and holov64[0].published["avg"] == 96.5
+
+
+def test_ablation_rows_are_the_documented_settings():
+    t4 = paper.get_table("table4")
+    tags = [r.config.tag() for r in t4.rows]
+    assert tags == ["full", "holov-64", "holov-64-cal_size_distance", "holov-64-pos_retained", "holov-64-restore-g1",
+                    "holov-64-restore-pos_reindexed-cal_none", "holov-64-restore-pos_reindexed",
+                    "holov-64-restore-cal_none", "holov-64-restore"]
+    # Table 19's gamma = 1 and Table 4's row 4 are one configuration, so they share answers
+    t19 = paper.get_table("table19")
+    assert t19.rows[-1].config.tag() == "holov-64-restore-g1"
+    t7 = [r.config.tag() for r in paper.get_table("table7").rows]
+    assert t7[1:] == ["holov-64-restore-mpos_first", "holov-64-restore", "holov-64-restore-mpos_mean",
+                      "holov-64-restore-mpos_last"]
+    t6 = {r.label: r.config.tag() for r in paper.get_table("table6").rows}
+    assert t6["VisionZip, P + M (uniform anchors)"] == "visionzip-64-restore-anchors_uniform"
+    assert "VisionZip, P (prune only)" not in t6  # "-" in the paper
+    for table in paper.load_tables().values():
+        for row in table.rows:
+            if row.config.base is not None and row.config.n_vis is not None:
+                flags = row.config.script_flags()
+                assert flags[:4] == ["--base", row.config.base, "--n_vis", str(row.config.n_vis)]
+                assert ("--restore" in flags) == row.config.restore
+
+
+def _dry_run(capsys, *argv):
+    assert paper_cli.main([*argv, "--dry-run", "--results-dir", "/nonexistent-results"]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
+@pytest.mark.parametrize("name", ["table4", "table5", "table6", "table7", "table11", "table12", "table19", "table1"])
+def test_dry_run_lists_exactly_the_tables_configurations(capsys, name):
+    import tokenreduction as tr
+
+    table = paper.get_table(name)
+    lines = _dry_run(capsys, name)
+    commands = [line for line in lines if line.startswith("bash ")]
+    runnable = [c for c in table.configs() if paper.why_not_runnable(table, c, tr.available_methods()) is None]
+    assert len(commands) == len(runnable) * len(table.benchmarks)
+    listed = {(c.split("/llava1_5/")[1].split(".sh")[0], " ".join(c.split(" --results-dir ")[1].split()[1:]))
+              for c in commands}
+    expected = {(b, " ".join(config.script_flags())) for config in runnable for b in table.benchmarks}
+    assert listed == expected
+    blocked = [line for line in lines if line.startswith("  cannot run yet")]
+    assert len(blocked) == len(table.configs()) - len(runnable)
+    if name == "table1":  # the text-aware rows wait for their methods
+        assert len(blocked) == 18 and all("inside the LLM" in line for line in blocked)
+
+
+def test_dry_run_restricts_benchmarks_and_skips_what_exists(capsys, tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "r.json").write_text(json.dumps({"benchmark": "pope", "base": "HoloV", "n_vis": 64, "restore": True,
+                                                "model": "llava-v1.5-7b", "run_name": "holov-64-restore",
+                                                "metrics": {"f1_mean": 84.0}, "main_metric": "f1_mean"}))
+    assert paper_cli.main(["table7", "--benchmarks", "pope,gqa", "--dry-run", "--results-dir", str(results)]) == 0
+    commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith("bash ")]
+    assert len(commands) == 5 * 2 - 1 and not any("pope.sh" in c and c.endswith("--restore") for c in commands)
+    with pytest.raises(SystemExit, match="has no benchmark ocrbench"):
+        paper_cli.main(["table7", "--benchmarks", "ocrbench", "--dry-run"])
+    assert paper_cli.main(["table99", "--dry-run"]) == 2
+
+
+def test_slurm_array_has_one_task_per_run_and_node(tmp_path, capsys):
+    job = tmp_path / "t4.sbatch"
+    assert paper_cli.main(["table4", "--slurm", str(job), "--nodes", "2", "--results-dir", str(tmp_path)]) == 0
+    text = job.read_text()
+    assert "#SBATCH --array=0-143" in text  # 9 configurations x 8 benchmarks x 2 nodes
+    assert '--nodes $NODES --node-rank $rank' in text and text.count("scripts/llava1_5/") == 72
+    bash = subprocess.run(["bash", "-n", str(job)], capture_output=True, text=True)
+    assert bash.returncode == 0, bash.stderr
+
+
+def _record(results: Path, bench: str, tag: str, metric: str, value: float, model="m") -> None:
+    payload = {"benchmark": bench, "base": "x", "n_vis": 64, "restore": False, "model": model, "run_name": tag,
+               "metrics": {metric: value}, "main_metric": metric, "timestamp": "2026-01-01T00:00:00+00:00"}
+    (results / f"{bench}-{tag}.json").write_text(json.dumps(payload))
+
+
+def test_layout_puts_measured_beside_published_with_the_papers_avg(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    _record(results, "gqa", "full", "accuracy", 60.0)
+    _record(results, "pope", "full", "f1_mean", 80.0)
+    _record(results, "gqa", "holov-64-restore", "accuracy", 57.0)
+    _record(results, "pope", "holov-64-restore", "f1_mean", 84.0)
+    _record(results, "gqa", "holov-64-restore-mpos_first", "accuracy", 54.0)
+    table = paper.get_table("table7")
+    measured = MeasuredTable(table, latest_by_name(results), "m", ["gqa", "pope"])
+    median = next(i for i, r in enumerate(table.rows) if r.label == "merged position: median")
+    first = next(i for i, r in enumerate(table.rows) if r.label == "merged position: first")
+    average, count = measured.average(median)
+    assert count == 2 and average == pytest.approx((100 * 57 / 60 + 100 * 84 / 80) / 2)
+    assert measured.average(first) == (pytest.approx(90.0), 1)
+    text = render(measured)
+    assert "| 57.0 / 59.0 (-2.0) | 84.0 / 84.9 (-0.9) |" in text
+    assert "| 54.0 / 58.6 (-4.6) |  / 85.6 |" in text  # not run: blank, never 0
+    last = next(line for line in text.splitlines() if "merged position: last" in line)
+    assert last.count(" / ") == 3 and "(" not in last  # nothing measured: published values only
+
+
+def test_report_paper_flag_prints_tables(tmp_path, capsys):
+    from restore import report
+
+    results = tmp_path / "results"
+    results.mkdir()
+    _record(results, "textvqa", "holov-192-restore-g0.25", "accuracy", 50.0)
+    assert report.main(["--results", str(results), "--paper", "table12", "--model", "m"]) == 0
+    out = capsys.readouterr().out
+    assert "| 192 | + ours, gamma 0.25 | 50.0 / 56.9 (-6.9) |" in out
+    assert (results / "paper_table12.csv").read_text().count("\n") == 1 + 24
+
+
+def test_model_name_is_the_scripts():
+    assert model_name_of("liuhaotian/llava-v1.5-7b") == "llava-v1.5-7b"
+    assert model_name_of("/ckpt/llava-lora/checkpoint-500/") == "llava-lora_checkpoint-500"
+    check = subprocess.run(["bash", "-c", f"source {REPO}/scripts/llava1_5/common.sh; model_name_of "
+                            "/ckpt/llava-lora/checkpoint-500/"], capture_output=True, text=True,
+                           env={"PATH": "/usr/bin:/bin", "BENCH": "x"})
+    assert check.stdout.strip() == "llava-lora_checkpoint-500"
+
+
+def test_run_names_from_the_script_and_python_agree():
+    cases = [(["--base", "HoloV", "--n_vis", "64", "--restore", "--prune_ratio", "0.75"], ("HoloV", 64, True,
+                                                                                        dict(prune_ratio=0.75))),
+             (["--base", "ToMe", "--n_vis", "64", "--calibration", "size_distance"], ("ToMe", 64, False,
+                                                                                       dict(calibration="size_distance"))),
+             (["--base", "DivPrune", "--n_vis", "128", "--positions", "retained", "--device", "cpu"],
+              ("DivPrune", 128, False, dict(positions="retained")))]
+    for argv, (base, n_vis, use_restore, kw) in cases:
+        out = subprocess.run([sys.executable, "-m", "restore.settings", "tag", *argv], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == run_tag(resolve_settings(base, n_vis, use_restore, 576, **kw))
+
+
+def test_paper_command_runs_a_table_on_the_fixtures_and_resumes(tmp_path, small_checkpoint):
+    from restore.eval.fixtures import make_fixtures
+
+    data = tmp_path / "data"
+    make_fixtures(data, n=2, seed=3, benchmarks=["pope"])
+    common = [sys.executable, "-m", "restore.paper", "table7", "--benchmarks", "pope", "--model-path",
+              str(small_checkpoint), "--data-root", str(data), "--answers-root", str(tmp_path / "answers"),
+              "--results-dir", str(tmp_path / "results")]
+    extra = ["--", "--device", "cpu", "--max_new_tokens", "2"]
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    first = subprocess.run(common + extra, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "5 runs missing" in first.stdout
+    table = (tmp_path / "results" / "paper_table7.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| 576") or line.startswith("| 64")]
+    assert len(rows) == 5 and all(" / " in row.split("|")[-2] and "(" in row.split("|")[-2] for row in rows)
+    tags = sorted(p.name for p in (tmp_path / "answers" / "pope" / small_checkpoint.name).iterdir())
+    assert tags == sorted(["full", "holov-64-restore", "holov-64-restore-mpos_first", "holov-64-restore-mpos_last",
+                           "holov-64-restore-mpos_mean"])
+    again = subprocess.run(common + ["--dry-run"], capture_output=True, text=True, env=env, timeout=300)
+    assert "0 runs missing" in again.stdout and "bash " not in again.stdout
+
+
+def test_hausdorff_and_decay_commands(tmp_path, small_checkpoint, synthetic_image):
+    from restore import analyze
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        synthetic_image(i, (360 + 40 * i, 300)).save(images / f"{i}.png")
+    out = tmp_path / "out"
+    assert analyze.main(["hausdorff", "--model-path", str(small_checkpoint), "--images", str(images), "--bases",
+                         "DivPrune", "--n-vis", "32", "--out", str(out)]) == 0
+    rows = (out / "hausdorff_32.csv").read_text().splitlines()
+    assert rows[0].startswith("base,reduction") and len(rows) == 4 and all(",2" in r for r in rows[1:])
+    assert analyze.main(["decay", "--c", "3", "--max-distance", "50", "--out", str(out)]) == 0
+    assert (out / "decay_hd128_c3.png").read_bytes()[:4] == b"\x89PNG"
+    assert analyze.main(["decay", "--c", "1"]) == 2
