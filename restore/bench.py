@@ -100,8 +100,30 @@ def _unselected(tokens: tr.VisualTokens, keep: torch.Tensor):
     return indices, tokens.features.gather(1, indices.unsqueeze(-1).expand(-1, -1, D))
 
 
-def time_reduction(tokens: tr.VisualTokens, config: Config, timer: Timer) -> Dict[str, Optional[float]]:
-    """Selection, merging (anchor_merge + group medians) and reduce_visual_tokens as one call, in ms."""
+def time_vision_encoder_method(bench: BenchModel, prompt: Prompt, config: Config, timer: Timer) -> float:
+    """Vision encoder + projector of a method that merges inside CLIP (ToMe), in ms."""
+    from llava_patches.tome import encode_with_tome
+
+    tower, projector = bench.model.get_vision_tower(), bench.model.get_model().mm_projector
+    return timer.measure(lambda: projector(encode_with_tome(tower, prompt.images, config.n_vis).features)).ms
+
+
+def time_reduction(tokens: tr.VisualTokens, config: Config, timer: Timer, bench: Optional[BenchModel] = None,
+                   prompt: Optional[Prompt] = None) -> Dict[str, Optional[float]]:
+    """Selection, merging (anchor_merge + group medians) and reduce_visual_tokens as one call, in ms.
+    A method's own plain row (VisionZip) is timed as one call; a method inside CLIP has no stage here."""
+    settings = resolve_settings(config.base, config.n_vis, config.restore, tokens.num_tokens)
+    if settings.merges_itself:
+        return {"selection_ms": None, "merging_ms": None, "reduce_ms": None}
+    if settings.is_plain_base and tr.plain_reduction(config.base) is not None:
+        from llava_patches.vision import encode_visual_tokens
+
+        needs = tr.method_needs(config.base, plain=True)
+        full = encode_visual_tokens(bench.model, prompt.images, with_keys="keys" in needs,
+                                    with_cls="cls_raw_feature" in needs)
+        projector = bench.model.get_model().mm_projector
+        own = timer.measure(lambda: reduce_visual_tokens(full, settings, project=projector)).ms
+        return {"selection_ms": None, "merging_ms": None, "reduce_ms": own}
     selector = tr.get_selector(config.base)
     n_keep = retained_budget(config.n_vis, config.restore)
     result: Dict[str, Optional[float]] = {"selection_ms": timer.measure(lambda: selector(tokens, n_keep)).ms}
@@ -116,7 +138,7 @@ def time_reduction(tokens: tr.VisualTokens, config: Config, timer: Timer) -> Dic
         result["merging_ms"] = timer.measure(merge).ms
     else:
         result["merging_ms"] = None
-    result["reduce_ms"] = timer.measure(lambda: reduce_visual_tokens(tokens, resolve_settings(config.base, config.n_vis, config.restore, tokens.num_tokens))).ms
+    result["reduce_ms"] = timer.measure(lambda: reduce_visual_tokens(tokens, settings)).ms
     return result
 
 
@@ -239,8 +261,8 @@ def overhead_targets(rows: List[dict], shape: LLMShape, n_vis: int) -> List[dict
     """(selection + merging + bias) / reduced LLM prefill, RESTORE on, at ``n_vis``; extrapolated to 32 layers."""
     results = []
     for row in rows:
-        if not row["restore"] or row["n_vis"] != n_vis:
-            continue
+        if not row["restore"] or row["n_vis"] != n_vis or row["selection_ms"] is None:
+            continue  # the overhead target is about RESTORE's own stages after a selector
         pieces = row["selection_ms"] + row["merging_ms"] + row["bias_ms"]
         whole_call = row["reduce_ms"] + row["bias_ms"]
         result = {"base": row["base"], "n_vis": n_vis, "overhead_ms": pieces, "reduce_call_plus_bias_ms": whole_call,
@@ -384,7 +406,9 @@ def run_benchmark(bench: BenchModel, prompt: Prompt, configs: List[Config], time
                    "vision_ms": vision["stock" if config.base is None else "reduced"],
                    "selection_ms": None, "merging_ms": None, "reduce_ms": None, "bias_ms": None}
             if config.base is not None:
-                row.update(time_reduction(tokens, config, timer))
+                row.update(time_reduction(tokens, config, timer, bench, prompt))
+                if tr.acts_in(config.base) == "vision_encoder":
+                    row["vision_ms"] = time_vision_encoder_method(bench, prompt, config, timer)
             row.update(time_llm(model, prompt, timer, new_tokens))
             row["bias_ms"] = time_bias(model, config, timer) if config.base is not None else None
             row["kv_cache_bytes"] = kv_cache_bytes(row["seq_len"], shape, bench.dtype)
@@ -404,7 +428,7 @@ def run_benchmark(bench: BenchModel, prompt: Prompt, configs: List[Config], time
         restore.remove(model)
 
     budgets = [retained_budget(c.n_vis, c.restore) for c in configs if c.base is not None]
-    bases = list(dict.fromkeys(c.base for c in configs if c.base is not None))
+    bases = list(dict.fromkeys(c.base for c in configs if c.base is not None and tr.acts_in(c.base) == "before_llm"))
     speedups = selector_speedups(tokens, bases, budgets, timer)
     reduced_n = sorted({c.n_vis for c in configs if c.restore})
     target_n = 64 if 64 in reduced_n else (reduced_n[0] if reduced_n else None)

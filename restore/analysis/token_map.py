@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 import tokenreduction as tr
-from restore.reduce import reduce_visual_tokens
+from restore.patch import reduce_images
 from restore.settings import resolve_settings
 
 from .models import BenchModel, visual_tokens
@@ -58,12 +58,19 @@ def build_token_map(bench: BenchModel, images: torch.Tensor, base: str, n_vis: i
     if not (2 if restore else 1) <= n_vis <= n_patches:
         raise ValueError(f"n_vis must be in {2 if restore else 1}..{n_patches}, got {n_vis}")
     settings = resolve_settings(name, n_vis, restore, n_patches)
-    reduced = reduce_visual_tokens(tokens, settings)
-    kept = tr.get_selector(name)(tokens, settings.n_keep)
+    reduced = reduce_images(bench.model, images, settings)
+    if settings.merges_itself or (settings.is_plain_base and tr.plain_reduction(name) is not None) \
+            or settings.n_keep == 0:
+        # no selector picks: the kept patches are those that stand alone in a reduced token
+        source = reduced.source[0]
+        alone = (source >= 0) & (reduced.sizes[0].gather(0, source.clamp(min=0)) == 1)
+        kept = alone.nonzero().flatten()
+    else:
+        kept = tr.get_selector(name)(tokens, settings.n_keep)[0]
     return TokenMap(
         image=model_view(images, bench.image_processor),
         source=reduced.source[0].cpu().numpy(),
-        kept=kept[0].cpu().numpy(),
+        kept=kept.cpu().numpy(),
         grid=grid,
         n_vis=n_vis,
         label=f"{name}{'+RESTORE' if restore else ''}, {n_vis} visual tokens",
