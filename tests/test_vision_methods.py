@@ -114,3 +114,31 @@ def test_tome_with_retained_positions_and_calibration(deep, prompt):
     with pytest.raises(ValueError, match="merges tokens itself"):
         restore.apply(model, base="ToMe", n_vis=64, restore=True, prune_ratio=0.75)
     restore.remove(model)
+
+
+@pytest.mark.parametrize("base,use_restore", [("ToMe", False), ("VisionZip", False), ("VisionZip", True)])
+def test_token_maps_and_bench_rows_of_the_vision_methods(deep, prompt, base, use_restore):
+    from restore import bench
+    from restore.analysis.models import BenchModel
+    from restore.analysis.timing import Timer
+    from restore.analysis.token_map import build_token_map
+
+    tok, model, proc = deep
+    loaded = BenchModel(tok, model, proc, "deep small checkpoint")
+    _, images = prompt
+    token_map = build_token_map(loaded, images, base, 64, use_restore)
+    sizes = token_map.group_sizes()
+    assert (token_map.source >= 0).all() and int(sizes.sum()) == 576  # every patch lives in some token
+    kept = set(token_map.kept.tolist())
+    assert all(sizes[token_map.source[p]] == 1 for p in kept)
+    if base == "VisionZip" and use_restore:
+        assert len(kept) >= 32  # its 32 dominant tokens
+    config = bench.Config(base, 64, use_restore)
+    timer = Timer(torch.device("cpu"), repeats=1, warmup=0)
+    tokens = bench.visual_tokens(loaded, images)
+    row = bench.time_reduction(tokens, config, timer, loaded, bench.Prompt(None, images, None))
+    if base == "ToMe":
+        assert row == {"selection_ms": None, "merging_ms": None, "reduce_ms": None}
+        assert bench.time_vision_encoder_method(loaded, bench.Prompt(None, images, None), config, timer) > 0
+    else:
+        assert row["reduce_ms"] > 0 and (row["selection_ms"] is not None) == use_restore
