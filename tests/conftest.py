@@ -59,6 +59,17 @@ def small_model(small_checkpoint: Path) -> LoadedModel:
 
 
 @pytest.fixture
+def model(small_model):
+    """The shared small model, given back stock (restore.remove) after the test."""
+    import restore
+
+    try:
+        yield small_model.model
+    finally:
+        restore.remove(small_model.model)
+
+
+@pytest.fixture
 def fresh_small_model(small_checkpoint: Path) -> LoadedModel:
     """A private copy of the small model for tests that modify it."""
     return _load_small(small_checkpoint)

@@ -11,14 +11,6 @@ from restore.patch import boolean_causal_mask, official_rope_tables
 
 
 @pytest.fixture
-def model(small_model):
-    try:
-        yield small_model.model
-    finally:
-        restore.remove(small_model.model)
-
-
-@pytest.fixture
 def prompt(small_model, make_inputs, synthetic_image):
     tokenizer, model, processor = small_model
     image = synthetic_image(3)

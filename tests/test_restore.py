@@ -11,14 +11,6 @@ QUESTIONS = ["What is in the image?", "Is there a red circle?\nAnswer the questi
 
 
 @pytest.fixture
-def model(small_model):
-    try:
-        yield small_model.model
-    finally:
-        restore.remove(small_model.model)
-
-
-@pytest.fixture
 def prompts(small_model, make_inputs, synthetic_image):
     tok, _, proc = small_model
     return [make_inputs(tok, proc, q, synthetic_image(i, (400 + 60 * i, 300)), model_config=small_model.model.config)

@@ -175,14 +175,6 @@ _COMBINATIONS = [(False, {})] + [
 
 
 @pytest.fixture
-def model(small_model):
-    try:
-        yield small_model.model
-    finally:
-        restore.remove(small_model.model)
-
-
-@pytest.fixture
 def prompt(small_model, make_inputs, synthetic_image):
     tok, _, proc = small_model
     return make_inputs(tok, proc, "What is on the left?", synthetic_image(5, (500, 280)),

@@ -216,13 +216,15 @@ def test_batch_equals_per_sample():
     size = torch.randint(1, 9, (5, 301), generator=g).float()
     matching = bipartite_soft_matching(metric, 97)
     merged, merged_size = merge_weighted(x, size, matching)
-    assignment = merge_assignment(torch.randint(0, 301, (5, 50), generator=g), matching)
+    start = torch.randint(0, 301, (5, 50), generator=g)
+    assignment = merge_assignment(start, matching)
     for b in range(5):
         one = bipartite_soft_matching(metric[b:b + 1], 97)
         for name in ("unmerged", "src", "dst"):
             assert torch.equal(getattr(one, name), getattr(matching, name)[b:b + 1])
         one_x, one_size = merge_weighted(x[b:b + 1], size[b:b + 1], one)
         assert torch.equal(one_x, merged[b:b + 1]) and torch.equal(one_size, merged_size[b:b + 1])
+        assert torch.equal(merge_assignment(start[b:b + 1], one), assignment[b:b + 1])
 
 
 def test_unmerge_and_assignment_agree():

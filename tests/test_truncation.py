@@ -7,12 +7,11 @@ from llava_patches.assembly import ImageTokens, assemble
 
 
 @pytest.fixture
-def model(small_model):
+def model(model):
     try:
-        yield small_model.model
+        yield model
     finally:
-        small_model.model.config.tokenizer_model_max_length = 2048
-        restore.remove(small_model.model)
+        model.config.tokenizer_model_max_length = 2048
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import argparse
 import os
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
-from restore.settings import ReductionSettings, add_setting_arguments, overrides_from, resolve_settings, run_tag
+from restore.settings import ReductionSettings, add_setting_arguments, overrides_from, resolve_settings
 
 from .entry_point import MAX_VISUAL_TOKENS, OPTION_LETTER_SUFFIX, EntryPoint, SetupError
 
