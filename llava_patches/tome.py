@@ -244,3 +244,33 @@ def encode_with_tome(vision_tower, images: torch.Tensor, n_vis: int) -> ToMeToke
     cls_attention = None if run.cls_attention is None or hidden_index == 0 else run.cls_attention[:, 1:]
     run.size = run.assignment = run.cls_attention = None
     return ToMeTokens(features=features, sizes=sizes, source=source, cls_attention=cls_attention)
+
+
+def check_tome_budget(model_path: str, n_vis: int) -> None:
+    """Raise ValueError, before any weight is loaded, when ToMe cannot take a checkpoint's CLIP tower to
+    ``n_vis`` tokens at its select layer (a bipartite merge at most halves a layer's tokens). Reads the
+    checkpoint's config and, for a local tower, the tower's; a hub tower (CLIP ViT-L, 23 layers before
+    LLaVA's select layer) reaches every budget."""
+    import json
+    import os
+
+    config_file = os.path.join(os.path.expanduser(model_path), "config.json")
+    if not os.path.isfile(config_file):
+        return
+    with open(config_file, encoding="utf-8") as f:
+        config = json.load(f)
+    tower_config = os.path.join(str(config.get("mm_vision_tower", "")), "config.json")
+    if not os.path.isfile(tower_config):
+        return
+    with open(tower_config, encoding="utf-8") as f:
+        tower = json.load(f)
+    tower = tower.get("vision_config", tower)
+    layers = int(tower["num_hidden_layers"])
+    hidden_index, _ = _layer_indices(int(config.get("mm_vision_select_layer", -2)), layers)
+    patches = (int(tower["image_size"]) // int(tower["patch_size"])) ** 2
+    try:
+        tome_schedule(patches, n_vis, hidden_index)
+    except ValueError as e:
+        raise ValueError(f"{e} (the CLIP tower of {model_path} runs {hidden_index} layers before LLaVA's select "
+                         "layer; a larger n_vis or a deeper tower is needed, e.g. the small checkpoint built with "
+                         "--vision-layers 6)") from None

@@ -142,3 +142,12 @@ def test_token_maps_and_bench_rows_of_the_vision_methods(deep, prompt, base, use
         assert bench.time_vision_encoder_method(loaded, bench.Prompt(None, images, None), config, timer) > 0
     else:
         assert row["reduce_ms"] > 0 and (row["selection_ms"] is not None) == use_restore
+
+
+def test_tome_budget_is_checked_from_the_configs(small_checkpoint, tmp_path):
+    from llava_patches.tome import check_tome_budget
+
+    with pytest.raises(ValueError, match="runs 2 layers before LLaVA's select layer"):
+        check_tome_budget(str(small_checkpoint), 64)  # 576 -> at least 144 in two halvings
+    check_tome_budget(str(small_checkpoint), 144)
+    check_tome_budget("liuhaotian/llava-v1.5-7b", 1)  # not local: nothing to read, CLIP-L reaches any budget

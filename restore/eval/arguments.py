@@ -181,9 +181,14 @@ def reduction_settings(args: argparse.Namespace, base: Optional[str]) -> Optiona
             raise SetupError(f"{', '.join(given)} need --base and --n_vis (no reduction has no settings)")
         return None
     try:
-        return resolve_settings(base, args.n_vis, bool(args.restore), MAX_VISUAL_TOKENS, **overrides)
+        settings = resolve_settings(base, args.n_vis, bool(args.restore), MAX_VISUAL_TOKENS, **overrides)
+        if settings.merges_itself:
+            from llava_patches.tome import check_tome_budget
+
+            check_tome_budget(args.model_path, settings.n_vis)
     except ValueError as e:
         raise SetupError(f"reduction settings: {e}") from None
+    return settings
 
 
 def describe_reduction(base: Optional[str], n_vis: Optional[int], restore: bool,
