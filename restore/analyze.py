@@ -161,7 +161,7 @@ def run_hausdorff(args) -> int:
     if args.n_images < 1:
         raise ValueError(f"--n-images must be at least 1, got {args.n_images}")
     bases = [tr.canonical_name(b) for b in args.bases.split(",")] if args.bases else \
-        [b for b in tr.available_selectors() if b.lower() != "tome"]
+        [b for b in tr.available_methods() if tr.acts_in(b) == "before_llm"]
     files = hausdorff.image_files(args.images, args.n_images)
     bench = load_bench_model(args.model_path, device=args.device, dtype=args.dtype)
 

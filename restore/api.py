@@ -85,6 +85,16 @@ def _check_model(model) -> int:
     return int(tower.num_patches)
 
 
+def _check_tome_reachable(model, num_patches: int, n_vis: int) -> None:
+    """ToMe halves a layer's tokens at most: refuse a budget the tower's depth cannot reach, before any forward."""
+    from llava_patches.vision import _layer_indices
+    from tokenreduction.tome import tome_schedule
+
+    tower = model.get_vision_tower()
+    hidden_index, _ = _layer_indices(tower.select_layer, len(tower.vision_tower.vision_model.encoder.layers))
+    tome_schedule(num_patches, n_vis, hidden_index)
+
+
 def apply(
     model,
     base: Optional[str] = None,
@@ -128,6 +138,8 @@ def apply(
     if tr.acts_in(name) == "llm":
         raise NotImplementedError(f"{name} acts inside the LLM, which restore.apply does not support yet")
     settings = resolve_settings(name, n_vis, bool(restore), num_patches, acts=tr.acts_in(name), **overrides)
+    if settings.merges_itself:
+        _check_tome_reachable(model, num_patches, n_vis)
 
     remove(model)
     ctx = RestoreContext(settings)

@@ -17,8 +17,6 @@ from .attention import calibrated_decode_masks, calibrated_prefill_masks
 from .reduce import ReducedImages, arrange_merged_tokens, reduce_visual_tokens
 from .settings import ReductionSettings
 
-RestoreSettings = ReductionSettings  # the name of the first release
-
 
 @dataclass
 class RestoreContext:

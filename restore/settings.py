@@ -167,9 +167,18 @@ def resolve_settings(base: str, n_vis: int, restore: bool, num_patches: int, act
                          "or prune_ratio=1")
     settings = ReductionSettings(base=base, n_vis=n_vis, restore=bool(restore), num_patches=num_patches, acts=acts,
                                  **values)
+    # One reduction, one spelling: a coordinate without effect takes its default, so that the run name,
+    # the answers-file record and a method's own plain row all see the same configuration.
+    if not settings.uses_distance:
+        settings = replace(settings, calibration_c=RESTORE_DEFAULTS["calibration_c"])
+    if settings.merges_itself and not settings.retains_positions:
+        settings = replace(settings, merged_position="median")  # re-indexed: the method's own order
     if not settings.merges:
+        if overrides.get("anchors") not in (None, "none"):
+            raise ValueError(f"anchors={overrides['anchors']!r} merges nothing at prune_ratio=1 (every token of the "
+                             "budget is kept); give a prune_ratio below 1")
         # Prune only, however it was asked for (gamma = 1, or no anchors): one spelling, one run name.
-        return replace(settings, anchors="none", prune_ratio=1.0)
+        return replace(settings, anchors="none", prune_ratio=1.0, merged_position="median")
     if settings.prune_ratio > 0 and settings.n_keep == 0:
         need = math.ceil(1 / settings.prune_ratio)
         raise ValueError(f"prune_ratio={settings.prune_ratio:g} keeps int(n_vis * prune_ratio) = 0 of n_vis={n_vis} "
@@ -190,8 +199,10 @@ _SHORT = {"prune_ratio": "g", "anchors": "anchors", "positions": "pos", "calibra
 
 
 def _format(value: Any) -> str:
+    """Floats in their shortest exact spelling (0.75, 1, 0.2656249): two values never share a name."""
     if isinstance(value, float):
-        return f"{value:g}"
+        text = repr(value)
+        return text[:-2] if text.endswith(".0") else text
     return str(value)
 
 
@@ -256,8 +267,17 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--n_vis", "--n-vis", dest="n_vis", type=int, default=None)
     parser.add_argument("--restore", action="store_true")
     parser.add_argument("--num-patches", type=int, default=576, help="visual tokens per image before reduction")
+    parser.add_argument("--plugin", action="append", default=[], help="modules that register methods (as the scripts)")
     add_setting_arguments(parser)
     args, _ = parser.parse_known_args(argv)
+    if args.plugin:  # a plugin's method may act elsewhere than before the LLM, which changes its name
+        import tokenreduction
+
+        try:
+            tokenreduction.load_plugins(args.plugin)
+        except ImportError as error:
+            print(f"error: --plugin: {error}", file=sys.stderr)
+            return 2
     if args.base is None:
         print("full")
         return 0

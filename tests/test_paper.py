@@ -203,3 +203,43 @@ def test_hausdorff_and_decay_commands(tmp_path, small_checkpoint, synthetic_imag
     assert analyze.main(["decay", "--c", "3", "--max-distance", "50", "--out", str(out)]) == 0
     assert (out / "decay_hd128_c3.png").read_bytes()[:4] == b"\x89PNG"
     assert analyze.main(["decay", "--c", "1"]) == 2
+
+
+def test_tag_command_loads_plugins_so_a_plugins_place_counts(tmp_path):
+    (tmp_path / "encoder_plugin.py").write_text(
+        "import tokenreduction as tr\ntr.register_method('MyEncoderMerge', acts='vision_encoder')\n")
+    argv = [sys.executable, "-m", "restore.settings", "tag", "--base", "MyEncoderMerge", "--n_vis", "64", "--restore",
+            "--positions", "reindexed", "--calibration", "none"]
+    env = {**__import__("os").environ, "PYTHONPATH": f"{tmp_path}:{REPO}"}
+    with_plugin = subprocess.run(argv + ["--plugin", "encoder_plugin"], capture_output=True, text=True, env=env)
+    assert with_plugin.returncode == 0, with_plugin.stderr
+    assert with_plugin.stdout.strip() == "myencodermerge-64"  # merges itself: no gamma, no anchors to name
+    bad = subprocess.run(argv + ["--plugin", "no_such_module_xyz"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "cannot import the plugin module" in bad.stderr
+
+
+def test_tables_of_models_not_supported_show_published_values_only(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    _record(results, "gqa", "full", "accuracy", 61.5, model="llava-v1.5-7b")
+    table2 = paper.get_table("table2")
+    measured = MeasuredTable(table2, latest_by_name(results), "llava-v1.5-7b", table2.benchmarks)
+    assert all(v is None for v in measured.values.values())
+    assert "61.5" not in render(measured)
+
+
+def test_published_values_equal_the_shared_paper_tables():
+    source = REPO.parent / "shared" / "paper_tables.md"
+    if not source.is_file():
+        pytest.skip("the shared paper_tables.md is not beside this checkout")
+    text = source.read_text()
+    t1 = {(r.tokens, r.label, r.config.base): r.published for r in paper.get_table("table1").rows}
+    for line in text.split("## Table 1 / Table 10")[1].split("##")[0].splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) != 11 or not cells[0].isdigit():
+            continue
+        matches = [pub for (tokens, label, _), pub in t1.items() if tokens == cells[0] and label == cells[1]]
+        assert matches, cells
+        values = [float(c) for c in cells[3:]]
+        assert any([pub[b] for b in ("gqa", "mmbench", "mme", "pope", "sqa", "vqav2", "textvqa", "seed")] == values
+                   for pub in matches), cells

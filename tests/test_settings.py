@@ -2,6 +2,7 @@
 end, and a restatement of the prefill for points away from the paper's defaults."""
 import itertools
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import tokenreduction as tr
 from restore.attention import calibrated_decode_masks, calibrated_prefill_masks, distance_bias
 from restore.merge import anchor_merge, group_positions, uniform_anchors
 from restore.reduce import reduce_visual_tokens
-from restore.settings import ReductionSettings, resolve_settings, run_tag
+from restore.settings import resolve_settings, run_tag
 from tests.test_merge import _tokens, reference_anchor_merge
 from tests.test_restore_reference import _llama_logits, _vision_like_official
 
@@ -204,7 +205,7 @@ def test_every_combination_runs_with_n_vis_visual_tokens(model, prompt):
             assert torch.equal(layout.positions[0], torch.arange(layout.length))
 
 
-def _restated_tokens(model, images, settings: ReductionSettings):
+def _restated_tokens(model, images, settings):
     """The reduced tokens (position, size, feature), restated with loops for one image."""
     raw, features, attention = _vision_like_official(model, images)
     n_keep = settings.n_keep
@@ -253,11 +254,26 @@ _RESTATED = [
 ]
 
 
+def _expected(base: str, n_vis: int, overrides: dict) -> SimpleNamespace:
+    """What restore=True with ``overrides`` means, restated from docs/settings.md (not from the code)."""
+    anchors = overrides.get("anchors", "distinctive")
+    gamma = 1.0 if anchors == "none" else overrides.get("prune_ratio", 0.5)
+    n_keep = n_vis if anchors == "none" else int(n_vis * gamma)
+    retained = overrides.get("positions", "retained") == "retained"
+    calibration = overrides.get("calibration", "size_distance")
+    merges = n_keep < n_vis
+    return SimpleNamespace(base=base, n_vis=n_vis, n_keep=n_keep, merges=merges, anchors=anchors,
+                           merged_position=overrides.get("merged_position", "median"), retains_positions=retained,
+                           in_base_order=not merges and not retained, calibrates=calibration != "none",
+                           uses_distance=calibration == "size_distance",
+                           calibration_c=overrides.get("calibration_c", 2.0))
+
+
 @pytest.mark.parametrize("overrides", _RESTATED)
 def test_prefill_matches_restatement(model, prompt, overrides):
     ids, images = prompt
     n_vis, N = 40, 576
-    settings = resolve_settings("VisPruner", n_vis, True, N, **overrides)
+    settings = _expected("VisPruner", n_vis, overrides)
     at = int((ids[0] == IMAGE_TOKEN_INDEX).nonzero())
     text_before, text_after = ids[0, :at], ids[0, at + 1:]
     cfg = model.config
@@ -289,7 +305,7 @@ def test_prefill_matches_restatement(model, prompt, overrides):
 
         expected = _llama_logits(model, embeds, positions, lambda i: bias(first_sizes if i == 0 else sizes))
         restore.apply(model, base="VisPruner", n_vis=n_vis, restore=True, **overrides)
-        assert restore.settings_of(model) == settings
+        assert restore.settings_of(model) == resolve_settings("VisPruner", n_vis, True, N, **overrides)
         out = model(input_ids=ids, images=images).logits[0]
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
 
@@ -334,3 +350,34 @@ def test_hausdorff_table_orders_reductions():
         # merged tokens cover the rest of the image: far below prune only
         assert by[base, "P + M distinctive"] < by[base, "prune only"]
         assert by[base, "P + M uniform"] < by[base, "prune only"]
+
+
+# ---- one reduction, one name (review findings) --------------------------------------------------------
+
+def test_coordinates_without_effect_do_not_make_another_configuration():
+    plain = resolve_settings("VisionZip", 64, False, 576)
+    for kw in (dict(merged_position="mean"), dict(calibration_c=3.0), dict(calibration="size", calibration_c=2.5)):
+        s = resolve_settings("VisionZip", 64, False, 576, **kw)
+        if "calibration" not in kw:
+            assert s == plain and s.is_plain_base, kw  # VisionZip keeps its own plain row
+        assert s.calibration_c == 2.0 and s.merged_position == "median"
+    same = resolve_settings("VisionZip", 64, True, 576, prune_ratio=1.0, positions="reindexed", calibration="none",
+                            merged_position="last")
+    assert same == plain and run_tag(same) == "visionzip-64"
+    tome = resolve_settings("ToMe", 64, False, 576, merged_position="mean")
+    assert tome == resolve_settings("ToMe", 64, False, 576) and run_tag(tome) == "tome-64"
+    assert resolve_settings("ToMe", 64, False, 576, positions="retained", merged_position="mean").merged_position == "mean"
+    with pytest.raises(ValueError, match="merges nothing at prune_ratio=1"):
+        resolve_settings("HoloV", 64, False, 576, anchors="uniform")
+
+
+def test_close_ratios_get_distinct_names():
+    a = run_tag(resolve_settings("HoloV", 64, True, 576, prune_ratio=0.2656249))
+    b = run_tag(resolve_settings("HoloV", 64, True, 576, prune_ratio=0.2656251))
+    assert a == "holov-64-restore-g0.2656249" and b == "holov-64-restore-g0.2656251"
+
+
+def test_tome_budget_refused_by_apply_on_a_shallow_tower(model):
+    with pytest.raises(ValueError, match="ToMe cannot take 576 tokens to 64 in 2 layers"):
+        restore.apply(model, base="ToMe", n_vis=64)
+    assert not restore.is_applied(model)

@@ -246,5 +246,6 @@ def visionzip_plain(tokens: VisualTokens, n_vis: int) -> OwnReduction:
     sizes = torch.cat([torch.ones(B, first + n_dominant, device=device), out.sizes.float()], dim=1)
     source = torch.full((B, tokens.num_tokens), -1, dtype=torch.long, device=device)
     source.scatter_(1, out.dominant, first + torch.arange(n_dominant, device=device).expand(B, -1))
-    source.scatter_(1, out.remaining, first + n_dominant + out.groups)
+    # with no contextual token (n_vis = 1) the remaining patches are dropped (group -1)
+    source.scatter_(1, out.remaining, (first + n_dominant + out.groups).masked_fill(out.groups < 0, -1))
     return OwnReduction(features=out.raw_sequence, space="raw", positions=positions, sizes=sizes, source=source)

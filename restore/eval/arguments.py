@@ -50,7 +50,8 @@ def build_parser(entry: EntryPoint) -> argparse.ArgumentParser:
                         "absent = no reduction, all visual tokens")
     r.add_argument("--n_vis", "--n-vis", dest="n_vis", type=int, default=None,
                    help=f"visual tokens kept, 1..{MAX_VISUAL_TOKENS}; required with --base")
-    r.add_argument("--restore", action="store_true", help="apply RESTORE on top of --base (needs --n_vis >= 2)")
+    r.add_argument("--restore", action="store_true",
+                   help="apply RESTORE on top of --base (keeps int(n_vis * prune_ratio) tokens: n_vis >= 2 at 0.5)")
     add_setting_arguments(r)
     r.add_argument("--plugin", metavar="MODULE", action="append", default=[],
                    help="import this module (e.g. mylab.my_method, importable from PYTHONPATH) before --base is "
@@ -167,8 +168,6 @@ def validate_reduction(base: Optional[str], n_vis: Optional[int], restore: bool)
     if not 1 <= n_vis <= MAX_VISUAL_TOKENS:
         raise SetupError(f"--n_vis must be in 1..{MAX_VISUAL_TOKENS} (LLaVA-1.5 has {MAX_VISUAL_TOKENS} "
                          f"visual tokens), got {n_vis}")
-    if restore and n_vis < 2:
-        raise SetupError("--restore needs --n_vis >= 2 (half of the budget is kept, the rest merged)")
     return tokenreduction.canonical_name(base)
 
 
