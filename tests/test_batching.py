@@ -116,7 +116,7 @@ def batched_runs(bench: str, data: Path, tmp_path: Path, batches: list, config: 
 
 
 @pytest.mark.parametrize("bench", BENCHMARKS)
-def test_batch_of_four_answers_as_batch_one(bench, data, tmp_path, in_process):
+def test_batch_of_four_answers_as_batch_one(bench, data, tmp_path, in_process, small_model):
     padded = False
     for config in CONFIGS:
         runs = batched_runs(bench, data, tmp_path, in_process, config, (1, 4))
@@ -125,6 +125,8 @@ def test_batch_of_four_answers_as_batch_one(bench, data, tmp_path, in_process):
         assert one_batches == [(1, False, 1)] * len(one)
         assert sum(b[0] for b in four_batches) == len(one) and max(b[0] for b in four_batches) == 4
         padded = padded or any(b[1] for b in four_batches)
+        # left padding is set only while a batch generates: the model's config is given back as it was
+        assert small_model.model.config.tokenizer_padding_side == "right"
     if bench in ONE_PROMPT_LENGTH:
         assert not padded and all(b[2] == 1 for b in four_batches)  # nothing to pad, as said
     elif not padded:

@@ -9,10 +9,11 @@ Heavy imports (torch, PIL, llava) happen inside functions so that argument error
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .answer_files import dumps_line, put_in_question_order, write_in_order, write_meta
 from .arguments import build_parser, chunk_source, describe_reduction, effective_conv_mode
@@ -175,7 +176,7 @@ def plan_batches(items: Sequence[Item], batch_size: int, prompt_length: Callable
     return batches
 
 
-def pad_left(rows: Sequence[Any], pad_id: int):
+def pad_left(rows: Sequence[Any], pad_id: int) -> Tuple[Any, Optional[Any]]:
     """(input_ids [B, L] padded on the left, attention mask or None when no row needed padding).
 
     Generation continues from the last position of every row, so the padding goes before the prompt."""
@@ -192,29 +193,27 @@ def pad_left(rows: Sequence[Any], pad_id: int):
     return ids, mask
 
 
-class _padded_on_the_left:
+@contextlib.contextmanager
+def _padded_on_the_left(model, batched: bool) -> Iterator[None]:
     """While a batch is generated, stock LLaVA pads the assembled embeddings on the left.
 
     Stock LLaVA-1.5 pads them on ``config.tokenizer_padding_side`` ("right", its training side), which
     would put padding between a short prompt and its answer; a model with restore.apply already pads on
     the left inside generate. One row has no padding: batch 1 runs untouched."""
-
-    def __init__(self, model, batched: bool):
-        self.config, self.batched = model.config, batched
-        self.old: Optional[str] = None
-
-    def __enter__(self):
-        if self.batched:
-            self.old = getattr(self.config, "tokenizer_padding_side", None)
-            self.config.tokenizer_padding_side = "left"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.batched:
-            if self.old is None:
-                del self.config.tokenizer_padding_side
-            else:
-                self.config.tokenizer_padding_side = self.old
+    if not batched:
+        yield
+        return
+    config = model.config
+    missing = object()
+    old = getattr(config, "tokenizer_padding_side", missing)
+    config.tokenizer_padding_side = "left"
+    try:
+        yield
+    finally:
+        if old is missing:
+            del config.tokenizer_padding_side
+        else:
+            config.tokenizer_padding_side = old
 
 
 def _eos_ids(model) -> Tuple[int, ...]:
@@ -224,7 +223,7 @@ def _eos_ids(model) -> Tuple[int, ...]:
     return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
 
 
-def until_eos(row, eos: Tuple[int, ...]):
+def until_eos(row: Any, eos: Tuple[int, ...]) -> Any:
     """``row`` up to its first end-of-sequence token, included: what the row would be generated alone.
     In a batch, a row that ended early is filled with padding while the others go on."""
     import torch
