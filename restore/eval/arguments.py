@@ -61,6 +61,9 @@ def build_parser(entry: EntryPoint) -> argparse.ArgumentParser:
     x.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     x.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"], default="auto",
                    help="auto = float16 on cuda, float32 on cpu")
+    x.add_argument("--batch-size", type=int, default=1,
+                   help="items generated together, grouped by prompt length (1 = the official per-question runs; "
+                        "greedy answers equal batch 1's in fp32, see docs/evaluation.md)")
     x.add_argument("--num-workers", type=int, default=None,
                    help="image preprocessing workers (default 4 on cuda, 0 on cpu)")
     x.add_argument("--overwrite", action="store_true",
@@ -88,6 +91,7 @@ def check_arguments(entry: EntryPoint, args: argparse.Namespace,
         raise SetupError(f"--num_beams must be at least 1, got {args.num_beams}")
     if args.temperature < 0:
         raise SetupError(f"--temperature must be >= 0, got {args.temperature}")
+    check_batch_size(args.batch_size, args.temperature)
 
     question_file = os.path.expanduser(args.question_file)
     if not os.path.isfile(question_file):
@@ -113,6 +117,18 @@ def check_arguments(entry: EntryPoint, args: argparse.Namespace,
                          f"_mmtag variant ({', '.join(m[:-len('_mmtag')] for m in mmtag)}) or its _mmtag name")
     settings = {**common_settings(args, base), "device": device_type, "dtype": dtype_name}
     return {**settings, **entry.settings(args)}, num_chunks, chunk_idx
+
+
+def check_batch_size(batch_size: int, temperature: float) -> None:
+    """SetupError unless ``batch_size`` items can be generated together with the answers of batch 1."""
+    if batch_size < 1:
+        raise SetupError(f"--batch-size must be at least 1, got {batch_size}")
+    if batch_size > 1 and temperature > 0:
+        # Sampling draws one random stream for the whole batch, shared out over its rows in an order
+        # that depends on the batch; no batch can give each item the draws it gets when run alone.
+        raise SetupError(f"--batch-size {batch_size} with --temperature {temperature}: sampling with a batch "
+                         "cannot reproduce the per-question random draws of batch 1 (nor of another batch "
+                         "size); use --batch-size 1 to sample, or --temperature 0 (greedy) to batch")
 
 
 def resolve_execution(device: str, dtype: str) -> Tuple[str, str]:

@@ -9,10 +9,11 @@ Heavy imports (torch, PIL, llava) happen inside functions so that argument error
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .answer_files import dumps_line, put_in_question_order, write_in_order, write_meta
 from .arguments import build_parser, chunk_source, describe_reduction, effective_conv_mode
@@ -68,7 +69,9 @@ def _run_planned(entry: EntryPoint, args: argparse.Namespace, plan: Plan) -> int
 def generate_answers(plan: Plan) -> None:
     entry, answers_file = plan.entry, plan.answers_file
     meta = {"entry": entry.name, "settings": plan.settings, "num_chunks": plan.num_chunks,
-            "chunk_idx": plan.chunk_idx, "n_items": len(plan.items), "complete": False}
+            "chunk_idx": plan.chunk_idx, "n_items": len(plan.items), "complete": False,
+            # information only, outside the settings a resume compares: the batch does not change the answers
+            "batch_size": plan.args.batch_size}
     write_meta(answers_file, meta)
     if plan.repaired or not os.path.exists(answers_file):
         write_in_order(entry, answers_file, plan.items, plan.done)
@@ -89,7 +92,10 @@ def generate_answers(plan: Plan) -> None:
 
 
 def _answer_pending(plan: Plan) -> Tuple[int, float]:
-    """Load the model and answer the pending items; (generated tokens, seconds spent generating)."""
+    """Load the model and answer the pending items; (generated tokens, seconds spent generating).
+
+    Items are generated ``--batch-size`` at a time and each finished batch's answers are appended and
+    flushed together, so that a killed run loses at most the batch it was generating."""
     import torch
     from tqdm import tqdm
 
@@ -102,36 +108,130 @@ def _answer_pending(plan: Plan) -> Tuple[int, float]:
     device = next(model.parameters()).device
     dtype = next(model.get_model().mm_projector.parameters()).dtype
     dataset = PreparedItems(plan.pending, tokenizer, image_processor, model.config, conv_mode)
+    batches = plan_batches(plan.pending, args.batch_size, dataset.prompt_length)
     workers = args.num_workers if args.num_workers is not None else (4 if device.type == "cuda" else 0)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                                         collate_fn=_identity)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_identity)
     # Sampling parameters only when sampling: greedy decoding ignores them (and transformers warns).
     sampling: Dict[str, Any] = {"do_sample": False}
     if args.temperature > 0:
         sampling = {"do_sample": True, "temperature": args.temperature}
         if args.top_p is not None:
             sampling["top_p"] = args.top_p
+    eos = _eos_ids(model)
     n_tokens = 0
     started = time.perf_counter()
-    with open(plan.answers_file, "a", encoding="utf-8") as out:
-        for item, (input_ids, pixels, size) in tqdm(zip(plan.pending, loader), total=len(plan.pending),
-                                                    desc=f"{entry.name} {plan.chunk_label}",
-                                                    mininterval=progress_interval()):
-            with torch.inference_mode():
+    with open(plan.answers_file, "a", encoding="utf-8") as out, \
+            tqdm(total=len(plan.pending), desc=f"{entry.name} {plan.chunk_label}",
+                 mininterval=progress_interval()) as progress:
+        for indices, prepared in zip(batches, loader):
+            input_ids, attention_mask = pad_left([ids for ids, _, _ in prepared], tokenizer.pad_token_id or 0)
+            pixels = [p for _, p, _ in prepared if p is not None]
+            images = None
+            if pixels:
+                images = (torch.stack(pixels) if len({p.shape for p in pixels}) == 1 else pixels)
+                images = images.to(device=device, dtype=dtype) if torch.is_tensor(images) else \
+                    [p.to(device=device, dtype=dtype) for p in images]
+            with torch.inference_mode(), _padded_on_the_left(model, len(prepared) > 1):
                 output_ids = model.generate(
-                    input_ids.unsqueeze(0).to(device),
-                    images=None if pixels is None else pixels.unsqueeze(0).to(device=device, dtype=dtype),
-                    image_sizes=None if size is None else [size],
+                    input_ids.to(device),
+                    # without padding the call of batch 1, unchanged; a padded batch needs its mask
+                    **({} if attention_mask is None else {"attention_mask": attention_mask.to(device)}),
+                    images=images,
+                    image_sizes=[size for _, _, size in prepared] if pixels else None,
                     num_beams=args.num_beams,
                     max_new_tokens=args.max_new_tokens,
                     use_cache=True,
                     **sampling,
                 )
-            n_tokens += int(output_ids.shape[-1])
-            text = tokenizer.batch_decode(output_ids, skip_special_tokens=True)[0].strip()
-            out.write(dumps_line(entry, entry.answer_line(item, text, model_name)))
+            answers = {}
+            for index, row in zip(indices, output_ids):
+                row = until_eos(row, eos)
+                n_tokens += int(row.shape[-1])
+                answers[index] = tokenizer.decode(row, skip_special_tokens=True).strip()
+            # one write per batch, in question order (the finished file is put in question order anyway)
+            out.write("".join(dumps_line(entry, entry.answer_line(plan.pending[i], answers[i], model_name))
+                              for i in sorted(indices)))
             out.flush()
+            progress.update(len(indices))
     return n_tokens, time.perf_counter() - started
+
+
+def plan_batches(items: Sequence[Item], batch_size: int, prompt_length: Callable[[int], int]) -> List[List[int]]:
+    """Indices of ``items`` grouped into batches of at most ``batch_size``, in the order they are generated.
+
+    Batch size 1 keeps question order (the official runs' order, which sampling's random stream depends
+    on). Larger batches hold items of similar prompt length, so that little of a batch is padding, and
+    never mix items with and without an image (LLaVA would then feed an image to the text-only prompt);
+    the longest batches go first, so that a batch too big for the memory fails at once, not hours in."""
+    if batch_size == 1:
+        return [[i] for i in range(len(items))]
+    order = sorted(range(len(items)), key=lambda i: (items[i].image is None, -prompt_length(i), i))
+    batches: List[List[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < batch_size and \
+                (items[batches[-1][0]].image is None) == (items[i].image is None):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def pad_left(rows: Sequence[Any], pad_id: int) -> Tuple[Any, Optional[Any]]:
+    """(input_ids [B, L] padded on the left, attention mask or None when no row needed padding).
+
+    Generation continues from the last position of every row, so the padding goes before the prompt."""
+    import torch
+
+    longest = max(int(r.shape[-1]) for r in rows)
+    if all(int(r.shape[-1]) == longest for r in rows):
+        return torch.stack(list(rows)), None
+    ids = torch.full((len(rows), longest), pad_id, dtype=rows[0].dtype)
+    mask = torch.zeros((len(rows), longest), dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, longest - r.shape[-1]:] = r
+        mask[b, longest - r.shape[-1]:] = 1
+    return ids, mask
+
+
+@contextlib.contextmanager
+def _padded_on_the_left(model, batched: bool) -> Iterator[None]:
+    """While a batch is generated, stock LLaVA pads the assembled embeddings on the left.
+
+    Stock LLaVA-1.5 pads them on ``config.tokenizer_padding_side`` ("right", its training side), which
+    would put padding between a short prompt and its answer; a model with restore.apply already pads on
+    the left inside generate. One row has no padding: batch 1 runs untouched."""
+    if not batched:
+        yield
+        return
+    config = model.config
+    missing = object()
+    old = getattr(config, "tokenizer_padding_side", missing)
+    config.tokenizer_padding_side = "left"
+    try:
+        yield
+    finally:
+        if old is missing:
+            del config.tokenizer_padding_side
+        else:
+            config.tokenizer_padding_side = old
+
+
+def _eos_ids(model) -> Tuple[int, ...]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+
+def until_eos(row: Any, eos: Tuple[int, ...]) -> Any:
+    """``row`` up to its first end-of-sequence token, included: what the row would be generated alone.
+    In a batch, a row that ended early is filled with padding while the others go on."""
+    import torch
+
+    if not eos or row.numel() == 0:
+        return row
+    ends = torch.isin(row, torch.tensor(eos, device=row.device)).nonzero()
+    return row if ends.numel() == 0 else row[: int(ends[0]) + 1]
 
 
 def _identity(x):
@@ -148,14 +248,22 @@ class PreparedItems:
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int):
+    def prompt_ids(self, index: int):
         from llava.constants import IMAGE_TOKEN_INDEX
         from llava.mm_utils import tokenizer_image_token
 
         item = self.items[index]
         prompt = build_prompt(item.text, item.image is not None, self.conv_mode,
                               getattr(self.model_config, "mm_use_im_start_end", False))
-        input_ids = tokenizer_image_token(prompt, self.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
+        return tokenizer_image_token(prompt, self.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
+
+    def prompt_length(self, index: int) -> int:
+        """Tokens of the prompt (the image placeholder counts one: every image adds the same number)."""
+        return int(self.prompt_ids(index).shape[-1])
+
+    def __getitem__(self, index: int):
+        item = self.items[index]
+        input_ids = self.prompt_ids(index)
         if item.image is None:
             return input_ids, None, None
         image = item.image.open()
