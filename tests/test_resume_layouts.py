@@ -117,3 +117,27 @@ def test_nodes_with_another_layout_are_refused_with_what_differs(tmp_path):
                         "--node-rank", "2", "--shards", "1"]) == 1
     shards.forget_node_layouts(str(tmp_path))
     shards.check_node_layout(str(tmp_path), nodes=3, node_rank=2, shards=4, record=True)  # the run is over
+
+
+def test_overwrite_retires_other_layouts_and_the_newest_answer_wins(data, tmp_path):
+    import os
+
+    chunks = tmp_path / "chunks"
+    chunks.mkdir()
+    for k in range(3):
+        write_chunk(data, chunks / f"3_{k}.jsonl", 3, k)
+    for k in range(2):  # a rerun with another layout and --overwrite: the 3_* answers are outdated
+        p = plan(data, chunks / f"2_{k}.jsonl", 2, k, "--overwrite")
+        assert p.done == {} and len(p.pending) == len(p.items)
+        write_chunk(data, chunks / f"2_{k}.jsonl", 2, k)
+    assert sorted(f.name for f in chunks.glob("3_*.jsonl")) == []
+    assert len(list(chunks.glob("3_*.jsonl.overwritten"))) == 3
+    later = plan(data, chunks / "4_0.jsonl", 4, 0)
+    assert later.pending == [] and all(line["text"].startswith("from 2_") for line in later.done.values())
+    # without --overwrite, two layouts holding one answer: the newer file's is taken
+    newer = chunks / "5_0.jsonl"
+    write_chunk(data, newer, 5, 0)
+    future = os.path.getmtime(newer) + 10
+    os.utime(newer, (future, future))
+    again = plan(data, chunks / "6_0.jsonl", 6, 0)
+    assert again.done and all(line["text"] == "from 5_0.jsonl" for line in again.done.values())

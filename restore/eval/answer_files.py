@@ -158,6 +158,9 @@ def existing_answers(entry: EntryPoint, answers_file: str, items: Sequence[Item]
     """(key -> answer line already there, whether the file must be rewritten before appending). Answers
     come from the file itself and from the other chunk files beside it (see answers_of_other_chunkings)."""
     if overwrite:
+        # Answers of this configuration in other chunkings are as outdated as this file's: retire them, or a
+        # later run with yet another --shards would reuse them.
+        retire_other_chunkings(entry, answers_file, settings)
         return {}, os.path.exists(answers_file)
     done: Dict[str, Dict[str, Any]] = {}
     repaired = False
@@ -212,24 +215,47 @@ def answers_of_other_chunkings(entry: EntryPoint, answers_file: str, items: Sequ
     Only a chunk file named like the scripts' (``<N>_<i>.jsonl``) looks at its siblings. A sibling with
     other settings, without a settings record or with unreadable lines is another configuration or damaged:
     it is left alone, and its questions are answered again."""
-    directory, name = os.path.split(os.path.abspath(answers_file))
-    own = CHUNK_FILE_NAME.fullmatch(name)
-    if own is None or not items:
+    if not items:
         return {}
-    siblings = [os.path.join(directory, other) for other in sorted(os.listdir(directory))
-                if (match := CHUNK_FILE_NAME.fullmatch(other)) and match.group(1) != own.group(1)]
     wanted = {item.key for item in items}
     all_keys: Optional[List[str]] = None  # built only when a sibling has our settings
     found: Dict[str, Dict[str, Any]] = {}
-    for path in siblings:
-        meta = read_meta(path)
-        if meta is None or settings_changes(recorded_settings(meta, with_chunk=False),
-                                            {"entry": entry.name, **settings}):
-            continue
+    for path, meta in same_settings_siblings(entry, answers_file, settings):
         if all_keys is None:
             all_keys = [item.key for item in chunk_items(entry, settings, 1, 0)]
         found.update((k, line) for k, line in sibling_answers(entry, path, meta, all_keys).items() if k in wanted)
     return found
+
+
+def same_settings_siblings(entry: EntryPoint, answers_file: str,
+                           settings: Mapping[str, Any]) -> List[Tuple[str, Dict[str, Any]]]:
+    """(path, meta) of the chunk files of other chunkings beside ``answers_file`` with exactly these settings,
+    oldest first, so that where two hold an answer to one question the newer one wins."""
+    directory, name = os.path.split(os.path.abspath(answers_file))
+    own = CHUNK_FILE_NAME.fullmatch(name)
+    if own is None:
+        return []
+    siblings = [os.path.join(directory, other) for other in os.listdir(directory)
+                if (match := CHUNK_FILE_NAME.fullmatch(other)) and match.group(1) != own.group(1)]
+    chosen = []
+    for path in sorted(siblings, key=lambda p: (os.path.getmtime(p), p)):
+        meta = read_meta(path)
+        if meta is not None and not settings_changes(recorded_settings(meta, with_chunk=False),
+                                                     {"entry": entry.name, **settings}):
+            chosen.append((path, meta))
+    return chosen
+
+
+def retire_other_chunkings(entry: EntryPoint, answers_file: str, settings: Mapping[str, Any]) -> List[str]:
+    """Rename the same-settings chunk files of other chunkings (and their settings records) to
+    ``<name>.overwritten``: kept for inspection, never reused. Returns the retired paths."""
+    retired = []
+    for path, _ in same_settings_siblings(entry, answers_file, settings):
+        for old in (path, meta_path(path)):
+            if os.path.exists(old):
+                os.replace(old, old + ".overwritten")
+        retired.append(path)
+    return retired
 
 
 def sibling_answers(entry: EntryPoint, path: str, meta: Mapping[str, Any],
