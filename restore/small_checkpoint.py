@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -384,23 +385,29 @@ def build_small_checkpoint(
             f"checkpoint folder name {out_dir.name!r} must contain 'llava': LLaVA's load_pretrained_model "
             f"decides by the name whether it loads a LLaVA model (e.g. use 'llava-v1.5-small-random')."
         )
+    return build_atomically(out_dir, num_layers, vision_layers, overwrite,
+                            lambda staging, shapes: write_checkpoint(staging, out_dir, seed, shapes))
+
+
+def build_atomically(out_dir: Path, num_layers: int, vision_layers: int, overwrite: bool,
+                     write: Callable[[Path, SmallShapes], None]) -> Path:
+    """Check the sizes, then ``write(staging, shapes)`` into a folder beside ``out_dir`` and rename it into
+    place: an interrupted build leaves no half checkpoint. Shared by every small-checkpoint family."""
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
     if vision_layers < 2:
         raise ValueError(f"vision_layers must be >= 2 (LLaVA selects the second-to-last layer), got {vision_layers}")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} already exists and is not empty; pass overwrite=True to replace it.")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists and is not empty; pass overwrite=True to replace it.")
 
     shapes = SmallShapes(num_layers=num_layers, vision_layers=vision_layers)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename at the end: an interrupted build leaves no half checkpoint.
     staging = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
     try:
-        _write_checkpoint(staging, out_dir, seed, shapes)
+        write(staging, shapes)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(staging, out_dir)
@@ -410,10 +417,20 @@ def build_small_checkpoint(
     return out_dir
 
 
-def _write_checkpoint(staging: Path, final_dir: Path, seed: int, shapes: SmallShapes) -> None:
+def write_checkpoint(
+    staging: Path, final_dir: Path, seed: int, shapes: SmallShapes, *,
+    make_config: Optional[Callable[[SmallShapes, int, str], Any]] = None, max_length: int = 2048,
+    manifest: Optional[Dict[str, Any]] = None, manifest_name: str = MANIFEST_NAME,
+    check_llm_state: Optional[Callable[[Dict[str, torch.Tensor]], None]] = None,
+) -> None:
+    """Write a small checkpoint into ``staging``: CLIP tower, tokenizer, LLaVA weights, config, manifest.
+
+    The defaults are LLaVA-1.5's; another family passes its config builder, length limit and manifest.
+    """
     from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
     from transformers import CLIPVisionModel
 
+    make_config = make_config or _llava_config
     vision_dir = staging / VISION_SUBDIR
     vision_dir.mkdir()
     vision_config = _vision_config(shapes)
@@ -422,16 +439,20 @@ def _write_checkpoint(staging: Path, final_dir: Path, seed: int, shapes: SmallSh
     vision_model = _meta_model(lambda: CLIPVisionModel(vision_config))
     _save_safetensors(_random_state_dict(vision_model, seed, "vision:", _vision_tensor), vision_dir / "model.safetensors")
 
-    vocab_size = _save_tokenizer(staging, train_tokenizer_model(shapes.tokenizer_vocab_size), max_length=2048)
+    vocab_size = _save_tokenizer(staging, train_tokenizer_model(shapes.tokenizer_vocab_size), max_length=max_length)
 
     # The meta instantiation reads the vision config, which for now lies in the staging folder.
-    staging_config = _llava_config(shapes, vocab_size, str(vision_dir))
+    staging_config = make_config(shapes, vocab_size, str(vision_dir))
     llava_model = _meta_model(lambda: LlavaLlamaForCausalLM(staging_config))
-    _save_safetensors(_random_state_dict(llava_model, seed, "llm:", _llm_tensor), staging / "model.safetensors")
+    state = _random_state_dict(llava_model, seed, "llm:", _llm_tensor)
+    if check_llm_state is not None:
+        check_llm_state(state)
+    _save_safetensors(state, staging / "model.safetensors")
 
-    _llava_config(shapes, vocab_size, str(final_dir / VISION_SUBDIR)).save_pretrained(str(staging))
-    manifest = {"recipe_version": RECIPE_VERSION, "seed": seed, "shapes": asdict(shapes)}
-    (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    make_config(shapes, vocab_size, str(final_dir / VISION_SUBDIR)).save_pretrained(str(staging))
+    if manifest is None:
+        manifest = {"recipe_version": RECIPE_VERSION, "seed": seed, "shapes": asdict(shapes)}
+    (staging / manifest_name).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def checkpoint_is_current(path: str | os.PathLike, seed: int = 0, *, num_layers: int = 4,
@@ -440,13 +461,19 @@ def checkpoint_is_current(path: str | os.PathLike, seed: int = 0, *, num_layers:
 
     False for a moved checkpoint (its config points at the vision tower's old absolute path).
     """
+    expected = {"recipe_version": RECIPE_VERSION, "seed": seed,
+                "shapes": asdict(SmallShapes(num_layers=num_layers, vision_layers=vision_layers))}
+    return manifest_is_current(path, MANIFEST_NAME, expected)
+
+
+def manifest_is_current(path: str | os.PathLike, manifest_name: str, expected: Dict[str, Any]) -> bool:
+    """The folder's manifest equals ``expected``, its config points at its own vision tower, its files exist."""
     path = Path(path).expanduser().resolve()
     try:
-        manifest = json.loads((path / MANIFEST_NAME).read_text())
+        manifest = json.loads((path / manifest_name).read_text())
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return False
-    expected = {"recipe_version": RECIPE_VERSION, "seed": seed, "shapes": asdict(SmallShapes(num_layers=num_layers, vision_layers=vision_layers))}
     required = ["model.safetensors", "tokenizer.model", f"{VISION_SUBDIR}/model.safetensors"]
     return (
         manifest == expected

@@ -17,10 +17,8 @@ vector is new. Same seed -> byte-identical weight files; the global RNG is never
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -28,19 +26,12 @@ from pathlib import Path
 from typing import Sequence
 
 from restore.small_checkpoint import (
-    VISION_SUBDIR,
     SmallShapes,
-    _image_processor,
     _llava_config,
-    _llm_tensor,
-    _meta_model,
-    _random_state_dict,
-    _save_safetensors,
-    _save_tokenizer,
-    _vision_config,
-    _vision_tensor,
+    build_atomically,
     checkpoint_size_bytes,
-    train_tokenizer_model,
+    manifest_is_current,
+    write_checkpoint,
 )
 
 DEFAULT_NEXT_CHECKPOINT_DIR = Path("playground/checkpoints/llava-v1.6-small-random")
@@ -164,77 +155,26 @@ def build_small_next_checkpoint(
             f"load_pretrained_model loads a LLaVA model only when the name says 'llava', and tools pick "
             f"the NeXT family from 'v1.6' (e.g. use 'llava-v1.6-small-random')."
         )
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    if vision_layers < 2:
-        raise ValueError(f"vision_layers must be >= 2 (LLaVA selects the second-to-last layer), got {vision_layers}")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists and is not empty; pass overwrite=True to replace it.")
-
-    shapes = SmallShapes(num_layers=num_layers, vision_layers=vision_layers)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename at the end: an interrupted build leaves no half checkpoint.
-    staging = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    try:
-        _write_next_checkpoint(staging, out_dir, seed, shapes)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return out_dir
+    manifest = {"recipe_version": NEXT_RECIPE_VERSION, "family": "llava-v1.6", "seed": seed,
+                "shapes": asdict(SmallShapes(num_layers=num_layers, vision_layers=vision_layers))}
+    return build_atomically(out_dir, num_layers, vision_layers, overwrite,
+                            lambda staging, shapes: write_checkpoint(
+                                staging, out_dir, seed, shapes, make_config=_next_config, max_length=NEXT_MAX_LENGTH,
+                                manifest=manifest, manifest_name=NEXT_MANIFEST_NAME,
+                                check_llm_state=_require_image_newline))
 
 
-def _write_next_checkpoint(staging: Path, final_dir: Path, seed: int, shapes: SmallShapes) -> None:
-    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
-    from transformers import CLIPVisionModel
-
-    vision_dir = staging / VISION_SUBDIR
-    vision_dir.mkdir()
-    vision_config = _vision_config(shapes)
-    vision_config.save_pretrained(str(vision_dir))
-    _image_processor(shapes).save_pretrained(str(vision_dir))
-    vision_model = _meta_model(lambda: CLIPVisionModel(vision_config))
-    vision_state = _random_state_dict(vision_model, seed, "vision:", _vision_tensor)
-    _save_safetensors(vision_state, vision_dir / "model.safetensors")
-
-    tokenizer_model = train_tokenizer_model(shapes.tokenizer_vocab_size)
-    vocab_size = _save_tokenizer(staging, tokenizer_model, max_length=NEXT_MAX_LENGTH)
-
-    # The meta instantiation reads the vision config, which for now lies in the staging folder.
-    staging_config = _next_config(shapes, vocab_size, str(vision_dir))
-    llava_model = _meta_model(lambda: LlavaLlamaForCausalLM(staging_config))
-    state = _random_state_dict(llava_model, seed, "llm:", _llm_tensor)
+def _require_image_newline(state) -> None:
     if "model.image_newline" not in state:  # the whole point of the NeXT checkpoint; fail loudly
         raise RuntimeError("LlavaLlamaForCausalLM did not create model.image_newline; llava-torch changed")
-    _save_safetensors(state, staging / "model.safetensors")
-
-    _next_config(shapes, vocab_size, str(final_dir / VISION_SUBDIR)).save_pretrained(str(staging))
-    manifest = {"recipe_version": NEXT_RECIPE_VERSION, "family": "llava-v1.6", "seed": seed, "shapes": asdict(shapes)}
-    (staging / NEXT_MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def next_checkpoint_is_current(path: str | os.PathLike, seed: int = 0, *, num_layers: int = 4,
                                vision_layers: int = 3) -> bool:
     """True when ``path`` holds a complete small NeXT checkpoint of this recipe, seed and size, usable where it is."""
-    path = Path(path).expanduser().resolve()
-    try:
-        manifest = json.loads((path / NEXT_MANIFEST_NAME).read_text())
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
     expected = {"recipe_version": NEXT_RECIPE_VERSION, "family": "llava-v1.6", "seed": seed,
                 "shapes": asdict(SmallShapes(num_layers=num_layers, vision_layers=vision_layers))}
-    required = ["model.safetensors", "tokenizer.model", f"{VISION_SUBDIR}/model.safetensors"]
-    return (
-        manifest == expected
-        and config.get("mm_vision_tower") == str(path / VISION_SUBDIR)
-        and all((path / name).is_file() for name in required)
-    )
+    return manifest_is_current(path, NEXT_MANIFEST_NAME, expected)
 
 
 def ensure_small_next_checkpoint(path: str | os.PathLike = DEFAULT_NEXT_CHECKPOINT_DIR, seed: int = 0, *,
