@@ -8,6 +8,7 @@ import torch
 
 import restore
 from restore.patch import boolean_causal_mask, official_rope_tables
+from tests.test_loading import _RecordCos
 
 
 @pytest.fixture
@@ -15,17 +16,6 @@ def prompt(small_model, make_inputs, synthetic_image):
     tokenizer, model, processor = small_model
     image = synthetic_image(3)
     return make_inputs(tokenizer, processor, "What is in the image?", image, model_config=model.config)
-
-
-class _RecordCos(torch.overrides.TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in (torch.Tensor.cos, torch.Tensor.sin, torch.cos, torch.sin):
-            self.calls.append((args[0].device.type, args[0].dtype))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("use_restore", [False, True])
