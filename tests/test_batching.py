@@ -61,8 +61,7 @@ def in_process(small_model, monkeypatch):
     batches: List[Tuple[int, bool, int]] = []  # (rows, padded, distinct prompt lengths)
 
     def fake_load(args, base):
-        model = restore.apply(small_model.model, base=base, n_vis=args.n_vis, restore=args.restore) if base \
-            else restore.apply(small_model.model, base=None)
+        model = runner.apply_reduction(small_model.model, args, base)
         return small_model.tokenizer, model, small_model.image_processor, "llava-small-test"
 
     pad_left = runner.pad_left

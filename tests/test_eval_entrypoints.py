@@ -62,8 +62,7 @@ def loaded_model(small_model, small_checkpoint, monkeypatch):
 
     def fake_load(args, base):
         calls.append((base, args.n_vis, args.restore))
-        model = restore.apply(small_model.model, base=base, n_vis=args.n_vis, restore=args.restore) if base \
-            else restore.apply(small_model.model, base=None)
+        model = runner.apply_reduction(small_model.model, args, base)
         return small_model.tokenizer, model, small_model.image_processor, "llava-small-test"
 
     monkeypatch.setattr(runner, "load_model_for_eval", fake_load)

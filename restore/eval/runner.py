@@ -330,7 +330,6 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 def load_model_for_eval(args: argparse.Namespace, base: Optional[str]):
     """(tokenizer, model with the reduction applied, image processor, model_name)."""
-    import restore
     from llava.mm_utils import get_model_name_from_path
 
     model_path = os.path.expanduser(args.model_path)
@@ -340,11 +339,17 @@ def load_model_for_eval(args: argparse.Namespace, base: Optional[str]):
 
     tokenizer, model, image_processor, _ = load_model(model_path, model_base=args.model_base, device=args.device,
                                                       dtype=args.dtype)
-    if base is None:
-        model = restore.apply(model, base=None)
-    else:
-        model = restore.apply(model, base=base, n_vis=args.n_vis, restore=args.restore, **_overrides(args))
+    model = apply_reduction(model, args, base)
     print(f"model loaded; reduction: {describe_reduction(base, args.n_vis, args.restore, _overrides(args))}", flush=True)
     return tokenizer, model, image_processor, model_name
+
+
+def apply_reduction(model, args: argparse.Namespace, base: Optional[str]):
+    """``model`` with the reduction the entry point's flags ask for (``base`` already canonical; None: none)."""
+    import restore
+
+    if base is None:
+        return restore.apply(model, base=None)
+    return restore.apply(model, base=base, n_vis=args.n_vis, restore=args.restore, **_overrides(args))
 
 
