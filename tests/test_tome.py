@@ -327,7 +327,7 @@ def test_identical_to_official_code(t, r, protect_cls):
     small = matching.merge(x)
     assert torch.equal(unmerge(small), matching.unmerge(small))
     if matching.is_identity:
-        return  # the official block skips merge_wavg / merge_source when r = 0
+        return  # with nothing to merge (r = 0) the reference code does no weighted merge or source tracking
     ox, osize = official.merge_wavg(merge, x, size[..., None])
     mx, msize = merge_weighted(x, size, matching)
     assert torch.equal(ox, mx) and torch.equal(osize[..., 0], msize)
