@@ -230,6 +230,56 @@ def run_tag(settings: Optional[ReductionSettings]) -> str:
     return tag + settings_tag(settings.overrides(as_restore))
 
 
+_LONG = {short: name for name, short in _SHORT.items()}
+_FLOAT_SETTINGS = ("prune_ratio", "calibration_c")
+
+
+def parse_run_tag(tag: str) -> Optional[Dict[str, Any]]:
+    """The configuration a run name names, as ``restore.apply``'s arguments (``base``, ``n_vis``,
+    ``restore`` and the overrides it mentions); None for ``full`` (no reduction).
+
+    The inverse of :func:`run_tag`, and lenient where a person types it: the base in any case
+    (``HoloV-64-restore``), settings in any order. ValueError with the expected form otherwise.
+    """
+    text = tag.strip()
+    if text.lower() == "full":
+        return None
+    parts = text.split("-")
+    budget = next((i for i, part in enumerate(parts) if i > 0 and part.isdigit()), None)
+    if budget is None:
+        raise ValueError(f"configuration {tag!r}: expected 'full' or <base>-<n_vis>[-restore][-<setting>...], "
+                         "e.g. HoloV-64, HoloV-64-restore, HoloV-64-restore-g0.75-anchors_uniform")
+    config: Dict[str, Any] = {"base": "-".join(parts[:budget]), "n_vis": int(parts[budget]), "restore": False}
+    rest = parts[budget + 1:]
+    if rest and rest[0].lower() == "restore":
+        config["restore"] = True
+        rest = rest[1:]
+    for part in rest:
+        name, value = _parse_setting(part, tag)
+        if name in config:
+            raise ValueError(f"configuration {tag!r} sets {name} twice")
+        config[name] = value
+    return config
+
+
+def _parse_setting(part: str, tag: str) -> tuple:
+    if "_" in part:
+        short, value = part.split("_", 1)
+        name = _LONG.get(short)
+        if name is not None and name not in _FLOAT_SETTINGS:
+            return name, value
+    else:
+        for short in ("g", "c"):
+            name = _LONG[short]
+            if part.startswith(short):
+                try:
+                    return name, float(part[len(short):])
+                except ValueError:
+                    break
+    known = ", ".join(f"{short}{'' if name in _FLOAT_SETTINGS else '_'}<{name}>" for name, short in _SHORT.items())
+    raise ValueError(f"configuration {tag!r}: cannot read the setting {part!r}; settings are {known}")
+
+
 def add_setting_arguments(group) -> None:
     """The reduction settings as command-line flags (both spellings: --prune_ratio and --prune-ratio)."""
     group.add_argument("--prune_ratio", "--prune-ratio", dest="prune_ratio", type=float, default=None,
