@@ -12,6 +12,9 @@ For the full 576 visual tokens (stock LLaVA) and every base x n_vis x RESTORE on
 - the reduction-path targets, as ratios measured in the same run.
 
 Outputs: a table on stdout, ``bench.json`` and ``bench.png`` in --out. See docs/efficiency.md.
+
+``python -m restore.bench throughput [...]`` measures instead the evaluation entry points' items per
+second by batch size, and a sweep of configurations against separate runs (:mod:`restore.throughput`).
 """
 from __future__ import annotations
 
@@ -483,7 +486,9 @@ def _name_list(text: str) -> List[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m restore.bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="python -m restore.bench throughput -h: the entry points' throughput by batch "
+                                       "size and a sweep against separate runs")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--model-path", help="a LLaVA-1.5 checkpoint (folder or hub name) instead of a random model")
     source.add_argument("--shape", choices=SHAPES, default="small",
@@ -506,6 +511,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["throughput"]:  # a subcommand word before the flags: the stage bench has no positionals
+        from restore import throughput
+
+        return throughput.main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

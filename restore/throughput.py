@@ -1,0 +1,679 @@
+"""Throughput of the evaluation entry points: ``python -m restore.bench throughput``.
+
+Everything runs through the real entry points (``restore.eval.vqa_loader``, ``restore.eval.mmbench``),
+called in-process on fixture-format data (``restore.eval.fixtures``) written to a temporary folder:
+
+1. items per second at each ``--batch-sizes`` for three workloads: ``short`` (GQA-like questions, 3 new
+   tokens), ``letter`` (MMBench-like, one option letter) and ``long`` (a description, 128 tokens);
+2. seven configurations (full and HoloV, DivPrune, VisPruner at n_vis 64 with and without RESTORE) as
+   seven separate runs, each loading the model as a separate script does, against one run that sweeps
+   them (``--configs``): wall time, model loads and vision-encoder forwards of each, and whether the
+   two give the same answers.
+
+Time per run is the entry point's wall time minus the time spent loading the model (measured by a
+wrapper around ``llava_patches.loading.load_model``): question planning, image preprocessing, generation
+and writing the answers count; loading does not. Generated tokens are counted at the LM head: one per
+batch row per generation step (a row that ended early still takes its steps, as padding). Speed is
+reported as ratios of one run; nothing here asserts a time.
+
+Outputs: a table on stdout, ``throughput.json``, ``throughput.txt`` and ``throughput.png`` in --out.
+See docs/efficiency.md, "Throughput".
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+DEFAULT_OUT = Path("playground/bench")
+BATCH_TARGET = 4.0  # short answers: items/s at batch 16 >= 4x batch 1
+SWEEP_TARGET = 0.5  # one sweep of the 7 configurations <= 0.5x the time of 7 separate runs
+TARGET_BATCH = 16
+SWEEP_CONFIGS = ("full", "holov-64", "holov-64-restore", "divprune-64", "divprune-64-restore",
+                 "vispruner-64", "vispruner-64-restore")
+LONG_PROMPT = "Describe this image in detail."
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    like: str  # what kind of benchmark it stands for
+    entry: str  # restore.eval.<entry>
+    max_new_tokens: int
+    items: int  # default number of items
+
+
+WORKLOADS: Dict[str, Workload] = {w.name: w for w in (
+    Workload("short", "GQA-like: a word or phrase", "vqa_loader", 3, 32),
+    Workload("letter", "MMBench-like: an option letter", "mmbench", 1, 32),
+    Workload("long", "a detailed description", "vqa_loader", 128, 16),
+)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class WorkloadData:
+    workload: Workload
+    question_file: str
+    image_folder: Optional[str]
+    n_items: int
+    n_images: int  # distinct image files (MMBench: one base64 image per row)
+
+
+def _write_lines(path: Path, lines: Sequence[str]) -> None:
+    path.write_text("".join(lines), encoding="utf-8")
+
+
+def prepare_data(root: Path, items: Dict[str, int], seed: int = 0) -> Tuple[Dict[str, WorkloadData], WorkloadData]:
+    """Question files of exactly ``items[name]`` items for each workload named, under ``root``, and a
+    two-item short one for a warm-up run.
+
+    Short and long questions ask about GQA fixture images (two questions per image, nine sizes and
+    aspect ratios); the long one asks for a description instead. Letter items are MMBench TSV rows."""
+    from restore.eval.fixtures import make_fixtures
+
+    gqa_n = max([items.get("short", 0), items.get("long", 0), 1])
+    letter_n = items.get("letter", 0)
+    benchmarks = ["gqa"] + (["mmbench"] if letter_n else [])
+    # every MMBench fixture question comes as 2 to 4 circular rows: n/2 questions give at least n rows
+    make_fixtures(root / "fixtures", n=max(gqa_n, (letter_n + 1) // 2), seed=seed, benchmarks=benchmarks)
+    gqa = root / "fixtures" / "gqa"
+    folder = str(gqa / "data" / "images")
+    lines = (gqa / "llava_gqa_testdev_balanced.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    data: Dict[str, WorkloadData] = {}
+    warmup = root / "warmup.jsonl"
+    _write_lines(warmup, lines[:2])
+    warm = WorkloadData(WORKLOADS["short"], str(warmup), folder, len(lines[:2]), 1)
+    for name in ("short", "long"):
+        if name not in items:
+            continue
+        chosen = [json.loads(line) for line in lines[:items[name]]]
+        if name == "long":
+            chosen = [{**q, "text": LONG_PROMPT} for q in chosen]
+        path = root / f"{name}.jsonl"
+        _write_lines(path, [json.dumps(q) + "\n" for q in chosen])
+        data[name] = WorkloadData(WORKLOADS[name], str(path), folder, len(chosen), len({q["image"] for q in chosen}))
+    if letter_n:
+        rows = (root / "fixtures" / "mmbench" / "mmbench_dev_20230712.tsv").read_text(encoding="utf-8")
+        header, *body = rows.splitlines(keepends=True)  # base64 cells hold no tab nor newline
+        path = root / "letter.tsv"
+        _write_lines(path, [header] + body[:letter_n])
+        data["letter"] = WorkloadData(WORKLOADS["letter"], str(path), None, len(body[:letter_n]), len(body[:letter_n]))
+    return data, warm
+
+
+# --------------------------------------------------------------------------------------------------
+# Instrumented entry-point runs
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Counts:
+    model_loads: int = 0
+    load_s: float = 0.0
+    vision_forwards: int = 0  # images through CLIP's embeddings, whichever path encodes them
+    vision_calls: int = 0
+    tokens: int = 0  # batch rows x generation steps, at the LM head
+
+
+class Instrument:
+    """While active, counts the models the entry points load and the images their vision encoders see.
+
+    The entry points load through ``llava_patches.loading.load_model``; the wrapper installed there also
+    puts a forward pre-hook on each loaded CLIP's embedding layer, which both the stock ``encode_images``
+    and the reduced path (``llava_patches.vision``) call once per batch of images. With ``build`` the
+    wrapper returns that model instead of reading the checkpoint (the 7B-shaped model in memory)."""
+
+    def __init__(self, build: Optional[Callable[[str, str], tuple]] = None):
+        self.counts = Counts()
+        self.build = build
+        self._handles: List[Any] = []
+
+    def _count_images(self, _module, inputs) -> None:
+        self.counts.vision_calls += 1
+        self.counts.vision_forwards += int(inputs[0].shape[0])
+
+    def _count_tokens(self, _module, inputs) -> None:
+        self.counts.tokens += int(inputs[0].shape[0])
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator["Instrument"]:
+        import llava_patches.loading as loading
+
+        original = loading.load_model
+
+        def load(model_path, **kwargs):
+            started = time.perf_counter()
+            if self.build is not None:
+                result = self.build(kwargs.get("device", "auto"), kwargs.get("dtype", "auto"))
+            else:
+                result = original(model_path, **kwargs)
+            clip = result[1].get_vision_tower().vision_tower.vision_model
+            self._handles.append(clip.embeddings.register_forward_pre_hook(self._count_images))
+            # every generation step, the prefill's included, ends in the LM head: one token per row
+            self._handles.append(result[1].lm_head.register_forward_pre_hook(self._count_tokens))
+            self.counts.model_loads += 1
+            self.counts.load_s += time.perf_counter() - started
+            return result
+
+        loading.load_model = load
+        try:
+            yield self
+        finally:
+            loading.load_model = original
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+
+
+@dataclass
+class RunResult:
+    argv: List[str]
+    wall_s: float
+    load_s: float
+    model_loads: int
+    vision_forwards: int
+    tokens: int
+    output: str = field(repr=False, default="")
+
+    @property
+    def seconds(self) -> float:
+        """Wall time without model loading."""
+        return self.wall_s - self.load_s
+
+
+class EntryPointFailed(RuntimeError):
+    pass
+
+
+def run_entry(entry: str, argv: List[str], instrument: Instrument) -> RunResult:
+    """One in-process run of ``restore.eval.<entry>`` with ``argv``; its output is kept, not shown."""
+    import importlib
+
+    main = importlib.import_module(f"restore.eval.{entry}").main
+    before = asdict(instrument.counts)
+    buffer = io.StringIO()
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+        try:
+            status = main(argv)
+        except SystemExit as stop:  # argparse refuses a flag by exiting
+            status = stop.code
+    wall = time.perf_counter() - started
+    output = buffer.getvalue()
+    if status not in (0, None):
+        raise EntryPointFailed(f"restore.eval.{entry} {' '.join(argv)} exited with {status}:\n{output[-3000:]}")
+    after = instrument.counts
+    return RunResult(
+        argv=list(argv), wall_s=wall, load_s=after.load_s - before["load_s"],
+        model_loads=after.model_loads - before["model_loads"],
+        vision_forwards=after.vision_forwards - before["vision_forwards"],
+        tokens=after.tokens - before["tokens"],
+        output=output,
+    )
+
+
+@dataclass(frozen=True)
+class Execution:
+    """What every run shares: the checkpoint path given to the entry point, device and dtype."""
+
+    model_path: str
+    device: str
+    dtype: str
+
+    def flags(self) -> List[str]:
+        return ["--model-path", self.model_path, "--device", self.device, "--dtype", self.dtype,
+                "--overwrite", "--no-image-check"]
+
+
+def workload_argv(data: WorkloadData, answers_file: str, batch_size: int, max_new_tokens: int,
+                  execution: Execution, extra: Sequence[str] = ()) -> List[str]:
+    argv = execution.flags() + ["--question-file", data.question_file, "--answers-file", answers_file,
+                                "--batch-size", str(batch_size), "--max_new_tokens", str(max_new_tokens)]
+    if data.image_folder is not None:
+        argv += ["--image-folder", data.image_folder]
+    if data.workload.entry == "mmbench":
+        argv.append("--single-pred-prompt")
+    return argv + list(extra)
+
+
+def config_flags(tag: str) -> List[str]:
+    """Entry-point flags of one configuration named as a run (``full``, ``holov-64-restore``)."""
+    from restore.settings import parse_run_tag
+
+    config = parse_run_tag(tag)
+    if config is None:
+        return []
+    unknown = sorted(set(config) - {"base", "n_vis", "restore"})
+    if unknown:
+        raise ValueError(f"configuration {tag!r}: settings {unknown} are not supported by the throughput bench")
+    return ["--base", config["base"], "--n_vis", str(config["n_vis"])] + (["--restore"] if config["restore"] else [])
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------------------------------
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    # created outside the entry points' redirected streams, so it stays on the terminal
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
+
+
+def measure_batches(data: Dict[str, WorkloadData], batch_sizes: Sequence[int], execution: Execution,
+                    instrument: Instrument, work: Path, repeats: int = 1,
+                    max_new_tokens: Optional[Dict[str, int]] = None, config: str = "full") -> List[dict]:
+    """One row per (workload, batch size): items/s and tokens/s of the best of ``repeats`` runs."""
+    rows = []
+    with _progress(len(data) * len(batch_sizes) * repeats, "throughput: batch sizes") as progress:
+        for name, wd in data.items():
+            tokens = (max_new_tokens or {}).get(name, wd.workload.max_new_tokens)
+            for batch in batch_sizes:
+                runs = []
+                for _ in range(repeats):
+                    argv = workload_argv(wd, str(work / f"{name}-b{batch}.jsonl"), batch, tokens, execution,
+                                         config_flags(config))
+                    runs.append(run_entry(wd.workload.entry, argv, instrument))
+                    progress.update(1)
+                best = min(runs, key=lambda r: r.seconds)
+                rows.append({
+                    "workload": name, "like": wd.workload.like, "entry": wd.workload.entry, "config": config,
+                    "batch_size": batch,
+                    "items": wd.n_items, "max_new_tokens": tokens, "seconds": best.seconds,
+                    "items_per_s": wd.n_items / best.seconds, "tokens": best.tokens,
+                    "tokens_per_s": best.tokens / best.seconds, "load_s": best.load_s,
+                    "vision_forwards": best.vision_forwards, "runs_s": [r.seconds for r in runs],
+                })
+    return rows
+
+
+def batch_speedups(rows: List[dict]) -> Dict[str, dict]:
+    """Per workload: items/s of each batch size over batch 1's."""
+    result = {}
+    for name in dict.fromkeys(r["workload"] for r in rows):
+        mine = {r["batch_size"]: r["items_per_s"] for r in rows if r["workload"] == name}
+        if 1 in mine:
+            result[name] = {str(b): v / mine[1] for b, v in sorted(mine.items())}
+    return result
+
+
+def read_answers(path: str) -> List[dict]:
+    """Answer lines without ``answer_id``, which is random per line."""
+    with open(path, encoding="utf-8") as f:
+        return [{k: v for k, v in json.loads(line).items() if k != "answer_id"} for line in f if line.strip()]
+
+
+def measure_sweep(data: WorkloadData, configs: Sequence[str], execution: Execution, instrument: Instrument,
+                  work: Path, batch_size: int = 1, max_new_tokens: Optional[int] = None) -> dict:
+    """The configurations as separate runs, then as one ``--configs`` run; times, counts and agreement."""
+    tokens = data.workload.max_new_tokens if max_new_tokens is None else max_new_tokens
+    separate_dir, sweep_dir = work / "separate", work / "sweep"
+    separate_dir.mkdir(parents=True, exist_ok=True)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    separate: Dict[str, RunResult] = {}
+    with _progress(len(configs) + 1, "throughput: sweep vs separate runs") as progress:
+        for tag in configs:
+            argv = workload_argv(data, str(separate_dir / f"{tag}.jsonl"), batch_size, tokens, execution,
+                                 config_flags(tag))
+            separate[tag] = run_entry(data.workload.entry, argv, instrument)
+            progress.update(1)
+        argv = workload_argv(data, str(sweep_dir / "{config}.jsonl"), batch_size, tokens, execution,
+                             ["--configs", ",".join(configs)])
+        sweep: Optional[RunResult] = None
+        sweep_error = None
+        try:
+            sweep = run_entry(data.workload.entry, argv, instrument)
+        except EntryPointFailed as error:
+            if "--configs" not in str(error):
+                raise
+            sweep_error = "the entry point does not accept --configs (no sweep support in this version)"
+        progress.update(1)
+
+    result: Dict[str, Any] = {
+        "workload": data.workload.name, "entry": data.workload.entry, "items": data.n_items,
+        "images": data.n_images, "batch_size": batch_size, "max_new_tokens": tokens, "configs": list(configs),
+        "separate": {
+            "wall_s": sum(r.wall_s for r in separate.values()),
+            "load_s": sum(r.load_s for r in separate.values()),
+            "model_loads": sum(r.model_loads for r in separate.values()),
+            "vision_forwards": sum(r.vision_forwards for r in separate.values()),
+            "per_config": {tag: {"wall_s": r.wall_s, "load_s": r.load_s, "model_loads": r.model_loads,
+                                 "vision_forwards": r.vision_forwards, "tokens": r.tokens}
+                           for tag, r in separate.items()},
+        },
+        "sweep": None, "sweep_error": sweep_error, "ratio": None, "answers_equal": None, "differing": [],
+    }
+    if sweep is not None:
+        result["sweep"] = {"wall_s": sweep.wall_s, "load_s": sweep.load_s, "model_loads": sweep.model_loads,
+                           "vision_forwards": sweep.vision_forwards, "tokens": sweep.tokens}
+        result["ratio"] = sweep.wall_s / result["separate"]["wall_s"]
+        differing = []
+        for tag in configs:
+            theirs = sweep_dir / f"{tag}.jsonl"
+            if not theirs.is_file() or read_answers(str(theirs)) != read_answers(str(separate_dir / f"{tag}.jsonl")):
+                differing.append(tag)
+        result["answers_equal"] = not differing
+        result["differing"] = differing
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+
+def _fmt(value: Optional[float], digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _table(lines: List[List[str]]) -> str:
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    text = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+            for line in lines]
+    text.insert(1, "-" * len(text[0]))
+    return "\n".join(text)
+
+
+def format_batches(rows: List[dict], speedups: Dict[str, dict]) -> str:
+    lines = [["workload", "batch", "items", "new tok", "seconds", "items/s", "x batch 1", "tokens", "tokens/s",
+              "vision fwd"]]
+    for r in rows:
+        ratio = speedups.get(r["workload"], {}).get(str(r["batch_size"]))
+        lines.append([r["workload"], str(r["batch_size"]), str(r["items"]), str(r["max_new_tokens"]),
+                      _fmt(r["seconds"]), _fmt(r["items_per_s"]), _fmt(ratio), str(r["tokens"]),
+                      _fmt(r["tokens_per_s"], 1), str(r["vision_forwards"])])
+    return _table(lines)
+
+
+def format_sweep(sweep: dict) -> str:
+    lines = [["run", "wall s", "of which loading s", "model loads", "vision forwards (images)"]]
+    for tag, r in sweep["separate"]["per_config"].items():
+        lines.append([f"  separate: {tag}", _fmt(r["wall_s"]), _fmt(r["load_s"]), str(r["model_loads"]),
+                      str(r["vision_forwards"])])
+    s = sweep["separate"]
+    lines.append([f"{len(sweep['configs'])} separate runs", _fmt(s["wall_s"]), _fmt(s["load_s"]), str(s["model_loads"]),
+                  str(s["vision_forwards"])])
+    if sweep["sweep"] is not None:
+        w = sweep["sweep"]
+        lines.append(["one --configs sweep", _fmt(w["wall_s"]), _fmt(w["load_s"]), str(w["model_loads"]),
+                      str(w["vision_forwards"])])
+    text = _table(lines)
+    if sweep["sweep"] is None:
+        text += f"\none --configs sweep: not measured: {sweep['sweep_error']}"
+    else:
+        agree = "equal" if sweep["answers_equal"] else f"DIFFERENT for {', '.join(sweep['differing'])}"
+        text += f"\nanswers of the sweep and of the separate runs (answer_id aside): {agree}"
+    return text
+
+
+def target_lines(rows: List[dict], speedups: Dict[str, dict], sweep: Optional[dict], scope: str) -> List[dict]:
+    """The two targets with their verdicts; ``scope`` says what setting the targets are stated for."""
+    targets = []
+    short = {r["batch_size"]: r for r in rows if r["workload"] == "short"}
+    if 1 in short and len(short) > 1:
+        largest = TARGET_BATCH if TARGET_BATCH in short else max(short)
+        ratio = short[largest]["items_per_s"] / short[1]["items_per_s"]
+        targets.append({
+            "name": "batch", "batch_size": largest, "ratio": ratio, "target": BATCH_TARGET,
+            "passed": ratio >= BATCH_TARGET, "by": ratio / BATCH_TARGET,
+            "text": (f"short answers: batch {largest} gives {ratio:.2f}x the items/s of batch 1 "
+                     f"(target >= {BATCH_TARGET:.0f}x at batch {TARGET_BATCH}"
+                     + ("" if largest == TARGET_BATCH else f"; batch {TARGET_BATCH} not measured: informative") + ")"),
+        })
+    if sweep is not None and sweep["ratio"] is not None:
+        ratio = sweep["ratio"]
+        targets.append({
+            "name": "sweep", "ratio": ratio, "target": SWEEP_TARGET, "passed": ratio <= SWEEP_TARGET,
+            "by": ratio / SWEEP_TARGET,
+            "text": (f"one sweep of {len(sweep['configs'])} configurations takes {ratio:.2f}x the time of "
+                     f"{len(sweep['configs'])} separate runs (target <= {SWEEP_TARGET}x)"),
+        })
+    for t in targets:
+        if t["passed"]:
+            t["line"] = f"PASS {t['text']}{scope}"
+        elif t["name"] == "batch":
+            t["line"] = f"MISS {t['text']}: {t['ratio']:.2f}x is {100 * (1 - t['by']):.0f}% short of the target{scope}"
+        else:
+            t["line"] = f"MISS {t['text']}: {t['by']:.2f}x the allowed time{scope}"
+    return targets
+
+
+def plot(rows: List[dict], sweep: Optional[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [3, 2]})
+    ax = axes[0]
+    for name in dict.fromkeys(r["workload"] for r in rows):
+        pts = sorted((r["batch_size"], r["items_per_s"]) for r in rows if r["workload"] == name)
+        ax.plot(*zip(*pts), marker="o", label=f"{name} ({WORKLOADS[name].like})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(sorted({r["batch_size"] for r in rows}))
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("items per second (model load excluded)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    if sweep is not None:
+        bars = [("separate runs", sweep["separate"]["wall_s"], sweep["separate"]["load_s"])]
+        if sweep["sweep"] is not None:
+            bars.append(("one sweep", sweep["sweep"]["wall_s"], sweep["sweep"]["load_s"]))
+        labels = [b[0] for b in bars]
+        ax.bar(labels, [b[1] - b[2] for b in bars], label="answering")
+        ax.bar(labels, [b[2] for b in bars], bottom=[b[1] - b[2] for b in bars], label="loading the model")
+        ax.set_ylabel(f"wall seconds, {len(sweep['configs'])} configurations")
+        ax.legend(fontsize=8)
+    else:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------------
+
+def _int_list(text: str) -> List[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _workload_list(text: str) -> List[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown workload(s) {unknown}; choose from {', '.join(WORKLOADS)}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m restore.bench throughput",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--model-path", help="a LLaVA-1.5 checkpoint instead of a random model")
+    source.add_argument("--shape", choices=("small", "7b"), default="small",
+                        help="random model: the small checkpoint, or LLaVA-1.5-7B's widths built in memory (the "
+                             "entry points' loader is replaced by that build)")
+    p.add_argument("--layers", type=int, help="LLM layers of the 7B-shaped model (default 32 on CUDA, 2 on the CPU)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--batch-sizes", type=_int_list, default=[1, 4, 8, 16])
+    p.add_argument("--workloads", type=_workload_list, default=list(WORKLOADS))
+    p.add_argument("--items", type=int, help="items of the short and letter workloads and of the sweep (default 32)")
+    p.add_argument("--long-items", type=int, help="items of the long workload (default 16)")
+    p.add_argument("--long-tokens", type=int, default=WORKLOADS["long"].max_new_tokens,
+                   help="new tokens of the long workload")
+    p.add_argument("--config", default="full",
+                   help="configuration of the batch-size runs, named as a run: full, holov-64, holov-64-restore, ...")
+    p.add_argument("--repeats", type=int, default=1, help="runs per batch size; the fastest counts")
+    p.add_argument("--no-sweep", action="store_true", help="skip the sweep against separate runs")
+    p.add_argument("--sweep-batch-size", type=int, default=1)
+    p.add_argument("--quick", action="store_true",
+                   help="a few items, batch sizes 1 and 2, 8 long tokens: checks the bench runs, measures nothing")
+    p.add_argument("--work-dir", type=Path, help="keep the questions and answers here (default: a temporary folder)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    return p
+
+
+def _load_average() -> Optional[float]:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def _builder_7b(layers: Optional[int]) -> Callable[[str, str], tuple]:
+    def build(device: str, dtype: str) -> tuple:
+        from llava_patches.loading import resolve_device, resolve_dtype
+        from restore.analysis.models import build_7b_shaped
+
+        target = resolve_device(device)
+        n = (32 if target.type == "cuda" else 2) if layers is None else layers
+        bench = build_7b_shaped(n, device=target, dtype=resolve_dtype(dtype, target))
+        return bench.tokenizer, bench.model, bench.image_processor, 2048
+
+    return build
+
+
+def run_throughput(args: argparse.Namespace, work: Path, log: Callable[[str], None] = print) -> dict:
+    """Every measurement the arguments ask for; the JSON-ready results."""
+    import torch
+
+    from restore.analysis.models import small_checkpoint_path
+    from restore.small_checkpoint import ensure_small_checkpoint
+
+    if args.model_path is not None:
+        model_path, described = args.model_path, f"checkpoint {args.model_path}"
+    else:
+        # the 7B-shaped build borrows the small checkpoint's tokenizer: the entry point reads its config
+        model_path = str(ensure_small_checkpoint(small_checkpoint_path(4)))
+        described = "small random checkpoint (4 LLM layers)"
+    build = _builder_7b(args.layers) if args.shape == "7b" and args.model_path is None else None
+    execution = Execution(model_path, args.device, args.dtype)
+    config_flags(args.config)  # a bad name fails here, not after the first measurements
+    load_before = _load_average()
+    instrument = Instrument(build)
+
+    items = args.items or (4 if args.quick else 32)
+    long_items = args.long_items or (4 if args.quick else WORKLOADS["long"].items)
+    long_tokens = 8 if args.quick else args.long_tokens
+    batch_sizes = [1, 2] if args.quick else args.batch_sizes
+    wanted = {name: (long_items if name == "long" else items) for name in args.workloads}
+    if not args.no_sweep:
+        wanted.setdefault("short", items)
+    data, warm = prepare_data(work / "data", wanted)
+    answers = work / "answers"
+    answers.mkdir(parents=True, exist_ok=True)
+
+    with instrument.active():
+        # first calls pay one-time costs (imports, allocator, kernels): not batch 1's to carry
+        first = run_entry(warm.workload.entry, workload_argv(warm, str(answers / "warmup.jsonl"), 1, 1, execution),
+                          instrument)
+        if args.shape == "7b" and args.model_path is None:
+            described = "LLaVA-1.5-7B-shaped random model (in memory, through the entry point's loader)"
+        log(f"model: {described}; {execution.device} {execution.dtype}; {torch.get_num_threads()} threads; "
+            f"warm-up run {first.wall_s:.1f} s (loading {first.load_s:.1f} s)")
+        measured = {name: data[name] for name in args.workloads}
+        rows = measure_batches(measured, batch_sizes, execution, instrument, answers, args.repeats,
+                               {"long": long_tokens}, args.config)
+        sweep = None
+        if not args.no_sweep:
+            sweep = measure_sweep(data["short"], SWEEP_CONFIGS, execution, instrument, answers / "configs",
+                                  args.sweep_batch_size, WORKLOADS["short"].max_new_tokens)
+    speedups = batch_speedups(rows)
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    return {
+        "meta": {
+            "model": described, "model_path": model_path, "shape": args.shape, "device": device,
+            "dtype": args.dtype, "threads": torch.get_num_threads(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(),
+            "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+            "quick": bool(args.quick), "repeats": args.repeats,
+            "time_note": "entry-point wall time minus model loading; best of --repeats",
+            "batch_config": args.config, "load_average_before_after": [load_before, _load_average()],
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+        "workloads": {name: {"like": d.workload.like, "entry": d.workload.entry, "items": d.n_items,
+                             "images": d.n_images} for name, d in data.items()},
+        "batch": rows,
+        "speedup_over_batch_1": speedups,
+        "sweep": sweep,
+    }
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.layers is not None and args.shape != "7b":
+        print("error: --layers applies to --shape 7b", file=sys.stderr)
+        return 2
+    try:
+        with contextlib.ExitStack() as stack:
+            if args.work_dir is not None:
+                args.work_dir.mkdir(parents=True, exist_ok=True)
+                work = args.work_dir
+            else:
+                work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="restore-throughput-")))
+            results = run_throughput(args, work)
+    except (ValueError, FileNotFoundError, EntryPointFailed) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    meta = results["meta"]
+    on_target = meta["device"] == "cpu" and meta["shape"] == "small" and args.model_path is None
+    scope = "" if on_target else " [targets are stated for the small checkpoint on the CPU]"
+    if meta["quick"]:
+        scope = " [--quick: too few items to measure anything]"
+    title = (f"{meta['model']} | {meta['device']} {meta['dtype']} | {meta['threads']} threads | "
+             f"batch runs: {meta['batch_config']}")
+    before, after = meta["load_average_before_after"]
+    if meta["device"] == "cpu" and before is not None and max(before, after) > 0.5 * (meta["cores"] or 1):
+        text_load = (f"warning: load average {before:.1f} before, {after:.1f} after on {meta['cores']} cores: other "
+                     "processes competed for the CPU, so the times are noisy")
+        print(text_load, file=sys.stderr)
+    text = [title, "", "items per second (model load excluded):",
+            format_batches(results["batch"], results["speedup_over_batch_1"])]
+    if results["sweep"] is not None:
+        s = results["sweep"]
+        text += ["", f"{len(s['configs'])} configurations on the {s['workload']} workload ({s['items']} items, "
+                     f"{s['images']} images, batch {s['batch_size']}): separate runs against one sweep",
+                 format_sweep(s)]
+    targets = target_lines(results["batch"], results["speedup_over_batch_1"], results["sweep"], scope)
+    results["targets"] = targets
+    text += [""] + [t["line"] for t in targets]
+    print("\n" + "\n".join(text))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "throughput.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "throughput.txt").write_text("\n".join(text) + "\n")
+    plot(results["batch"], results["sweep"], args.out / "throughput.png", title)
+    print(f"\nwrote {args.out / 'throughput.json'}, {args.out / 'throughput.txt'}, {args.out / 'throughput.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
