@@ -101,5 +101,18 @@ def test_quick_run_end_to_end(tmp_path, small_checkpoint, capsys):
     assert all(c["model_loads"] == 1 and c["vision_forwards"] == sweep["items"] for c in per_config.values())
     assert sweep["separate"]["model_loads"] == 7
     assert sweep["separate"]["vision_forwards"] == 7 * sweep["items"]
-    assert [t["name"] for t in results["targets"]][:1] == ["batch"]
-    assert "MISS" in printed or "PASS" in printed
+    # one load, and each batch's images encoded once for all seven (none of them changes the encoder)
+    assert (sweep["sweep"]["model_loads"], sweep["sweep"]["vision_forwards"]) == (1, sweep["items"])
+    assert sweep["answers_equal"] is True and sweep["differing"] == []
+    assert sweep["ratio"] == pytest.approx(sweep["sweep"]["wall_s"] / sweep["separate"]["wall_s"])
+    assert [t["name"] for t in results["targets"]] == ["batch", "sweep"]
+    assert "answers of the sweep and of the separate runs (answer_id aside): equal" in printed
+
+
+def test_answers_compare_without_their_random_ids(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text('{"question_id": 1, "text": "red", "answer_id": "x1"}\n')
+    b.write_text('{"question_id": 1, "text": "red", "answer_id": "y2"}\n\n')
+    assert throughput.read_answers(str(a)) == throughput.read_answers(str(b)) == [{"question_id": 1, "text": "red"}]
+    b.write_text('{"question_id": 1, "text": "blue", "answer_id": "y2"}\n')
+    assert throughput.read_answers(str(a)) != throughput.read_answers(str(b))
