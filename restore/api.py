@@ -30,13 +30,18 @@ def _swap(module: torch.nn.Module, mixin: Type, ctx) -> None:
     module._restore_ctx = ctx
 
 
+def _patched_modules(model):
+    return (module for module in model.modules() if _ORIGINAL_CLASS in module.__dict__)
+
+
 def is_applied(model) -> bool:
-    return hasattr(model, _ORIGINAL_CLASS)
+    return next(_patched_modules(model), None) is not None
 
 
 def settings_of(model) -> Optional[ReductionSettings]:
     """The settings applied to ``model``, or None when it is stock."""
-    return model._restore_ctx.settings if is_applied(model) else None
+    patched = next(_patched_modules(model), None)
+    return None if patched is None else patched._restore_ctx.settings
 
 
 def remove(model):

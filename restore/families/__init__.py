@@ -62,6 +62,11 @@ class ModelFamily:
         """(module, mixin) pairs: ``restore.apply`` swaps each module's class for mixin + its class."""
         raise NotImplementedError
 
+    def new_context(self, settings: Any) -> Any:
+        """The state the patched modules of one model share (``module._restore_ctx``); it must hold the
+        settings as ``.settings``."""
+        raise NotImplementedError
+
     # ---- checkpoints and evaluation ---------------------------------------------------------------
     def check_checkpoint(self, model_path: str) -> Mapping[str, Any]:
         """Validate a checkpoint from its config (and weight headers) before loading it; its config.
