@@ -186,7 +186,7 @@ def recorded_sdpa_masks() -> Iterator[list]:
 def check_reduced(name: str, loaded, device: torch.device, dtype: torch.dtype) -> List[Tuple[bool, str]]:
     """(passed, line) for the SDPA mask of base-only and RESTORE runs, and the RoPE table difference."""
     import restore
-    from restore.patch import official_rope_tables
+    from llava_patches.patch import official_rope_tables
 
     tokenizer, model, processor = loaded
     label, ids, images, size = next(prompts(tokenizer, processor, model, device, dtype))

@@ -6,7 +6,6 @@ tests/test_batching.py runs them.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, List
 

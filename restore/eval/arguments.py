@@ -108,15 +108,20 @@ def check_arguments(entry: EntryPoint, args: argparse.Namespace,
             raise SetupError(f"image folder not found: {args.image_folder}")
 
     device_type, dtype_name = resolve_execution(args.device, args.dtype)
-    if args.model_base is None:
-        check_model_path(args.model_path)
-    from llava.conversation import conv_templates
-
-    if args.conv_mode not in conv_templates:
-        raise SetupError(f"unknown --conv-mode {args.conv_mode!r}; available: {', '.join(sorted(conv_templates))}")
-    final_mode = effective_conv_mode(args.model_path, args.conv_mode)
-    if final_mode not in conv_templates:
-        mmtag = sorted(name for name in conv_templates if name.endswith("_mmtag"))
+    # --model-base (LoRA and projector-only checkpoints) is LLaVA's; such a checkpoint is checked when it loads
+    family = check_model_path(args.model_path) if args.model_base is None else None
+    args.family = family = family or default_family()
+    conv_modes = family.conv_modes()
+    if args.conv_mode not in conv_modes:
+        raise SetupError(f"unknown --conv-mode {args.conv_mode!r}; available: {', '.join(conv_modes)}")
+    if args.reduction is not None:
+        try:
+            family.check_budget(args.model_path, args.reduction)
+        except ValueError as e:
+            raise SetupError(f"reduction settings: {e}") from None
+    final_mode = effective_conv_mode(args.model_path, args.conv_mode, family)
+    if final_mode not in conv_modes:
+        mmtag = [name for name in conv_modes if name.endswith("_mmtag")]
         raise SetupError(f"{args.model_path} looks like a plain (pretrain-only) checkpoint, so LLaVA's template "
                          f"{final_mode!r} would be used, but it does not exist; pass a --conv-mode that has an "
                          f"_mmtag variant ({', '.join(m[:-len('_mmtag')] for m in mmtag)}) or its _mmtag name")
@@ -205,15 +210,17 @@ def resolve_execution(device: str, dtype: str) -> Tuple[str, str]:
     return resolved.type, str(resolve_dtype(dtype, resolved)).replace("torch.", "")
 
 
-def effective_conv_mode(model_path: str, conv_mode: str) -> str:
-    """The template a run uses: as LLaVA's scripts, a pretrain-only ("plain", not "finetune") checkpoint
-    gets the ``_mmtag`` variant of --conv-mode."""
-    from llava.mm_utils import get_model_name_from_path
+def effective_conv_mode(model_path: str, conv_mode: str, family=None) -> str:
+    """The template a run uses for this checkpoint (LLaVA: a pretrain-only "plain" checkpoint gets the
+    ``_mmtag`` variant of --conv-mode, as LLaVA's scripts)."""
+    return (family or default_family()).effective_conv_mode(model_path, conv_mode)
 
-    model_name = get_model_name_from_path(os.path.expanduser(model_path))
-    if "plain" in model_name and "finetune" not in model_name.lower() and "mmtag" not in conv_mode:
-        return conv_mode + "_mmtag"
-    return conv_mode
+
+def default_family():
+    """The family of a checkpoint that cannot be inspected before loading (a --model-base checkpoint)."""
+    from restore.families import families
+
+    return families()[0]
 
 
 def load_plugins(modules: Sequence[str]) -> None:
@@ -258,10 +265,6 @@ def reduction_settings(args: argparse.Namespace, base: Optional[str]) -> Optiona
         return None
     try:
         settings = resolve_settings(base, args.n_vis, bool(args.restore), MAX_VISUAL_TOKENS, **overrides)
-        if settings.merges_itself:
-            from llava_patches.tome import check_tome_budget
-
-            check_tome_budget(args.model_path, settings.n_vis)
     except ValueError as e:
         raise SetupError(f"reduction settings: {e}") from None
     return settings
@@ -310,14 +313,17 @@ def resolve_chunk(num_chunks: Optional[int], chunk_idx: Optional[int],
     return n, k
 
 
-def check_model_path(model_path: str) -> None:
-    """The checkpoint exists and LLaVA can load it (from its config alone; no weights are read)."""
-    from llava_patches.loading import CheckpointError, check_checkpoint
+def check_model_path(model_path: str):
+    """The family of the checkpoint, which exists and that family can load (from its config alone; no
+    weights are read)."""
+    from restore.families import CheckpointError, family_of_checkpoint
 
     try:
-        check_checkpoint(os.path.expanduser(model_path))
+        family = family_of_checkpoint(os.path.expanduser(model_path))
+        family.check_checkpoint(model_path)
     except (FileNotFoundError, CheckpointError) as e:
         raise SetupError(f"--model-path: {e}") from None
+    return family
 
 
 def local_or_hub(path: str) -> str:
