@@ -11,7 +11,7 @@ called in-process on fixture-format data (``restore.eval.fixtures``) written to 
    two give the same answers.
 
 Time per run is the entry point's wall time minus the time spent loading the model (measured by a
-wrapper around ``llava_patches.loading.load_model``): question planning, image preprocessing, generation
+wrapper around the model family's ``load``, which the entry points call): question planning, image preprocessing, generation
 and writing the answers count; loading does not. Generated tokens are counted at the LM head: one per
 batch row per generation step (a row that ended early still takes its steps, as padding). Speed is
 reported as ratios of one run; nothing here asserts a time.
@@ -130,10 +130,11 @@ class Counts:
 class Instrument:
     """While active, counts the models the entry points load and the images their vision encoders see.
 
-    The entry points load through ``llava_patches.loading.load_model``; the wrapper installed there also
-    puts a forward pre-hook on each loaded CLIP's embedding layer, which both the stock ``encode_images``
-    and the reduced path (``llava_patches.vision``) call once per batch of images. With ``build`` the
-    wrapper returns that model instead of reading the checkpoint (the 7B-shaped model in memory)."""
+    The entry points load through their model family (``args.family.load``, restore.families); the
+    wrapper installed on every registered family also puts forward pre-hooks on each loaded model: on
+    CLIP's embedding layer, which the stock ``encode_images``, the reduced path and a sweep's shared
+    encoding (``llava_patches.vision``) each call once per batch of images, and on the LM head. With
+    ``build`` the wrapper returns that model instead of reading the checkpoint (the 7B-shaped model)."""
 
     def __init__(self, build: Optional[Callable[[str, str], tuple]] = None):
         self.counts = Counts()
@@ -147,31 +148,45 @@ class Instrument:
     def _count_tokens(self, _module, inputs) -> None:
         self.counts.tokens += int(inputs[0].shape[0])
 
+    def _watch(self, model) -> None:
+        try:
+            clip = model.get_vision_tower().vision_tower.vision_model
+        except AttributeError:
+            raise ValueError(f"the throughput bench counts CLIP forwards of LLaVA models; {type(model).__name__} "
+                             "has no LLaVA CLIP tower") from None
+        self._handles.append(clip.embeddings.register_forward_pre_hook(self._count_images))
+        # every generation step, the prefill's included, ends in the LM head: one token per row
+        self._handles.append(model.lm_head.register_forward_pre_hook(self._count_tokens))
+
     @contextlib.contextmanager
     def active(self) -> Iterator["Instrument"]:
-        import llava_patches.loading as loading
+        from restore.families import LoadedModel, families
 
-        original = loading.load_model
+        def wrap(family):
+            original = family.load
 
-        def load(model_path, **kwargs):
-            started = time.perf_counter()
-            if self.build is not None:
-                result = self.build(kwargs.get("device", "auto"), kwargs.get("dtype", "auto"))
-            else:
-                result = original(model_path, **kwargs)
-            clip = result[1].get_vision_tower().vision_tower.vision_model
-            self._handles.append(clip.embeddings.register_forward_pre_hook(self._count_images))
-            # every generation step, the prefill's included, ends in the LM head: one token per row
-            self._handles.append(result[1].lm_head.register_forward_pre_hook(self._count_tokens))
-            self.counts.model_loads += 1
-            self.counts.load_s += time.perf_counter() - started
-            return result
+            def load(model_path, **kwargs):
+                started = time.perf_counter()
+                if self.build is not None:
+                    tokenizer, model, processor, _ = self.build(kwargs.get("device", "auto"), kwargs.get("dtype", "auto"))
+                    loaded = LoadedModel(tokenizer, model, processor, family.model_name(model_path))
+                else:
+                    loaded = original(model_path, **kwargs)
+                self._watch(loaded.model)
+                self.counts.model_loads += 1
+                self.counts.load_s += time.perf_counter() - started
+                return loaded
 
-        loading.load_model = load
+            return load
+
+        wrapped = families()
+        for family in wrapped:
+            family.load = wrap(family)  # an instance attribute, over the class's method
         try:
             yield self
         finally:
-            loading.load_model = original
+            for family in wrapped:
+                vars(family).pop("load", None)
             for handle in self._handles:
                 handle.remove()
             self._handles.clear()

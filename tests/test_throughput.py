@@ -70,9 +70,9 @@ def test_instrument_substitutes_the_loader_and_counts(tmp_path, small_checkpoint
     assert built == [("cpu", "float32")]
     assert (result.model_loads, result.vision_forwards) == (1, 3)  # every item's image, once
     assert result.tokens == 3 * 2  # a random model rarely ends early
-    import llava_patches.loading as loading
+    from llava_patches.family import FAMILY, LlavaFamily
 
-    assert loading.load_model is load_model  # given back
+    assert "load" not in vars(FAMILY) and FAMILY.load.__func__ is LlavaFamily.load  # given back
 
 
 def test_quick_run_end_to_end(tmp_path, small_checkpoint, capsys):
