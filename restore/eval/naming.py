@@ -25,14 +25,14 @@ def model_name_of(model_path: str) -> str:
 
 
 def config_tag(base: Optional[str], n_vis: Optional[int] = None, restore: bool = False,
-               acts: Optional[str] = None, **overrides: Any) -> str:
+               acts: Optional[str] = None, num_patches: int = FULL_VISUAL_TOKENS, **overrides: Any) -> str:
     """The answers-folder name of a configuration (``full``, ``holov-64-restore-g0.75``).
 
     ``acts`` (where the method acts) is looked up in the method registry when not given, which imports
     torch; pass it to stay torch-free."""
     if base is None:
         return FULL
-    return run_tag(resolve_settings(base, int(n_vis), bool(restore), FULL_VISUAL_TOKENS, acts=acts, **overrides))
+    return run_tag(resolve_settings(base, int(n_vis), bool(restore), num_patches, acts=acts, **overrides))
 
 
 def plain_tag(base: Optional[str], n_vis: Optional[int], restore: bool) -> str:
