@@ -6,7 +6,8 @@ and only the layer whose attention is wanted is called with ``output_attentions=
 """
 from __future__ import annotations
 
-from typing import Tuple
+import contextlib
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -89,11 +90,16 @@ def encode_visual_tokens(
     the select layer's features and its CLS attention; with the flags also ``keys`` and
     ``cls_raw_feature`` (VisionZip's inputs, see encode_with_cls_attention)."""
     llm = model.get_model()
-    raw, cls_attention, *extras = encode_with_cls_attention(
-        llm.get_vision_tower(), images, with_keys=with_keys, with_cls=with_cls
-    )
-    keys = extras.pop(0) if with_keys else None
-    cls_raw_feature = extras.pop(0) if with_cls else None
+    tower = llm.get_vision_tower()
+    memo = memo_of(tower)
+    known = memo.lookup(images) if memo is not None else None
+    if known is not None:
+        raw, cls_attention, keys, cls_raw_feature = known
+        keys, cls_raw_feature = (keys if with_keys else None), (cls_raw_feature if with_cls else None)
+    else:
+        raw, cls_attention, *extras = encode_with_cls_attention(tower, images, with_keys=with_keys, with_cls=with_cls)
+        keys = extras.pop(0) if with_keys else None
+        cls_raw_feature = extras.pop(0) if with_cls else None
     return tr.VisualTokens(
         features=llm.mm_projector(raw),
         raw_features=raw,
@@ -101,3 +107,81 @@ def encode_visual_tokens(
         keys=keys,
         cls_raw_feature=cls_raw_feature,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# One encoding of a batch's images for several configurations (sweeps)
+
+
+class VisionEncodingMemo:
+    """The select layer's outputs for the images of one batch, computed once and handed to every
+    configuration of a sweep that asks for them.
+
+    What the tower produces for an image depends on the pixels alone, never on the reduction that
+    follows, so every configuration except those that change the encoder itself (ToMe) can share it.
+    A request for exactly the batch that was encoded gets those very tensors back, so that its values
+    are the ones a separate run computes; a request for some of its images gets their rows.
+    """
+
+    def __init__(self) -> None:
+        self.pixels: Optional[torch.Tensor] = None
+        self.outputs: Optional[Tuple[torch.Tensor, ...]] = None  # features, CLS attention, keys, CLS feature
+        self.images_encoded = 0
+
+    def encode(self, vision_tower, images: torch.Tensor) -> None:
+        """Run the tower once on ``images`` [B, 3, H, W], keeping everything any selector reads."""
+        self.outputs = encode_with_cls_attention(vision_tower, images, with_keys=True, with_cls=True)
+        self.pixels = images
+        self.images_encoded += int(images.shape[0])
+
+    def lookup(self, images: torch.Tensor) -> Optional[Tuple[torch.Tensor, ...]]:
+        """The outputs for ``images``, or None when some image of them was not encoded."""
+        if self.pixels is None or images.dim() != 4 or images.dtype != self.pixels.dtype \
+                or images.shape[1:] != self.pixels.shape[1:]:
+            return None
+        if images.shape == self.pixels.shape and torch.equal(images, self.pixels.to(images.device)):
+            return self.outputs
+        rows = []
+        for image in images:
+            row = next((j for j, known in enumerate(self.pixels) if torch.equal(image, known.to(image.device))), None)
+            if row is None:
+                return None
+            rows.append(row)
+        index = torch.tensor(rows, device=self.outputs[0].device)
+        return tuple(output.index_select(0, index.to(output.device)) for output in self.outputs)
+
+
+_MEMO = "_restore_encoding_memo"
+
+
+class _MemoizedTowerMixin:
+    """On LLaVA's ``CLIPVisionTower`` during a sweep: the unreduced model's encoding comes from the memo."""
+
+    def forward(self, images):
+        known = getattr(self, _MEMO).lookup(images) if torch.is_tensor(images) else None
+        return super().forward(images) if known is None else known[0]
+
+
+_MEMOIZED_CLASSES: dict = {}
+
+
+@contextlib.contextmanager
+def shared_vision_encoding(model) -> Iterator[VisionEncodingMemo]:
+    """While active, every configuration applied to ``model`` (stock or reduced) takes its select-layer
+    encoding from the returned memo when the memo holds its images; call ``memo.encode`` first."""
+    tower = model.get_model().get_vision_tower()
+    original = tower.__class__
+    if original not in _MEMOIZED_CLASSES:
+        _MEMOIZED_CLASSES[original] = type(f"Memoized{original.__name__}", (_MemoizedTowerMixin, original), {})
+    memo = VisionEncodingMemo()
+    setattr(tower, _MEMO, memo)
+    tower.__class__ = _MEMOIZED_CLASSES[original]
+    try:
+        yield memo
+    finally:
+        tower.__class__ = original
+        tower.__dict__.pop(_MEMO, None)
+
+
+def memo_of(vision_tower) -> Optional[VisionEncodingMemo]:
+    return getattr(vision_tower, _MEMO, None)

@@ -381,3 +381,31 @@ def test_tome_budget_refused_by_apply_on_a_shallow_tower(model):
     with pytest.raises(ValueError, match="ToMe cannot take 576 tokens to 64 in 2 layers"):
         restore.apply(model, base="ToMe", n_vis=64)
     assert not restore.is_applied(model)
+
+
+def test_run_names_read_back_as_their_configuration():
+    """parse_run_tag inverts run_tag over the whole settings space, for every method kind."""
+    from restore.settings import ANCHORS, CALIBRATIONS, MERGED_POSITIONS, POSITIONS, parse_run_tag
+
+    seen = 0
+    for base, gamma, anchors, positions, calibration, c, mpos, as_restore in itertools.product(
+            ["HoloV", "VisionZip", "ToMe"], [None, 0.0, 0.25, 0.75, 1.0], [None, *ANCHORS], [None, *POSITIONS],
+            [None, *CALIBRATIONS], [None, 3.5], [None, *MERGED_POSITIONS], [False, True]):
+        overrides = dict(prune_ratio=gamma, anchors=anchors, positions=positions, calibration=calibration,
+                         calibration_c=c, merged_position=mpos)
+        try:
+            settings = resolve_settings(base, 32, as_restore, 576, **overrides)
+        except ValueError:
+            continue
+        config = parse_run_tag(run_tag(settings))
+        config["base"] = tr.canonical_name(config["base"])  # names are lower case
+        assert resolve_settings(num_patches=576, **config) == settings, run_tag(settings)
+        seen += 1
+    assert seen > 500
+    assert parse_run_tag("full") is None and parse_run_tag(" FULL ") is None
+    assert parse_run_tag("HoloV-64-Restore-pos_reindexed") == {"base": "HoloV", "n_vis": 64, "restore": True,
+                                                               "positions": "reindexed"}
+    for bad, message in [("HoloV", "expected 'full'"), ("64", "expected 'full'"), ("HoloV-64-gx", "cannot read"),
+                         ("HoloV-64-g0.5-g0.25", "sets prune_ratio twice"), ("HoloV-64-anchor_uniform", "cannot read")]:
+        with pytest.raises(ValueError, match=message):
+            parse_run_tag(bad)

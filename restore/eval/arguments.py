@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from restore.settings import ReductionSettings, add_setting_arguments, overrides_from, resolve_settings
 
@@ -53,6 +53,11 @@ def build_parser(entry: EntryPoint) -> argparse.ArgumentParser:
     r.add_argument("--restore", action="store_true",
                    help="apply RESTORE on top of --base (keeps int(n_vis * prune_ratio) tokens: n_vis >= 2 at 0.5)")
     add_setting_arguments(r)
+    r.add_argument("--configs", metavar="SPEC[,SPEC...]", default=None,
+                   help="several configurations in one pass: the model loads once, each image is encoded once, and "
+                        "each configuration writes its own answers file, the one a separate run writes; SPEC is a "
+                        "run name (full, HoloV-64, HoloV-64-restore, HoloV-64-restore-g0.75, see docs/settings.md); "
+                        "--answers-file must contain {config}, replaced by each configuration's run name")
     r.add_argument("--plugin", metavar="MODULE", action="append", default=[],
                    help="import this module (e.g. mylab.my_method, importable from PYTHONPATH) before --base is "
                         "checked, so that the selectors it registers can be named; repeatable")
@@ -117,6 +122,62 @@ def check_arguments(entry: EntryPoint, args: argparse.Namespace,
                          f"_mmtag variant ({', '.join(m[:-len('_mmtag')] for m in mmtag)}) or its _mmtag name")
     settings = {**common_settings(args, base), "device": device_type, "dtype": dtype_name}
     return {**settings, **entry.settings(args)}, num_chunks, chunk_idx
+
+
+CONFIG_PLACEHOLDER = "{config}"
+
+
+def expand_configs(args: argparse.Namespace) -> List[Tuple[str, argparse.Namespace]]:
+    """(run name, the arguments of a separate run of it) for each configuration of ``--configs``, in the
+    order given; without ``--configs`` the one configuration of the flags. SetupError for a bad spec, a
+    configuration named twice, or reduction flags beside ``--configs``."""
+    from restore.settings import SETTING_NAMES, parse_run_tag, run_tag
+
+    if args.configs is None:
+        if CONFIG_PLACEHOLDER in args.answers_file:
+            raise SetupError(f"--answers-file contains {CONFIG_PLACEHOLDER} but no --configs was given: name the "
+                             "configurations with --configs, or write the answers file's name out")
+        return [("", args)]
+    given = [flag for flag, value in (("--base", args.base), ("--n_vis", args.n_vis), ("--restore", args.restore or None))
+             if value is not None]
+    given += [f"--{name}" for name, value in overrides_from(args).items() if value is not None]
+    if given:
+        raise SetupError(f"--configs names every configuration; {', '.join(given)} cannot be given with it "
+                         "(write the setting into the spec instead, e.g. HoloV-64-restore-g0.75)")
+    if CONFIG_PLACEHOLDER not in args.answers_file:
+        raise SetupError(f"--configs writes one answers file per configuration: --answers-file must contain "
+                         f"{CONFIG_PLACEHOLDER} (e.g. answers/{CONFIG_PLACEHOLDER}/chunk.jsonl), got {args.answers_file}")
+    specs = [spec.strip() for spec in args.configs.split(",")]
+    if not any(specs) or not all(specs):
+        raise SetupError(f"--configs {args.configs!r}: give comma-separated configurations without empty ones, "
+                         "e.g. full,HoloV-64,HoloV-64-restore")
+    load_plugins(args.plugin)  # a plugin's methods may be named in the specs
+    expanded: List[Tuple[str, argparse.Namespace]] = []
+    named: Dict[str, str] = {}
+    for spec in specs:
+        try:
+            config = parse_run_tag(spec)
+        except ValueError as e:
+            raise SetupError(f"--configs: {e}") from None
+        one = argparse.Namespace(**vars(args))
+        one.configs = None
+        one.base, one.n_vis, one.restore = None, None, False
+        for name in SETTING_NAMES:
+            setattr(one, name, None)
+        if config is not None:
+            for name, value in config.items():
+                setattr(one, name, value)
+        try:
+            base = validate_reduction(one.base, one.n_vis, one.restore)
+            tag = run_tag(reduction_settings(one, base))
+        except SetupError as e:
+            raise SetupError(f"--configs {spec}: {e}") from None
+        if tag in named:
+            raise SetupError(f"--configs names one configuration twice: {named[tag]!r} and {spec!r} are both {tag}")
+        named[tag] = spec
+        one.answers_file = args.answers_file.replace(CONFIG_PLACEHOLDER, tag)
+        expanded.append((tag, one))
+    return expanded
 
 
 def check_batch_size(batch_size: int, temperature: float) -> None:

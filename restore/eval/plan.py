@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import IO, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .answer_files import chunk_items, existing_answers, lock_answers_file
-from .arguments import check_arguments
+from .arguments import check_arguments, expand_configs
 from .entry_point import EntryPoint, ImageRef, Item, SetupError
 
 
@@ -60,11 +60,36 @@ def plan_run(entry: EntryPoint, args: argparse.Namespace, env: Mapping[str, str]
     return Plan(entry, args, settings, num_chunks, chunk_idx, answers_file, items, done, pending, repaired, lock)
 
 
+def plan_runs(entry: EntryPoint, args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> List[Plan]:
+    """One plan per configuration (``--configs``; else the flags' one), each exactly the plan of a separate
+    run of that configuration: its own answers file, lock and resume state. A problem with any
+    configuration stops them all before the model loads."""
+    plans: List[Plan] = []
+    try:
+        for tag, one in expand_configs(args):
+            try:
+                plans.append(plan_run(entry, one, env))
+            except SetupError as e:
+                raise SetupError(f"{tag}: {e}" if tag else str(e)) from None
+    except BaseException:
+        for plan in plans:
+            plan.release()
+        raise
+    return plans
+
+
 def check_only(entry: EntryPoint, args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> int:
-    """The checks of plan_run that touch no answers file (arguments, plugins, the question file); the number
-    of items of this chunk. Lets a script refuse a bad command once, before it starts any shard."""
-    settings, num_chunks, chunk_idx = check_arguments(entry, args, env)
-    return len(chunk_items(entry, settings, num_chunks, chunk_idx))
+    """The checks of plan_run that touch no answers file (arguments, plugins, the question file) for every
+    configuration; the number of items of this chunk. Lets a script refuse a bad command once, before it
+    starts any shard."""
+    counts = set()
+    for tag, one in expand_configs(args):
+        try:
+            settings, num_chunks, chunk_idx = check_arguments(entry, one, env)
+        except SetupError as e:
+            raise SetupError(f"{tag}: {e}" if tag else str(e)) from None
+        counts.add(len(chunk_items(entry, settings, num_chunks, chunk_idx)))
+    return counts.pop()
 
 
 def check_images(items: Sequence[Item], decode: bool = True,

@@ -13,12 +13,12 @@ import contextlib
 import os
 import sys
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from .answer_files import dumps_line, put_in_question_order, write_in_order, write_meta
 from .arguments import build_parser, chunk_source, describe_reduction, effective_conv_mode
 from .entry_point import EntryPoint, Item, SetupError
-from .plan import Plan, check_images, check_only, plan_run, progress_interval
+from .plan import Plan, check_images, check_only, plan_runs, progress_interval
 
 
 def run(entry: EntryPoint, argv: Optional[Sequence[str]] = None) -> int:
@@ -27,14 +27,15 @@ def run(entry: EntryPoint, argv: Optional[Sequence[str]] = None) -> int:
     if args.check_only:
         return _check_only(entry, args)
     try:
-        plan = plan_run(entry, args)
+        plans = plan_runs(entry, args)
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        return _run_planned(entry, args, plan)
+        return _run_planned(entry, args, plans)
     finally:
-        plan.release()
+        for plan in plans:
+            plan.release()
 
 
 def _check_only(entry: EntryPoint, args: argparse.Namespace) -> int:
@@ -47,68 +48,91 @@ def _check_only(entry: EntryPoint, args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_planned(entry: EntryPoint, args: argparse.Namespace, plan: Plan) -> int:
+def _run_planned(entry: EntryPoint, args: argparse.Namespace, plans: Sequence[Plan]) -> int:
     try:
         source = chunk_source(args.num_chunks, args.chunk_idx, os.environ)
-        print(f"[{entry.name}] {plan.chunk_label}"
-              f"{f' (from {source})' if source else ''}: {len(plan.items)} items, "
-              f"{len(plan.items) - len(plan.pending)} already answered; reduction: "
-              f"{describe_reduction(plan.settings['base'], args.n_vis, args.restore, _overrides(args))}", flush=True)
+        for plan in plans:
+            one = plan.args
+            print(f"[{entry.name}] {plan.chunk_label}"
+                  f"{f' (from {source})' if source else ''}: {len(plan.items)} items, "
+                  f"{len(plan.items) - len(plan.pending)} already answered; reduction: "
+                  f"{describe_reduction(plan.settings['base'], one.n_vis, one.restore, _overrides(one))}", flush=True)
+        pending = pending_union(plans)
         # --no-image-check skips only the slow part (decoding); a missing file is always found here
         decode = not args.no_image_check
-        needs_pixels = decode and any(item.image is not None for item in plan.pending)
-        check_images(plan.pending, decode=decode,
+        needs_pixels = decode and any(item.image is not None for item in pending)
+        check_images(pending, decode=decode,
                      preprocess=image_preprocessing_for_check(args.model_path) if needs_pixels else None)
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    generate_answers(plan)
+    generate_answers(plans)
     return 0
 
 
-def generate_answers(plan: Plan) -> None:
-    entry, answers_file = plan.entry, plan.answers_file
-    meta = {"entry": entry.name, "settings": plan.settings, "num_chunks": plan.num_chunks,
-            "chunk_idx": plan.chunk_idx, "n_items": len(plan.items), "complete": False,
-            # information only, outside the settings a resume compares: the batch does not change the answers
-            "batch_size": plan.args.batch_size}
-    write_meta(answers_file, meta)
-    if plan.repaired or not os.path.exists(answers_file):
-        write_in_order(entry, answers_file, plan.items, plan.done)
+def pending_union(plans: Sequence[Plan]) -> List[Item]:
+    """The items some configuration still has to answer, in question order (every plan covers one chunk)."""
+    wanted = set().union(*({item.key for item in plan.pending} for plan in plans))
+    return [item for item in plans[0].items if item.key in wanted]
+
+
+def generate_answers(plans: Sequence[Plan]) -> None:
+    metas = []
+    for plan in plans:
+        meta = {"entry": plan.entry.name, "settings": plan.settings, "num_chunks": plan.num_chunks,
+                "chunk_idx": plan.chunk_idx, "n_items": len(plan.items), "complete": False,
+                # information only, outside the settings a resume compares: the batch does not change the answers
+                "batch_size": plan.args.batch_size}
+        write_meta(plan.answers_file, meta)
+        if plan.repaired or not os.path.exists(plan.answers_file):
+            write_in_order(plan.entry, plan.answers_file, plan.items, plan.done)
+        metas.append(meta)
 
     start = time.perf_counter()
-    n_tokens, generation_s = _answer_pending(plan) if plan.pending else (0, 0.0)
+    counts = _answer_pending(plans) if any(plan.pending for plan in plans) else [(0, 0.0)] * len(plans)
     wall = time.perf_counter() - start
 
-    put_in_question_order(entry, answers_file, plan.items)
-    write_meta(answers_file, {**meta, "complete": True})
+    for plan, meta, (n_tokens, generation_s) in zip(plans, metas, counts):
+        put_in_question_order(plan.entry, plan.answers_file, plan.items)
+        write_meta(plan.answers_file, {**meta, "complete": True})
+        n_new = len(plan.pending)
+        rate = (f"{n_tokens} tokens generated in {generation_s:.1f} s, "
+                f"{n_tokens / max(generation_s, 1e-9):.1f} tokens/s" if n_new else "nothing to generate")
+        print(f"[{plan.entry.name}] {plan.chunk_label}: {len(plan.items)} items "
+              f"({n_new} answered now, {len(plan.items) - n_new} kept from an earlier run) in {wall:.1f} s, {rate}; "
+              f"answers: {plan.answers_file}", flush=True)
 
-    n_new = len(plan.pending)
-    rate = (f"{n_tokens} tokens generated in {generation_s:.1f} s, {n_tokens / max(generation_s, 1e-9):.1f} tokens/s"
-            if n_new else "nothing to generate")
-    print(f"[{entry.name}] {plan.chunk_label}: {len(plan.items)} items "
-          f"({n_new} answered now, {len(plan.items) - n_new} kept from an earlier run) in {wall:.1f} s, {rate}; "
-          f"answers: {answers_file}", flush=True)
+
+def shares_encoding(settings) -> bool:
+    """Whether a configuration reads the stock select-layer encoding (every one but those that change
+    the vision encoder itself, as ToMe)."""
+    return settings is None or not settings.merges_itself
 
 
-def _answer_pending(plan: Plan) -> Tuple[int, float]:
-    """Load the model and answer the pending items; (generated tokens, seconds spent generating).
+def _answer_pending(plans: Sequence[Plan]) -> List[Tuple[int, float]]:
+    """Load the model once and answer every plan's pending items; (generated tokens, seconds spent
+    generating) per plan.
 
-    Items are generated ``--batch-size`` at a time and each finished batch's answers are appended and
+    Items are generated ``--batch-size`` at a time, in batches planned over the items any configuration
+    still needs; within a batch the images are encoded once when several configurations share that
+    encoding, then each configuration generates the items it lacks, and its answers are appended and
     flushed together, so that a killed run loses at most the batch it was generating."""
     import torch
+    from llava_patches.vision import shared_vision_encoding
     from tqdm import tqdm
 
-    args, entry = plan.args, plan.entry
-    tokenizer, model, image_processor, model_name = load_model_for_eval(args, plan.settings["base"])
+    first = plans[0]
+    args, entry = first.args, first.entry
+    tokenizer, model, image_processor, model_name = load_model_for_eval(args, first.settings["base"])
     conv_mode = effective_conv_mode(args.model_path, args.conv_mode)  # checked to exist before loading
     if conv_mode != args.conv_mode:
         print(f"{model_name} looks like a plain (pretrain-only) model: using conv mode {conv_mode}")
 
     device = next(model.parameters()).device
     dtype = next(model.get_model().mm_projector.parameters()).dtype
-    dataset = PreparedItems(plan.pending, tokenizer, image_processor, model.config, conv_mode)
-    batches = plan_batches(plan.pending, args.batch_size, dataset.prompt_length)
+    union = pending_union(plans)
+    dataset = PreparedItems(union, tokenizer, image_processor, model.config, conv_mode)
+    batches = plan_batches(union, args.batch_size, dataset.prompt_length)
     workers = args.num_workers if args.num_workers is not None else (4 if device.type == "cuda" else 0)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_identity)
     # Sampling parameters only when sampling: greedy decoding ignores them (and transformers warns).
@@ -118,42 +142,80 @@ def _answer_pending(plan: Plan) -> Tuple[int, float]:
         if args.top_p is not None:
             sampling["top_p"] = args.top_p
     eos = _eos_ids(model)
-    n_tokens = 0
-    started = time.perf_counter()
-    with open(plan.answers_file, "a", encoding="utf-8") as out, \
-            tqdm(total=len(plan.pending), desc=f"{entry.name} {plan.chunk_label}",
+    pending_keys = [{item.key for item in plan.pending} for plan in plans]
+    counts = [[0, 0.0] for _ in plans]
+    applied = 0  # which plan's reduction the model carries
+    label = first.chunk_label + (f", {len(plans)} configurations" if len(plans) > 1 else "")
+    with contextlib.ExitStack() as files, \
+            tqdm(total=sum(len(plan.pending) for plan in plans), desc=f"{entry.name} {label}",
                  mininterval=progress_interval()) as progress:
+        outs = [files.enter_context(open(plan.answers_file, "a", encoding="utf-8")) for plan in plans]
         for indices, prepared in zip(batches, loader):
-            input_ids, attention_mask = pad_left([ids for ids, _, _ in prepared], tokenizer.pad_token_id or 0)
+            wanted = [[k for k, i in enumerate(indices) if union[i].key in keys] for keys in pending_keys]
             pixels = [p for _, p, _ in prepared if p is not None]
             images = None
             if pixels:
                 images = (torch.stack(pixels) if len({p.shape for p in pixels}) == 1 else pixels)
                 images = images.to(device=device, dtype=dtype) if torch.is_tensor(images) else \
                     [p.to(device=device, dtype=dtype) for p in images]
-            with torch.inference_mode(), _padded_on_the_left(model, len(prepared) > 1):
-                output_ids = model.generate(
-                    input_ids.to(device),
-                    # without padding the call of batch 1, unchanged; a padded batch needs its mask
-                    **({} if attention_mask is None else {"attention_mask": attention_mask.to(device)}),
-                    images=images,
-                    image_sizes=[size for _, _, size in prepared] if pixels else None,
-                    num_beams=args.num_beams,
-                    max_new_tokens=args.max_new_tokens,
-                    use_cache=True,
-                    **sampling,
-                )
-            answers = {}
-            for index, row in zip(indices, output_ids):
-                row = until_eos(row, eos)
-                n_tokens += int(row.shape[-1])
-                answers[index] = tokenizer.decode(row, skip_special_tokens=True).strip()
-            # one write per batch, in question order (the finished file is put in question order anyway)
-            out.write("".join(dumps_line(entry, entry.answer_line(plan.pending[i], answers[i], model_name))
-                              for i in sorted(indices)))
-            out.flush()
-            progress.update(len(indices))
-    return n_tokens, time.perf_counter() - started
+            sharing = sum(1 for plan, rows in zip(plans, wanted) if rows and shares_encoding(plan.args.reduction))
+            with contextlib.ExitStack() as batch_scope:
+                if sharing > 1 and torch.is_tensor(images):
+                    memo = batch_scope.enter_context(shared_vision_encoding(model))
+                    with torch.inference_mode():
+                        memo.encode(model.get_model().get_vision_tower(), images)
+                for p, (plan, rows) in enumerate(zip(plans, wanted)):
+                    if not rows:
+                        continue
+                    if p != applied:
+                        apply_reduction(model, plan.args, plan.settings["base"])
+                        applied = p
+                    began = time.perf_counter()
+                    texts = _generate(model, tokenizer, [prepared[k] for k in rows], _rows_of(images, rows, len(indices)),
+                                      device, args, sampling, eos)
+                    counts[p][1] += time.perf_counter() - began
+                    counts[p][0] += sum(n for _, n in texts)
+                    answers = {indices[k]: text for k, (text, _) in zip(rows, texts)}
+                    # one write per batch, in question order (the finished file is put in question order anyway)
+                    outs[p].write("".join(dumps_line(entry, entry.answer_line(union[i], answers[i], model_name))
+                                          for i in sorted(answers)))
+                    outs[p].flush()
+                    progress.update(len(rows))
+    return [(int(n), float(t)) for n, t in counts]
+
+
+def _rows_of(images: Any, rows: Sequence[int], batch: int) -> Any:
+    """The images of some rows of a batch (the very batch object when all rows are wanted)."""
+    if images is None or len(rows) == batch:
+        return images
+    if isinstance(images, list):
+        return [images[k] for k in rows]
+    return images[list(rows)]
+
+
+def _generate(model, tokenizer, prepared: Sequence[Tuple[Any, Any, Any]], images: Any, device, args: argparse.Namespace,
+              sampling: Mapping[str, Any], eos: Tuple[int, ...]) -> List[Tuple[str, int]]:
+    """(answer text, generated tokens) of each prepared item, generated together."""
+    import torch
+
+    input_ids, attention_mask = pad_left([ids for ids, _, _ in prepared], tokenizer.pad_token_id or 0)
+    with torch.inference_mode(), _padded_on_the_left(model, len(prepared) > 1):
+        output_ids = model.generate(
+            input_ids.to(device),
+            # without padding the call of batch 1, unchanged; a padded batch needs its mask
+            **({} if attention_mask is None else {"attention_mask": attention_mask.to(device)}),
+            images=images,
+            image_sizes=[size for _, _, size in prepared] if images is not None else None,
+            num_beams=args.num_beams,
+            max_new_tokens=args.max_new_tokens,
+            use_cache=True,
+            **sampling,
+        )
+    answers = []
+    for row in output_ids:
+        row = until_eos(row, eos)
+        answers.append((tokenizer.decode(row, skip_special_tokens=True).strip(), int(row.shape[-1])))
+    return answers
 
 
 def plan_batches(items: Sequence[Item], batch_size: int, prompt_length: Callable[[int], int]) -> List[List[int]]:
