@@ -195,7 +195,7 @@ class Launch:
     gpus: List[str]
     shards: int
     cpu_threads: Optional[int]  # set for CPU shards
-    sweeps: bool  # the entry point answers several configurations in one process (--configs)
+    sweeps: bool  # several configurations: each shard answers all of them (the entry point's --configs)
 
     @property
     def label(self) -> str:
@@ -253,15 +253,6 @@ def check_entry(options: Options, config_flags: Sequence[str]) -> argparse.Names
     return args
 
 
-def entry_sweeps(options: Options) -> bool:
-    """Whether the entry point answers several configurations in one process."""
-    from .arguments import build_parser as entry_parser
-    from .entry_point import entry_by_name
-
-    parser = entry_parser(entry_by_name(options.benchmark.entry))
-    return "--configs" in parser._option_string_actions
-
-
 def resolve_configs(options: Options, model_name: str) -> List[Config]:
     """Every configuration checked by the entry point and named by the reduction it resolves to."""
     from restore.settings import run_tag
@@ -309,10 +300,11 @@ def prepare(options: Options) -> Launch:
         check_data(options.benchmark.name, options.data_root)
     except DataError as e:
         raise LaunchError(f"cannot score {options.benchmark.name} later: {e}") from None
-    sweeps = len(configs) > 1 and entry_sweeps(options)
+    sweeps = len(configs) > 1
     for config in configs:
         require_writable_dir(os.path.join(config.answers_dir, "chunks"), "answers folder")
-        require_writable_dir(os.path.join(config.answers_dir, "logs"), "log folder")
+        if not sweeps:
+            require_writable_dir(os.path.join(config.answers_dir, "logs"), "log folder")
     require_writable_dir(options.results_dir, "results folder")
     device = _passed_value(options.passthrough, "--device") or "auto"
     gpus = discover_gpus(device)
@@ -348,12 +340,6 @@ def _passed_value(passthrough: Sequence[str], flag: str) -> Optional[str]:
 def shard_program(entry: str) -> List[str]:
     """The command of an entry-point process (tests put a stand-in here)."""
     return [sys.executable, "-m", f"restore.eval.{entry}"]
-
-
-def passes(launch: Launch) -> List[List[Config]]:
-    """Configurations answered together by one set of shards: all of them when the entry point sweeps,
-    else one after another."""
-    return [launch.configs] if launch.sweeps else [[c] for c in launch.configs]
 
 
 def build_shards(launch: Launch, configs: Sequence[Config]) -> List[Shard]:
@@ -401,29 +387,27 @@ class Finished:
 def run(launch: Launch, progress_interval: float = PROGRESS_INTERVAL_S) -> int:
     total = launch.num_chunks
     where = f"GPU(s) {' '.join(launch.gpus)}" if launch.gpus else "no GPU pinning"
-    finished: List[Finished] = []
-    for group in passes(launch):
-        names = ", ".join(c.tag for c in group)
-        folders = group[0].answers_dir if len(group) == 1 else os.path.dirname(group[0].answers_dir)
-        print(f"[{launch.label}] {launch.model_name}, {names}: {launch.shards} shard(s) on this node, chunks "
-              f"{launch.first_chunk}..{launch.first_chunk + launch.shards - 1} of {total}, {where}; answers in "
-              f"{folders}", flush=True)
-        shards = build_shards(launch, group)
-        for shard in shards:
-            start_fresh_log(shard.log, f"===== {_now()} {launch.label} chunk {shard.chunk} of {total}"
-                            + (f" ({names})" if len(group) > 1 else "") + " =====")
-        outcome = run_shards(shards, launch.label, progress_interval)
-        if outcome.interrupted:
-            print(f"[{launch.label}] interrupted; answers written so far are kept and a rerun resumes",
-                  file=sys.stderr, flush=True)
-            return EXIT_INTERRUPTED
-        if outcome.failed:
-            print(f"[{launch.label}] {len(outcome.failed)} of {launch.shards} shard(s) failed "
-                  f"({' '.join(map(str, outcome.failed))}); nothing merged or scored. Fix the cause and rerun the "
-                  "same command: finished answers are kept and resumed.", file=sys.stderr, flush=True)
-            return EXIT_FAILED
-        for config in group:
-            finished.append(finish(launch, config, outcome.wall_s, named=len(launch.configs) > 1))
+    group = launch.configs
+    names = ", ".join(c.tag for c in group)
+    folders = group[0].answers_dir if len(group) == 1 else os.path.dirname(group[0].answers_dir)
+    print(f"[{launch.label}] {launch.model_name}, {names}: {launch.shards} shard(s) on this node, chunks "
+          f"{launch.first_chunk}..{launch.first_chunk + launch.shards - 1} of {total}, {where}; answers in "
+          f"{folders}", flush=True)
+    shards = build_shards(launch, group)
+    for shard in shards:
+        start_fresh_log(shard.log, f"===== {_now()} {launch.label} chunk {shard.chunk} of {total}"
+                        + (f" ({names})" if len(group) > 1 else "") + " =====")
+    outcome = run_shards(shards, launch.label, progress_interval)
+    if outcome.interrupted:
+        print(f"[{launch.label}] interrupted; answers written so far are kept and a rerun resumes",
+              file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    if outcome.failed:
+        print(f"[{launch.label}] {len(outcome.failed)} of {launch.shards} shard(s) failed "
+              f"({' '.join(map(str, outcome.failed))}); nothing merged or scored. Fix the cause and rerun the "
+              "same command: finished answers are kept and resumed.", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    finished = [finish(launch, config, outcome.wall_s, named=len(group) > 1) for config in group]
     if len(finished) > 1:
         print_summary(launch.label, finished)
     return EXIT_FAILED if any(f.status == "failed" for f in finished) else 0
@@ -463,6 +447,7 @@ def finish(launch: Launch, config: Config, wall_s: float, named: bool) -> Finish
             if earlier is not None:
                 print(f"{prefix} another node has merged and scored these chunks already"
                       + (f" ({earlier})" if earlier else ""), flush=True)
+                shard_files.forget_node_layouts(config.answers_dir)  # the run is over for this node too
                 return Finished(config, "merged elsewhere", wall_s=wall_s)
         try:
             status, record = shard_files.finish_config(label, chunk_files, config.answers_dir, opts.data_root,

@@ -169,10 +169,11 @@ class Outcome:
 
 
 def run_shards(shards: Sequence[Shard], label: str, progress_interval: float = PROGRESS_INTERVAL_S,
-               out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> Outcome:
+               out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> Outcome:
     """Start every shard, report each end as it happens (a failure with its log's tail), report progress
     every ``progress_interval`` seconds, and return once all have ended. SIGINT/SIGTERM stop the shards
     (what they wrote is kept) and return an interrupted outcome."""
+    out, err = out or sys.stdout, err or sys.stderr
     ended: "queue.Queue[tuple]" = queue.Queue()
     procs: Dict[int, subprocess.Popen] = {}
     previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
