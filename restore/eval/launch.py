@@ -493,11 +493,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: name a benchmark first: one of {', '.join(benchmark_names())}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        options = parse_options(argv[0], argv[1:])
-        launch = prepare(options)
-    except ValueError as e:  # an unknown benchmark
+        get_benchmark(argv[0])
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        options = parse_options(argv[0], argv[1:])
+        launch = prepare(options)
     except LaunchError as e:
         if str(e):
             print(f"error: {e}", file=sys.stderr)
