@@ -98,9 +98,15 @@ class ModelFamily:
         """Token ids [L] of the full prompt of one question (the image placeholder where the family puts it)."""
         raise NotImplementedError
 
-    def preprocess_image(self, image: Any, image_processor: Any, model_config: Any) -> Any:
-        """Pixels of one image as inference feeds them."""
+    def preprocess_image(self, image: Any, image_processor: Any, model_config: Any, settings: Any = None) -> Any:
+        """Pixels of one image as inference feeds them to a model carrying ``settings`` (a ReductionSettings;
+        None: unreduced). A family whose reduced layout needs other pixels (LLaVA-NeXT's fixed grid) decides
+        here."""
         raise NotImplementedError
+
+    def preprocessing_key(self, model_config: Any, settings: Any) -> Any:
+        """Configurations whose keys are equal get the same pixels (and may share one encoding in a sweep)."""
+        return None
 
     def preprocessing_for_check(self, model_path: str) -> Callable[[Any], Any]:
         """``image -> pixels`` as inference will preprocess, built without loading weights."""
