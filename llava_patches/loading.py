@@ -11,7 +11,6 @@ tower's dtype and its features back to the pixels' dtype by the tower itself.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -23,6 +22,8 @@ from typing import Any, Iterator
 
 import torch
 from PIL import Image
+
+from restore.jsonio import read_json
 
 _DTYPE_NAMES = {
     "float32": torch.float32,
@@ -88,7 +89,7 @@ def _read_config(model_path: str) -> tuple[str, dict[str, Any]]:
         config_file = local / "config.json"
         if not config_file.is_file():
             raise CheckpointError(f"{local} has no config.json: it is not a Hugging Face checkpoint folder.")
-        return str(local.resolve()), json.loads(config_file.read_text())
+        return str(local.resolve()), read_json(config_file)
     if not _is_hub_name(model_path):
         raise FileNotFoundError(
             f"checkpoint folder {model_path!r} does not exist. Pass an existing local folder or a Hugging Face "
@@ -103,7 +104,7 @@ def _read_config(model_path: str) -> tuple[str, dict[str, Any]]:
             f"{model_path!r} is neither a local folder nor a reachable Hugging Face model "
             f"(no config.json; offline, a typo, or a gated repository?): {error}"
         ) from error
-    return model_path, json.loads(Path(config_file).read_text())
+    return model_path, read_json(config_file)
 
 
 def _vision_tower_is_loadable(vision_tower: str) -> bool:
@@ -139,7 +140,7 @@ def _check_weight_file(path: Path) -> None:
 
 
 def _check_shard_index(index_file: Path) -> None:
-    shards = sorted(set(json.loads(index_file.read_text()).get("weight_map", {}).values()))
+    shards = sorted(set(read_json(index_file).get("weight_map", {}).values()))
     missing = [name for name in shards if not (index_file.parent / name).is_file()]
     if missing:
         raise CheckpointError(
