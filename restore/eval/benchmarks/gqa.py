@@ -15,7 +15,8 @@ Data checks (also by check_data, before inference): the questions of LLaVA's que
 `llava_gqa_testdev_balanced.jsonl` are exactly the balanced questions of the annotation, so the
 accuracy is over the questions that were asked; otherwise a DataError names the first difference.
 
-Fixture (`write_fixture`, few items in the official formats): GQA: data/testdev_balanced_questions.json (official), llava_gqa_testdev_balanced.jsonl, data/images/.
+Fixture (`write_fixture`, few items in the official formats): GQA:
+data/testdev_balanced_questions.json (official), llava_gqa_testdev_balanced.jsonl, data/images/.
 """
 from __future__ import annotations
 

@@ -28,7 +28,8 @@ Data checks (also by check_data, before inference, with the check that openpyxl 
 TSV has the columns index, question, A, B and answer, no index twice, every copy's base question
 has its unrotated row (index < 1,000,000), and every answer is one of its row's option letters.
 
-Fixture (`write_fixture`, few items in the official formats): MMBench: mmbench_dev_20230712.tsv with base64 images and circular copies.
+Fixture (`write_fixture`, few items in the official formats): MMBench: mmbench_dev_20230712.tsv with
+base64 images and circular copies.
 """
 from __future__ import annotations
 

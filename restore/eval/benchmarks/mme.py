@@ -24,7 +24,8 @@ Data checks (also by check_data, before inference): every question of `llava_mme
 ground truth in the release, every release question is in the question file, and all 14 subtasks
 (and no other category) are there; otherwise perception/cognition would be sums over another set.
 
-Fixture (`write_fixture`, few items in the official formats): MME: MME_Benchmark_release_version/<category>/..., llava_mme.jsonl.
+Fixture (`write_fixture`, few items in the official formats): MME:
+MME_Benchmark_release_version/<category>/..., llava_mme.jsonl.
 """
 from __future__ import annotations
 

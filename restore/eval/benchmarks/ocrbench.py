@@ -17,7 +17,8 @@ and is listed in missing_ids, so final_score is always defined (a lower bound wh
 Data checks (also by check_data, before inference): every item has the six fields and one of the
 ten OCRBench types, and no item (dataset_name, id, image_path, question) repeats.
 
-Fixture (`write_fixture`, few items in the official formats): OCRBench: OCRBench.json (official list), data/<image_path>.
+Fixture (`write_fixture`, few items in the official formats): OCRBench: OCRBench.json (official
+list), data/<image_path>.
 """
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ A question without a prediction is left out of that split's counts (a confusion 
 cell for "no answer") and listed in missing_ids. Precision/recall/F1 with a zero denominator are
 0 here instead of a ZeroDivisionError.
 
-Fixture (`write_fixture`, few items in the official formats): POPE: coco/coco_pope_{adversarial,popular,random}.json, llava_pope_test.jsonl, val2014/.
+Fixture (`write_fixture`, few items in the official formats): POPE:
+coco/coco_pope_{adversarial,popular,random}.json, llava_pope_test.jsonl, val2014/.
 """
 from __future__ import annotations
 

@@ -21,7 +21,8 @@ Data checks (also by check_data, before inference): the questions of LLaVA's que
 (LLaVA issue #1207: the current SEED-Bench.json release does not match that question file);
 otherwise a DataError names the first line that differs.
 
-Fixture (`write_fixture`, few items in the official formats): SEED-Bench: SEED-Bench.json (official), llava-seed-bench.jsonl, SEED-Bench-image/, SEED-Bench-video-image/.
+Fixture (`write_fixture`, few items in the official formats): SEED-Bench: SEED-Bench.json
+(official), llava-seed-bench.jsonl, SEED-Bench-image/, SEED-Bench-video-image/.
 """
 from __future__ import annotations
 

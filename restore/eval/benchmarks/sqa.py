@@ -22,7 +22,8 @@ problems.json with its answer among its choices, and LLaVA's question file `llav
 holds exactly the test problems, with an image exactly where problems.json has one; otherwise a
 DataError names the first problem that differs.
 
-Fixture (`write_fixture`, few items in the official formats): ScienceQA: problems.json, pid_splits.json, llava_test_CQM-A.json, images/test/<pid>/image.png.
+Fixture (`write_fixture`, few items in the official formats): ScienceQA: problems.json,
+pid_splits.json, llava_test_CQM-A.json, images/test/<pid>/image.png.
 """
 from __future__ import annotations
 

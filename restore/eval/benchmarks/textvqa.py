@@ -21,7 +21,8 @@ Data checks (also by check_data, before inference): LLaVA's question file
 question, as often), so the accuracy is over the questions that were asked; otherwise a DataError
 names the first line that differs.
 
-Fixture (`write_fixture`, few items in the official formats): TextVQA: TextVQA_0.5.1_val.json (official), llava_textvqa_val_v051_ocr.jsonl, train_images/.
+Fixture (`write_fixture`, few items in the official formats): TextVQA: TextVQA_0.5.1_val.json
+(official), llava_textvqa_val_v051_ocr.jsonl, train_images/.
 """
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ official converter fills them with "" silently (this file does the same, and say
 Data checks (also by check_data, before inference): every test-dev question is in the full test2015
 list (else it could not be uploaded) and no question id repeats; otherwise a DataError.
 
-Fixture (`write_fixture`, few items in the official formats): VQAv2: llava_vqav2_mscoco_test-dev2015.jsonl, llava_vqav2_mscoco_test2015.jsonl, test2015/.
+Fixture (`write_fixture`, few items in the official formats): VQAv2:
+llava_vqav2_mscoco_test-dev2015.jsonl, llava_vqav2_mscoco_test2015.jsonl, test2015/.
 """
 from __future__ import annotations
 
