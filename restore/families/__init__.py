@@ -10,7 +10,6 @@ interface with the LLaVA family as the worked example.
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple
 
@@ -182,6 +181,8 @@ def is_hub_name(model_path: str) -> bool:
 def read_checkpoint_config(model_path: str) -> Tuple[str, Dict[str, Any]]:
     """(the path to load from, absolute for a local folder; the checkpoint's config.json), from a local
     folder or the Hugging Face cache/hub. FileNotFoundError or CheckpointError saying what is wrong."""
+    from restore.jsonio import read_json
+
     local = Path(model_path).expanduser()
     if local.exists():
         if not local.is_dir():
@@ -189,7 +190,7 @@ def read_checkpoint_config(model_path: str) -> Tuple[str, Dict[str, Any]]:
         config_file = local / "config.json"
         if not config_file.is_file():
             raise CheckpointError(f"{local} has no config.json: it is not a Hugging Face checkpoint folder.")
-        return str(local.resolve()), json.loads(config_file.read_text())
+        return str(local.resolve()), read_json(config_file)
     if not is_hub_name(model_path):
         raise FileNotFoundError(
             f"checkpoint folder {model_path!r} does not exist. Pass an existing local folder or a Hugging Face "
@@ -204,4 +205,4 @@ def read_checkpoint_config(model_path: str) -> Tuple[str, Dict[str, Any]]:
             f"{model_path!r} is neither a local folder nor a reachable Hugging Face model "
             f"(no config.json; offline, a typo, or a gated repository?): {error}"
         ) from error
-    return model_path, json.loads(Path(config_file).read_text())
+    return model_path, read_json(config_file)
