@@ -11,9 +11,7 @@ tower's dtype and its features back to the pixels' dtype by the tower itself.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -23,6 +21,9 @@ from typing import Any, Iterator
 
 import torch
 from PIL import Image
+
+from restore.families import CheckpointError, read_checkpoint_config  # noqa: F401 (CheckpointError: part of this module's API)
+from restore.jsonio import read_json
 
 _DTYPE_NAMES = {
     "float32": torch.float32,
@@ -36,14 +37,9 @@ _DTYPE_NAMES = {
 _ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa", "flash_attention_2")
 # model_type of LLaVA-Llama checkpoints: the released LLaVA-1.5 configs say "llava", LLaVA's code "llava_llama".
 _LLAVA_LLAMA_TYPES = ("llava", "llava_llama")
-_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 # The dtype LLaVA's evaluation runs the CLIP tower in, whatever the LLM's (see the module docstring).
 VISION_TOWER_DTYPE = torch.float32
 _PICKLE_PROTOCOL_MARK = 0x80  # first byte of a legacy (non-zip) torch.save file
-
-
-class CheckpointError(ValueError):
-    """The checkpoint cannot be loaded as a LLaVA-1.5 (LLaVA-Llama) model; the message says why."""
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -72,38 +68,6 @@ def resolve_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str 
     if resolved not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype {resolved} is not supported; use float32, float16 or bfloat16.")
     return resolved
-
-
-def _is_hub_name(model_path: str) -> bool:
-    """'owner/name' that is not a local path (its first component is not a local folder)."""
-    return bool(_HUB_ID.fullmatch(model_path)) and not Path(model_path.split("/")[0]).exists()
-
-
-def _read_config(model_path: str) -> tuple[str, dict[str, Any]]:
-    """The path to give LLaVA's builder (absolute for local folders) and the checkpoint's config.json."""
-    local = Path(model_path).expanduser()
-    if local.exists():
-        if not local.is_dir():
-            raise CheckpointError(f"{model_path} is a file; pass the checkpoint folder (the one with config.json).")
-        config_file = local / "config.json"
-        if not config_file.is_file():
-            raise CheckpointError(f"{local} has no config.json: it is not a Hugging Face checkpoint folder.")
-        return str(local.resolve()), json.loads(config_file.read_text())
-    if not _is_hub_name(model_path):
-        raise FileNotFoundError(
-            f"checkpoint folder {model_path!r} does not exist. Pass an existing local folder or a Hugging Face "
-            f"name such as 'liuhaotian/llava-v1.5-7b'."
-        )
-    from transformers.utils import cached_file
-
-    try:
-        config_file = cached_file(model_path, "config.json")
-    except (OSError, ValueError) as error:
-        raise FileNotFoundError(
-            f"{model_path!r} is neither a local folder nor a reachable Hugging Face model "
-            f"(no config.json; offline, a typo, or a gated repository?): {error}"
-        ) from error
-    return model_path, json.loads(Path(config_file).read_text())
 
 
 def _vision_tower_is_loadable(vision_tower: str) -> bool:
@@ -139,7 +103,7 @@ def _check_weight_file(path: Path) -> None:
 
 
 def _check_shard_index(index_file: Path) -> None:
-    shards = sorted(set(json.loads(index_file.read_text()).get("weight_map", {}).values()))
+    shards = sorted(set(read_json(index_file).get("weight_map", {}).values()))
     missing = [name for name in shards if not (index_file.parent / name).is_file()]
     if missing:
         raise CheckpointError(
@@ -169,7 +133,7 @@ def check_checkpoint(model_path: str | os.PathLike) -> tuple[str, str, dict[str,
     """
     from llava.mm_utils import get_model_name_from_path
 
-    path, config = _read_config(str(model_path))
+    path, config = read_checkpoint_config(str(model_path))
     model_type = config.get("model_type")
     if "mm_vision_tower" not in config:
         if model_type == "llava" and "vision_config" in config:
@@ -214,7 +178,7 @@ def check_checkpoint(model_path: str | os.PathLike) -> tuple[str, str, dict[str,
 
 def _check_model_base(model_base: str | os.PathLike) -> str:
     """The path LLaVA's builder should get for ``model_base`` (the base LLM of LoRA / projector-only checkpoints)."""
-    path, _ = _read_config(str(model_base))
+    path, _ = read_checkpoint_config(str(model_base))
     if os.path.isdir(path):
         check_weight_files(path)
     return path

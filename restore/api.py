@@ -1,4 +1,7 @@
-"""``restore.apply`` / ``restore.remove``: put a reduction method (and RESTORE) on one loaded LLaVA model."""
+"""``restore.apply`` / ``restore.remove``: put a reduction method (and RESTORE) on one loaded model.
+
+What to patch and how comes from the model's family (restore.families); this module only swaps classes.
+"""
 from __future__ import annotations
 
 from typing import Dict, Optional, Type
@@ -7,13 +10,7 @@ import torch
 
 import tokenreduction as tr
 
-from .patch import (
-    CalibratedAttentionMixin,
-    CalibratedLlamaModelMixin,
-    ReducedLlavaMixin,
-    RestoreContext,
-    RetainedRopeMixin,
-)
+from .families import family_of_model
 from .settings import ReductionSettings, resolve_settings
 
 _ORIGINAL_CLASS = "_restore_original_class"
@@ -27,29 +24,24 @@ def _patched_class(mixin: Type, cls: Type) -> Type:
     return _SUBCLASSES[key]
 
 
-def _swap(module: torch.nn.Module, mixin: Type, ctx: RestoreContext) -> None:
+def _swap(module: torch.nn.Module, mixin: Type, ctx) -> None:
     setattr(module, _ORIGINAL_CLASS, module.__class__)
     module.__class__ = _patched_class(mixin, module.__class__)
     module._restore_ctx = ctx
 
 
-def _targets(model):
-    """(module, mixin) pairs that RESTORE patches on a LLaVA-Llama model."""
-    llm = model.get_model()
-    yield model, ReducedLlavaMixin
-    yield llm, CalibratedLlamaModelMixin
-    for layer in llm.layers:
-        yield layer.self_attn, CalibratedAttentionMixin
-        yield layer.self_attn.rotary_emb, RetainedRopeMixin
+def _patched_modules(model):
+    return (module for module in model.modules() if _ORIGINAL_CLASS in module.__dict__)
 
 
 def is_applied(model) -> bool:
-    return hasattr(model, _ORIGINAL_CLASS)
+    return next(_patched_modules(model), None) is not None
 
 
 def settings_of(model) -> Optional[ReductionSettings]:
     """The settings applied to ``model``, or None when it is stock."""
-    return model._restore_ctx.settings if is_applied(model) else None
+    patched = next(_patched_modules(model), None)
+    return None if patched is None else patched._restore_ctx.settings
 
 
 def remove(model):
@@ -60,39 +52,6 @@ def remove(model):
             module.__class__ = original
             module.__dict__.pop("_restore_ctx", None)
     return model
-
-
-def _check_model(model) -> int:
-    """Raise unless ``model`` is a LLaVA-Llama model we can patch; return N, its visual tokens per image."""
-    try:
-        from llava.model import LlavaLlamaForCausalLM
-    except ImportError as error:  # pragma: no cover - llava is a hard dependency
-        raise ImportError("restore needs llava-torch: pip install --no-deps llava-torch==1.2.2.post1") from error
-    if not isinstance(model, LlavaLlamaForCausalLM):
-        raise TypeError(
-            f"restore.apply expects a llava LlavaLlamaForCausalLM (LLaVA-1.5), got {type(model).__name__}; "
-            "load one with llava_patches.load_model or llava.model.builder.load_pretrained_model"
-        )
-    tower = model.get_vision_tower()
-    if tower is None or not getattr(tower, "is_loaded", False):
-        raise ValueError("the model has no loaded vision tower; load the checkpoint with its CLIP tower first")
-    attention = getattr(model.config, "_attn_implementation", "eager")
-    if attention not in ("eager", "sdpa"):
-        raise ValueError(f"restore supports eager and sdpa attention, the model uses {attention!r}; "
-                         "load it with attn_implementation='sdpa'")
-    if getattr(model.config, "rope_scaling", None):
-        raise ValueError("restore supports plain RoPE only (config.rope_scaling must be unset, as in LLaVA-1.5)")
-    return int(tower.num_patches)
-
-
-def _check_tome_reachable(model, num_patches: int, n_vis: int) -> None:
-    """ToMe halves a layer's tokens at most: refuse a budget the tower's depth cannot reach, before any forward."""
-    from llava_patches.vision import _layer_indices
-    from tokenreduction.tome import tome_schedule
-
-    tower = model.get_vision_tower()
-    hidden_index, _ = _layer_indices(tower.select_layer, len(tower.vision_tower.vision_model.encoder.layers))
-    tome_schedule(num_patches, n_vis, hidden_index)
 
 
 def apply(
@@ -120,7 +79,8 @@ def apply(
     ('size_distance', 'size' or 'none'), ``calibration_c`` (c in log(c - D), 2) and ``merged_position``
     ('median', 'first', 'mean', 'last'). See docs/settings.md for every combination.
     """
-    num_patches = _check_model(model)
+    family = family_of_model(model)
+    num_patches = family.check_model(model)
     overrides = dict(prune_ratio=prune_ratio, anchors=anchors, positions=positions, calibration=calibration,
                      calibration_c=calibration_c, merged_position=merged_position)
     if base is None:
@@ -138,11 +98,10 @@ def apply(
     if tr.acts_in(name) == "llm":
         raise NotImplementedError(f"{name} acts inside the LLM, which restore.apply does not support yet")
     settings = resolve_settings(name, n_vis, bool(restore), num_patches, acts=tr.acts_in(name), **overrides)
-    if settings.merges_itself:
-        _check_tome_reachable(model, num_patches, n_vis)
+    family.check_settings(model, settings)
 
     remove(model)
-    ctx = RestoreContext(settings)
-    for module, mixin in _targets(model):
+    ctx = family.new_context(settings)
+    for module, mixin in family.patch_targets(model):
         _swap(module, mixin, ctx)
     return model

@@ -618,15 +618,17 @@ def test_an_empty_chunk_writes_an_empty_complete_file(data, tmp_path, loaded_mod
 def test_images_in_modes_llava_cannot_pad_are_converted(small_model):
     from PIL import Image
 
+    from llava_patches.family import FAMILY
+
     grey = Image.new("L", (60, 30), 128)
-    pixels = runner.preprocess_image(grey, small_model.image_processor, small_model.model.config)
+    pixels = FAMILY.preprocess_image(grey, small_model.image_processor, small_model.model.config)
     from llava.mm_utils import process_images
 
     assert (pixels == process_images([grey.convert("RGB")], small_model.image_processor,
                                      small_model.model.config)[0]).all()
     palette = Image.new("RGB", (60, 30), (200, 10, 30)).convert("P")
     # a palette image is padded in its own mode, as the official ScienceQA script does
-    assert (runner.preprocess_image(palette, small_model.image_processor, small_model.model.config)
+    assert (FAMILY.preprocess_image(palette, small_model.image_processor, small_model.model.config)
             == process_images([palette], small_model.image_processor, small_model.model.config)[0]).all()
 
 

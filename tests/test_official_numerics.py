@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import restore
-from restore.patch import boolean_causal_mask, official_rope_tables
+from llava_patches.patch import boolean_causal_mask, official_rope_tables
 from tests.test_loading import _RecordCos
 
 

@@ -159,13 +159,14 @@ def visionzip_reference(
     gives the contextual token of each non-dominant patch (ascending patch order) and sizes counts
     each group's tokens, its target included.
 
-    The similarities and the group sums are one matrix product per sample, the shapes of the
-    official batched products, so that their rounding is the same; the ranking, the split, the
-    choice of targets and the assignment (first maximum on ties) are spelled out. Bit-equal to the
-    batched code with one BLAS thread (the tests use one): with several, a batched float32 product
-    may split its sums differently from a per-sample one.
+    The similarities are one matrix product per sample and the group sums one batched product (of
+    one-hot matrices built here from the assignment), the shapes of the official products, so that
+    their rounding is the same; the ranking, the split, the choice of targets and the assignment
+    (first maximum on ties) are spelled out. Bit-equal to the batched code with one BLAS thread (the
+    tests use one).
     """
     dominant_per_sample, sequences, groups_per_sample, sizes_per_sample = [], [], [], []
+    pending = []  # per sample: what the loop decided, for the batched group sums
     for b in range(raw_features.shape[0]):
         features, attention, sample_keys = raw_features[b], cls_attention[b], keys[b]
         dtype, device = features.dtype, features.device
@@ -201,12 +202,20 @@ def visionzip_reference(
         one_hot = torch.zeros(len(others), n_contextual, dtype=dtype, device=device)
         for g, rows in enumerate(members):
             one_hot[rows, g] = 1
-        sums = one_hot.t() @ features[remaining][others]
+        pending.append((b, dominant, remaining, targets, others, members, group_of, one_hot))
+
+    # The group sums of all samples in one batched product, as the official code takes them: on some
+    # CPUs a batched product rounds differently from one sample's, even with one BLAS thread.
+    sums = torch.bmm(torch.stack([p[-1] for p in pending]).transpose(1, 2),
+                     torch.stack([raw_features[b][remaining][others] for b, _, remaining, _, others, *_ in pending]))
+    for (b, dominant, remaining, targets, others, members, group_of, _), group_sums in zip(pending, sums):
+        features = raw_features[b]
+        dtype, device = features.dtype, features.device
         contextual = []
         for g, p in enumerate(targets):
             # The divisor is a count held in the features' dtype (bf16 rounds counts above 256).
             count = torch.tensor(float(max(1, len(members[g]))), dtype=dtype, device=device)
-            contextual.append(features[remaining[p]] + sums[g] / count)
+            contextual.append(features[remaining[p]] + group_sums[g] / count)
 
         parts = ([cls_feature[b][None].to(dtype)] if cls_feature is not None else []) + [
             features[dominant],

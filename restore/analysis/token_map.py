@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 import tokenreduction as tr
-from restore.patch import reduce_images
+from llava_patches.patch import reduce_images
 from restore.settings import resolve_settings
 
 from .models import BenchModel, visual_tokens

@@ -87,8 +87,9 @@ def check_arguments(entry: EntryPoint, args: argparse.Namespace,
     """(settings that change the answers, number of chunks, this chunk); raises SetupError on any problem
     that can be found without the model."""
     load_plugins(args.plugin)  # before --base is checked: a plugin registers the names it may take
-    base = validate_reduction(args.base, args.n_vis, args.restore)
-    args.reduction = reduction_settings(args, base)
+    family, num_patches = checkpoint_family(args)
+    base = validate_reduction(args.base, args.n_vis, args.restore, num_patches)
+    args.reduction = reduction_settings(args, base, num_patches)
     num_chunks, chunk_idx = resolve_chunk(args.num_chunks, args.chunk_idx, env)
     if args.max_new_tokens < 1:
         raise SetupError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
@@ -108,15 +109,18 @@ def check_arguments(entry: EntryPoint, args: argparse.Namespace,
             raise SetupError(f"image folder not found: {args.image_folder}")
 
     device_type, dtype_name = resolve_execution(args.device, args.dtype)
-    if args.model_base is None:
-        check_model_path(args.model_path)
-    from llava.conversation import conv_templates
-
-    if args.conv_mode not in conv_templates:
-        raise SetupError(f"unknown --conv-mode {args.conv_mode!r}; available: {', '.join(sorted(conv_templates))}")
-    final_mode = effective_conv_mode(args.model_path, args.conv_mode)
-    if final_mode not in conv_templates:
-        mmtag = sorted(name for name in conv_templates if name.endswith("_mmtag"))
+    args.family = family
+    conv_modes = family.conv_modes()
+    if args.conv_mode not in conv_modes:
+        raise SetupError(f"unknown --conv-mode {args.conv_mode!r}; available: {', '.join(conv_modes)}")
+    if args.reduction is not None:
+        try:
+            family.check_budget(args.model_path, args.reduction)
+        except ValueError as e:
+            raise SetupError(f"reduction settings: {e}") from None
+    final_mode = effective_conv_mode(args.model_path, args.conv_mode, family)
+    if final_mode not in conv_modes:
+        mmtag = [name for name in conv_modes if name.endswith("_mmtag")]
         raise SetupError(f"{args.model_path} looks like a plain (pretrain-only) checkpoint, so LLaVA's template "
                          f"{final_mode!r} would be used, but it does not exist; pass a --conv-mode that has an "
                          f"_mmtag variant ({', '.join(m[:-len('_mmtag')] for m in mmtag)}) or its _mmtag name")
@@ -152,6 +156,7 @@ def expand_configs(args: argparse.Namespace) -> List[Tuple[str, argparse.Namespa
         raise SetupError(f"--configs {args.configs!r}: give comma-separated configurations without empty ones, "
                          "e.g. full,HoloV-64,HoloV-64-restore")
     load_plugins(args.plugin)  # a plugin's methods may be named in the specs
+    checkpoint_family(args)  # once, for every configuration
     expanded: List[Tuple[str, argparse.Namespace]] = []
     named: Dict[str, str] = {}
     for spec in specs:
@@ -168,8 +173,9 @@ def expand_configs(args: argparse.Namespace) -> List[Tuple[str, argparse.Namespa
             for name, value in config.items():
                 setattr(one, name, value)
         try:
-            base = validate_reduction(one.base, one.n_vis, one.restore)
-            tag = run_tag(reduction_settings(one, base))
+            num_patches = checkpoint_family(one)[1]
+            base = validate_reduction(one.base, one.n_vis, one.restore, num_patches)
+            tag = run_tag(reduction_settings(one, base, num_patches))
         except SetupError as e:
             raise SetupError(f"--configs {spec}: {e}") from None
         if tag in named:
@@ -205,15 +211,17 @@ def resolve_execution(device: str, dtype: str) -> Tuple[str, str]:
     return resolved.type, str(resolve_dtype(dtype, resolved)).replace("torch.", "")
 
 
-def effective_conv_mode(model_path: str, conv_mode: str) -> str:
-    """The template a run uses: as LLaVA's scripts, a pretrain-only ("plain", not "finetune") checkpoint
-    gets the ``_mmtag`` variant of --conv-mode."""
-    from llava.mm_utils import get_model_name_from_path
+def effective_conv_mode(model_path: str, conv_mode: str, family=None) -> str:
+    """The template a run uses for this checkpoint (LLaVA: a pretrain-only "plain" checkpoint gets the
+    ``_mmtag`` variant of --conv-mode, as LLaVA's scripts)."""
+    return (family or default_family()).effective_conv_mode(model_path, conv_mode)
 
-    model_name = get_model_name_from_path(os.path.expanduser(model_path))
-    if "plain" in model_name and "finetune" not in model_name.lower() and "mmtag" not in conv_mode:
-        return conv_mode + "_mmtag"
-    return conv_mode
+
+def default_family():
+    """The family of a checkpoint that cannot be inspected before loading (a --model-base checkpoint)."""
+    from restore.families import families
+
+    return families()[0]
 
 
 def load_plugins(modules: Sequence[str]) -> None:
@@ -226,7 +234,8 @@ def load_plugins(modules: Sequence[str]) -> None:
         raise SetupError(f"--plugin: {e}") from None
 
 
-def validate_reduction(base: Optional[str], n_vis: Optional[int], restore: bool) -> Optional[str]:
+def validate_reduction(base: Optional[str], n_vis: Optional[int], restore: bool,
+                       num_patches: int = MAX_VISUAL_TOKENS) -> Optional[str]:
     """Canonical selector name (or None for no reduction); raises SetupError on impossible settings."""
     if base is None:
         if n_vis is not None:
@@ -241,14 +250,15 @@ def validate_reduction(base: Optional[str], n_vis: Optional[int], restore: bool)
     if str(base).lower() not in {name.lower() for name in available}:
         raise SetupError(f"unknown --base {base!r}; available: {', '.join(available)}")
     if n_vis is None:
-        raise SetupError(f"--base {base} needs --n_vis (visual tokens to keep, 1..{MAX_VISUAL_TOKENS})")
-    if not 1 <= n_vis <= MAX_VISUAL_TOKENS:
-        raise SetupError(f"--n_vis must be in 1..{MAX_VISUAL_TOKENS} (LLaVA-1.5 has {MAX_VISUAL_TOKENS} "
-                         f"visual tokens), got {n_vis}")
+        raise SetupError(f"--base {base} needs --n_vis (visual tokens to keep, 1..{num_patches})")
+    if not 1 <= n_vis <= num_patches:
+        raise SetupError(f"--n_vis must be in 1..{num_patches} (the checkpoint has {num_patches} "
+                         f"visual tokens per image), got {n_vis}")
     return tokenreduction.canonical_name(base)
 
 
-def reduction_settings(args: argparse.Namespace, base: Optional[str]) -> Optional[ReductionSettings]:
+def reduction_settings(args: argparse.Namespace, base: Optional[str],
+                       num_patches: int = MAX_VISUAL_TOKENS) -> Optional[ReductionSettings]:
     """The reduction the flags ask for (None: no reduction); SetupError for impossible settings."""
     overrides = overrides_from(args)
     if base is None:
@@ -257,11 +267,7 @@ def reduction_settings(args: argparse.Namespace, base: Optional[str]) -> Optiona
             raise SetupError(f"{', '.join(given)} need --base and --n_vis (no reduction has no settings)")
         return None
     try:
-        settings = resolve_settings(base, args.n_vis, bool(args.restore), MAX_VISUAL_TOKENS, **overrides)
-        if settings.merges_itself:
-            from llava_patches.tome import check_tome_budget
-
-            check_tome_budget(args.model_path, settings.n_vis)
+        settings = resolve_settings(base, args.n_vis, bool(args.restore), num_patches, **overrides)
     except ValueError as e:
         raise SetupError(f"reduction settings: {e}") from None
     return settings
@@ -310,14 +316,35 @@ def resolve_chunk(num_chunks: Optional[int], chunk_idx: Optional[int],
     return n, k
 
 
-def check_model_path(model_path: str) -> None:
-    """The checkpoint exists and LLaVA can load it (from its config alone; no weights are read)."""
-    from llava_patches.loading import CheckpointError, check_checkpoint
+def check_model_path(model_path: str):
+    """(family, config) of the checkpoint, which exists and that family can load (from its config alone;
+    no weights are read)."""
+    from restore.families import CheckpointError, family_of_checkpoint
 
     try:
-        check_checkpoint(os.path.expanduser(model_path))
+        family = family_of_checkpoint(os.path.expanduser(model_path))
+        config = family.check_checkpoint(model_path)
     except (FileNotFoundError, CheckpointError) as e:
         raise SetupError(f"--model-path: {e}") from None
+    return family, config
+
+
+def checkpoint_family(args: argparse.Namespace):
+    """(family, visual tokens per image before reduction) of --model-path, checked once per arguments.
+
+    A --model-base checkpoint (LoRA or projector-only, LLaVA's notion) is checked when it loads: it gets
+    the default family and LLaVA-1.5's token count."""
+    known = getattr(args, "checkpoint", None)
+    if known is not None:
+        return known
+    found = check_model_path(args.model_path) if args.model_base is None else None
+    if found is None:
+        known = (default_family(), MAX_VISUAL_TOKENS)
+    else:
+        family, config = found
+        known = (family, family.visual_tokens_per_image(config))
+    args.checkpoint = known
+    return known
 
 
 def local_or_hub(path: str) -> str:

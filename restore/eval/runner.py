@@ -118,20 +118,22 @@ def _answer_pending(plans: Sequence[Plan]) -> List[Tuple[int, float]]:
     encoding, then each configuration generates the items it lacks, and its answers are appended and
     flushed together, so that a killed run loses at most the batch it was generating."""
     import torch
-    from llava_patches.vision import shared_vision_encoding
     from tqdm import tqdm
 
     first = plans[0]
     args, entry = first.args, first.entry
     tokenizer, model, image_processor, model_name = load_model_for_eval(args, first.settings["base"])
-    conv_mode = effective_conv_mode(args.model_path, args.conv_mode)  # checked to exist before loading
+    conv_mode = effective_conv_mode(args.model_path, args.conv_mode, args.family)  # checked to exist before loading
     if conv_mode != args.conv_mode:
         print(f"{model_name} looks like a plain (pretrain-only) model: using conv mode {conv_mode}")
 
     device = next(model.parameters()).device
     dtype = next(model.get_model().mm_projector.parameters()).dtype
     union = pending_union(plans)
-    dataset = PreparedItems(union, tokenizer, image_processor, model.config, conv_mode)
+    family = args.family
+    keys = [family.preprocessing_key(model.config, plan.args.reduction) for plan in plans]
+    variants = {key: plan.args.reduction for key, plan in zip(keys, plans)}
+    dataset = PreparedItems(union, tokenizer, image_processor, model.config, conv_mode, family, variants)
     batches = plan_batches(union, args.batch_size, dataset.prompt_length)
     workers = args.num_workers if args.num_workers is not None else (4 if device.type == "cuda" else 0)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_identity)
@@ -152,18 +154,18 @@ def _answer_pending(plans: Sequence[Plan]) -> List[Tuple[int, float]]:
         outs = [files.enter_context(open(plan.answers_file, "a", encoding="utf-8")) for plan in plans]
         for indices, prepared in zip(batches, loader):
             wanted = [[k for k, i in enumerate(indices) if union[i].key in keys] for keys in pending_keys]
-            pixels = [p for _, p, _ in prepared if p is not None]
-            images = None
-            if pixels:
-                images = (torch.stack(pixels) if len({p.shape for p in pixels}) == 1 else pixels)
-                images = images.to(device=device, dtype=dtype) if torch.is_tensor(images) else \
-                    [p.to(device=device, dtype=dtype) for p in images]
-            sharing = sum(1 for plan, rows in zip(plans, wanted) if rows and shares_encoding(plan.args.reduction))
+            images = {key: _batch_images([p[key] for _, p, _ in prepared if p is not None], device, dtype)
+                      for key in variants}
             with contextlib.ExitStack() as batch_scope:
-                if sharing > 1 and torch.is_tensor(images):
-                    memo = batch_scope.enter_context(shared_vision_encoding(model))
-                    with torch.inference_mode():
-                        memo.encode(model.get_model().get_vision_tower(), images)
+                for key, batch_images in images.items():
+                    sharing = sum(1 for plan, rows, k in zip(plans, wanted, keys)
+                                  if rows and k == key and shares_encoding(plan.args.reduction))
+                    if sharing > 1 and torch.is_tensor(batch_images):
+                        # one memo per batch: configurations of another key bring other pixels, which it misses
+                        memo = batch_scope.enter_context(family.shared_encoding(model))
+                        with torch.inference_mode():
+                            memo.encode(batch_images)
+                        break
                 for p, (plan, rows) in enumerate(zip(plans, wanted)):
                     if not rows:
                         continue
@@ -171,8 +173,8 @@ def _answer_pending(plans: Sequence[Plan]) -> List[Tuple[int, float]]:
                         apply_reduction(model, plan.args, plan.settings["base"])
                         applied = p
                     began = time.perf_counter()
-                    texts = _generate(model, tokenizer, [prepared[k] for k in rows], _rows_of(images, rows, len(indices)),
-                                      device, args, sampling, eos)
+                    texts = _generate(model, tokenizer, [prepared[k] for k in rows],
+                                      _rows_of(images[keys[p]], rows, len(indices)), device, args, sampling, eos)
                     counts[p][1] += time.perf_counter() - began
                     counts[p][0] += sum(n for _, n in texts)
                     answers = {indices[k]: text for k, (text, _) in zip(rows, texts)}
@@ -182,6 +184,18 @@ def _answer_pending(plans: Sequence[Plan]) -> List[Tuple[int, float]]:
                     outs[p].flush()
                     progress.update(len(rows))
     return [(int(n), float(t)) for n, t in counts]
+
+
+def _batch_images(pixels: Sequence[Any], device, dtype) -> Any:
+    """One batch's pixels on the model's device: a tensor when every image has one shape, else a list
+    (LLaVA takes both); None for a batch without images."""
+    import torch
+
+    if not pixels:
+        return None
+    if len({p.shape for p in pixels}) == 1:
+        return torch.stack(list(pixels)).to(device=device, dtype=dtype)
+    return [p.to(device=device, dtype=dtype) for p in pixels]
 
 
 def _rows_of(images: Any, rows: Sequence[int], batch: int) -> Any:
@@ -301,23 +315,27 @@ def _identity(x):
 
 
 class PreparedItems:
-    """Map-style dataset: prompt ids, preprocessed image and original size of each pending item."""
+    """Map-style dataset: prompt ids, preprocessed image and original size of each pending item, as the
+    model's family prompts and preprocesses them. With ``variants`` (preprocessing key -> the settings of
+    a configuration that uses it), one pixel tensor per key: configurations whose reduced layout needs
+    other pixels (a family's choice) get their own."""
 
-    def __init__(self, items: Sequence[Item], tokenizer, image_processor, model_config, conv_mode: str):
+    def __init__(self, items: Sequence[Item], tokenizer, image_processor, model_config, conv_mode: str, family=None,
+                 variants: Optional[Mapping[Any, Any]] = None):
+        from .arguments import default_family
+
         self.items, self.tokenizer, self.image_processor = items, tokenizer, image_processor
         self.model_config, self.conv_mode = model_config, conv_mode
+        self.family = family or default_family()
+        self.variants = dict(variants) if variants is not None else None
 
     def __len__(self) -> int:
         return len(self.items)
 
     def prompt_ids(self, index: int):
-        from llava.constants import IMAGE_TOKEN_INDEX
-        from llava.mm_utils import tokenizer_image_token
-
         item = self.items[index]
-        prompt = build_prompt(item.text, item.image is not None, self.conv_mode,
-                              getattr(self.model_config, "mm_use_im_start_end", False))
-        return tokenizer_image_token(prompt, self.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
+        return self.family.prompt_ids(self.tokenizer, item.text, item.image is not None, self.conv_mode,
+                                      self.model_config)
 
     def prompt_length(self, index: int) -> int:
         """Tokens of the prompt (the image placeholder counts one: every image adds the same number)."""
@@ -329,58 +347,23 @@ class PreparedItems:
         if item.image is None:
             return input_ids, None, None
         image = item.image.open()
-        return input_ids, preprocess_image(image, self.image_processor, self.model_config), image.size
-
-
-def build_prompt(text: str, has_image: bool, conv_mode: str, im_start_end: bool) -> str:
-    """The full conversation prompt: the image placeholder, a newline, the question; then the assistant turn."""
-    from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
-    from llava.conversation import conv_templates
-
-    if has_image:
-        placeholder = (DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
-                       if im_start_end else DEFAULT_IMAGE_TOKEN)
-        text = placeholder + "\n" + text
-    conv = conv_templates[conv_mode].copy()
-    conv.append_message(conv.roles[0], text)
-    conv.append_message(conv.roles[1], None)
-    return conv.get_prompt()
-
-
-def preprocess_image(image, image_processor, model_config):
-    from llava.mm_utils import process_images
-
-    try:
-        return process_images([image], image_processor, model_config)[0]
-    except TypeError:
-        # Padding an image whose mode takes no RGB fill colour (L, LA, I;16...) fails inside LLaVA, which
-        # would stop the official scripts; converting such an image to RGB first is the only way on.
-        return process_images([image.convert("RGB")], image_processor, model_config)[0]
+        if self.variants is None:
+            return input_ids, self.family.preprocess_image(image, self.image_processor, self.model_config), image.size
+        pixels = {key: self.family.preprocess_image(image, self.image_processor, self.model_config, settings)
+                  for key, settings in self.variants.items()}
+        return input_ids, pixels, image.size
 
 
 def image_preprocessing_for_check(model_path: str) -> Callable[[Any], Any]:
-    """``image -> pixels`` exactly as inference will preprocess it, built from the checkpoint's config and
-    its vision tower's preprocessor file alone: no weights are read, so every image can be checked before
+    """``image -> pixels`` exactly as inference will preprocess it, built by the checkpoint's family from
+    its config and preprocessor files alone: no weights are read, so every image can be checked before
     the model loads."""
-    from types import SimpleNamespace
-
-    from llava_patches.loading import CheckpointError, check_checkpoint
-    from transformers import CLIPImageProcessor
+    from restore.families import CheckpointError, family_of_checkpoint
 
     try:
-        _, _, config = check_checkpoint(os.path.expanduser(model_path))
+        return family_of_checkpoint(os.path.expanduser(model_path)).preprocessing_for_check(model_path)
     except (FileNotFoundError, CheckpointError) as e:
         raise SetupError(f"--model-path: {e}") from None
-    vision_tower = config["mm_vision_tower"]
-    try:
-        # LLaVA's CLIP vision tower builds its image processor this same way when it loads.
-        image_processor = CLIPImageProcessor.from_pretrained(vision_tower)
-    except (OSError, ValueError) as e:
-        raise SetupError(f"the image processor of the vision tower {vision_tower!r} (from the config of "
-                         f"{model_path}) cannot be loaded: {e}") from None
-    # process_images reads only image_aspect_ratio (and image_grid_pinpoints) from the model's config.
-    model_config = SimpleNamespace(**config)
-    return lambda image: preprocess_image(image, image_processor, model_config)
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -391,19 +374,14 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def load_model_for_eval(args: argparse.Namespace, base: Optional[str]):
-    """(tokenizer, model with the reduction applied, image processor, model_name)."""
-    from llava.mm_utils import get_model_name_from_path
-
+    """(tokenizer, model with the reduction applied, image processor, model_name), loaded by the checkpoint's
+    family (``args.family``, set when the arguments were checked)."""
     model_path = os.path.expanduser(args.model_path)
-    model_name = get_model_name_from_path(model_path)
     print(f"loading model {model_path} (device {args.device}, dtype {args.dtype})", flush=True)
-    from llava_patches.loading import load_model
-
-    tokenizer, model, image_processor, _ = load_model(model_path, model_base=args.model_base, device=args.device,
-                                                      dtype=args.dtype)
-    model = apply_reduction(model, args, base)
+    loaded = args.family.load(model_path, model_base=args.model_base, device=args.device, dtype=args.dtype)
+    model = apply_reduction(loaded.model, args, base)
     print(f"model loaded; reduction: {describe_reduction(base, args.n_vis, args.restore, _overrides(args))}", flush=True)
-    return tokenizer, model, image_processor, model_name
+    return loaded.tokenizer, model, loaded.image_processor, loaded.model_name
 
 
 def apply_reduction(model, args: argparse.Namespace, base: Optional[str]):

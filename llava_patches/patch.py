@@ -1,4 +1,4 @@
-"""Instance-level patches: swap the class of one model's modules for a subclass (as ToMe does).
+"""The mixins ``restore.apply`` puts on a LLaVA model's modules (instance-level class swaps, as ToMe does).
 
 Nothing in transformers or llava is edited globally; two models in one process can carry different
 settings, and :func:`restore.remove` puts the original classes back.
@@ -10,12 +10,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from llava_patches.assembly import ImageTokens, SequenceLayout, assemble, split_images
-from llava_patches.vision import encode_visual_tokens
+from restore.attention import calibrated_decode_masks, calibrated_prefill_masks
+from restore.reduce import ReducedImages, arrange_merged_tokens, reduce_visual_tokens
+from restore.settings import ReductionSettings
 
-from .attention import calibrated_decode_masks, calibrated_prefill_masks
-from .reduce import ReducedImages, arrange_merged_tokens, reduce_visual_tokens
-from .settings import ReductionSettings
+from .assembly import ImageTokens, SequenceLayout, assemble, split_images
+from .vision import encode_visual_tokens
 
 
 @dataclass
@@ -41,7 +41,7 @@ def reduce_images(model, pixels: torch.Tensor, settings: ReductionSettings) -> R
     """The visual tokens of ``pixels`` [I, 3, H, W] after the reduction, wherever the base method acts."""
     llm = model.get_model()
     if settings.merges_itself:  # ToMe: merged inside CLIP, n_vis tokens leave the select layer
-        from llava_patches.tome import encode_with_tome
+        from .tome import encode_with_tome
 
         merged = encode_with_tome(llm.get_vision_tower(), pixels, settings.n_vis)
         return arrange_merged_tokens(llm.mm_projector(merged.features), merged.sizes, merged.source, settings)

@@ -1,0 +1,178 @@
+"""The LLaVA family (llava-torch: LLaVA-1.5's LlavaLlamaForCausalLM) behind restore's model-family seam.
+
+Everything restore and the evaluation entry points need to know about LLaVA goes through ``FAMILY``:
+recognising its checkpoints and models, loading, the conversation prompt and image preprocessing of
+LLaVA's own evaluation scripts, and which modules ``restore.apply`` patches (llava_patches/patch.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from types import SimpleNamespace
+from typing import Any, Callable, ContextManager, Iterable, List, Mapping, Optional, Tuple
+
+from restore.families import CheckpointError, LoadedModel, ModelFamily
+
+# model_type of LLaVA-Llama checkpoints: the released LLaVA-1.5 configs say "llava", LLaVA's code "llava_llama".
+LLAVA_LLAMA_TYPES = ("llava", "llava_llama")
+# 24 x 24 patches of CLIP ViT-L/14 at 336 px, LLaVA-1.5's vision tower.
+LLAVA_15_VISUAL_TOKENS = 576
+
+
+class LlavaFamily(ModelFamily):
+    name = "llava"
+    default_conv_mode = "vicuna_v1"
+
+    def recognizes_config(self, config: Mapping[str, Any]) -> bool:
+        return "mm_vision_tower" in config and config.get("model_type") in LLAVA_LLAMA_TYPES
+
+    def recognizes_model(self, model: Any) -> bool:
+        try:
+            from llava.model import LlavaLlamaForCausalLM
+        except ImportError as error:  # pragma: no cover - llava is a hard dependency
+            raise ImportError("restore needs llava-torch: pip install --no-deps llava-torch==1.2.2.post1") from error
+        return isinstance(model, LlavaLlamaForCausalLM)
+
+    # ---- restore.apply ----------------------------------------------------------------------------
+    def check_model(self, model: Any) -> int:
+        if not self.recognizes_model(model):
+            raise TypeError(
+                f"restore.apply expects a llava LlavaLlamaForCausalLM (LLaVA-1.5), got {type(model).__name__}; "
+                "load one with llava_patches.load_model or llava.model.builder.load_pretrained_model"
+            )
+        tower = model.get_vision_tower()
+        if tower is None or not getattr(tower, "is_loaded", False):
+            raise ValueError("the model has no loaded vision tower; load the checkpoint with its CLIP tower first")
+        attention = getattr(model.config, "_attn_implementation", "eager")
+        if attention not in ("eager", "sdpa"):
+            raise ValueError(f"restore supports eager and sdpa attention, the model uses {attention!r}; "
+                             "load it with attn_implementation='sdpa'")
+        if getattr(model.config, "rope_scaling", None):
+            raise ValueError("restore supports plain RoPE only (config.rope_scaling must be unset, as in LLaVA-1.5)")
+        return int(tower.num_patches)
+
+    def check_settings(self, model: Any, settings: Any) -> None:
+        if settings.merges_itself:  # ToMe halves a layer's tokens at most: the tower's depth bounds the budget
+            from tokenreduction.tome import tome_schedule
+
+            from .vision import _layer_indices
+
+            tower = model.get_vision_tower()
+            hidden_index, _ = _layer_indices(tower.select_layer, len(tower.vision_tower.vision_model.encoder.layers))
+            tome_schedule(settings.num_patches, settings.n_vis, hidden_index)
+
+    def patch_targets(self, model: Any) -> Iterable[Tuple[Any, type]]:
+        from .patch import CalibratedAttentionMixin, CalibratedLlamaModelMixin, ReducedLlavaMixin, RetainedRopeMixin
+
+        llm = model.get_model()
+        yield model, ReducedLlavaMixin
+        yield llm, CalibratedLlamaModelMixin
+        for layer in llm.layers:
+            yield layer.self_attn, CalibratedAttentionMixin
+            yield layer.self_attn.rotary_emb, RetainedRopeMixin
+
+    def new_context(self, settings: Any) -> Any:
+        from .patch import RestoreContext
+
+        return RestoreContext(settings)
+
+    # ---- checkpoints and evaluation ---------------------------------------------------------------
+    def check_checkpoint(self, model_path: str) -> Mapping[str, Any]:
+        from .loading import check_checkpoint
+
+        return check_checkpoint(os.path.expanduser(model_path))[2]
+
+    def visual_tokens_per_image(self, config: Mapping[str, Any]) -> int:
+        return LLAVA_15_VISUAL_TOKENS
+
+    def check_budget(self, model_path: str, settings: Any) -> None:
+        if settings.merges_itself:
+            from .tome import check_tome_budget
+
+            check_tome_budget(model_path, settings.n_vis)
+
+    def load(self, model_path: str, *, model_base: Optional[str], device: str, dtype: str) -> LoadedModel:
+        from .loading import load_model
+
+        tokenizer, model, image_processor, _ = load_model(model_path, model_base=model_base, device=device, dtype=dtype)
+        return LoadedModel(tokenizer, model, image_processor, self.model_name(model_path))
+
+    def model_name(self, model_path: str) -> str:
+        from llava.mm_utils import get_model_name_from_path
+
+        return get_model_name_from_path(os.path.expanduser(model_path))
+
+    def conv_modes(self) -> List[str]:
+        from llava.conversation import conv_templates
+
+        return sorted(conv_templates)
+
+    def effective_conv_mode(self, model_path: str, conv_mode: str) -> str:
+        # As LLaVA's scripts: a pretrain-only ("plain", not "finetune") checkpoint gets the _mmtag template.
+        model_name = self.model_name(model_path)
+        if "plain" in model_name and "finetune" not in model_name.lower() and "mmtag" not in conv_mode:
+            return conv_mode + "_mmtag"
+        return conv_mode
+
+    def prompt_ids(self, tokenizer: Any, text: str, has_image: bool, conv_mode: str, model_config: Any) -> Any:
+        from llava.constants import IMAGE_TOKEN_INDEX
+        from llava.mm_utils import tokenizer_image_token
+
+        prompt = conversation_prompt(text, has_image, conv_mode, getattr(model_config, "mm_use_im_start_end", False))
+        return tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
+
+    def preprocess_image(self, image: Any, image_processor: Any, model_config: Any, settings: Any = None) -> Any:
+        from llava.mm_utils import process_images
+
+        try:
+            return process_images([image], image_processor, model_config)[0]
+        except TypeError:
+            # Padding an image whose mode takes no RGB fill colour (L, LA, I;16...) fails inside LLaVA, which
+            # would stop the official scripts; converting such an image to RGB first is the only way on.
+            return process_images([image.convert("RGB")], image_processor, model_config)[0]
+
+    def preprocessing_for_check(self, model_path: str) -> Callable[[Any], Any]:
+        from transformers import CLIPImageProcessor
+
+        config = self.check_checkpoint(model_path)
+        vision_tower = config["mm_vision_tower"]
+        try:
+            # LLaVA's CLIP vision tower builds its image processor this same way when it loads.
+            image_processor = CLIPImageProcessor.from_pretrained(vision_tower)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"the image processor of the vision tower {vision_tower!r} (from the config of "
+                                  f"{model_path}) cannot be loaded: {e}") from None
+        # process_images reads only image_aspect_ratio (and image_grid_pinpoints) from the model's config.
+        model_config = SimpleNamespace(**config)
+        return lambda image: self.preprocess_image(image, image_processor, model_config)
+
+    def shared_encoding(self, model: Any) -> ContextManager[Any]:
+        from .vision import shared_vision_encoding
+
+        return _encoding_with_tower(model, shared_vision_encoding)
+
+
+@contextlib.contextmanager
+def _encoding_with_tower(model: Any, shared_vision_encoding: Callable[[Any], ContextManager[Any]]):
+    """The vision memo, with ``encode(images)`` bound to this model's tower."""
+    with shared_vision_encoding(model) as memo:
+        tower = model.get_model().get_vision_tower()
+        yield SimpleNamespace(encode=lambda images: memo.encode(tower, images), memo=memo)
+
+
+def conversation_prompt(text: str, has_image: bool, conv_mode: str, im_start_end: bool) -> str:
+    """The full conversation prompt: the image placeholder, a newline, the question; then the assistant turn."""
+    from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
+    from llava.conversation import conv_templates
+
+    if has_image:
+        placeholder = (DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
+                       if im_start_end else DEFAULT_IMAGE_TOKEN)
+        text = placeholder + "\n" + text
+    conv = conv_templates[conv_mode].copy()
+    conv.append_message(conv.roles[0], text)
+    conv.append_message(conv.roles[1], None)
+    return conv.get_prompt()
+
+
+FAMILY = LlavaFamily()

@@ -1,0 +1,208 @@
+"""Model families behind one seam: what restore needs to know about a kind of model, and the registry
+that finds a model's family.
+
+The core (selectors, merging, calibration, settings, ``restore.apply``) never imports model code: it asks
+the family of the model in hand. A family is one folder (LLaVA, with LLaVA-1.5 and its anyres layouts:
+``llava_patches/``) holding a :class:`ModelFamily` subclass, registered by one line in
+:data:`FAMILY_MODULES` or by :func:`register_family` from a plugin. docs/model_families.md describes the
+interface with the LLaVA family as the worked example.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple
+
+# Registration: module that defines FAMILY, one line per family.
+FAMILY_MODULES = ("llava_patches.family",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint no family can load as it is; the message says why and what to change."""
+
+
+class LoadedModel(NamedTuple):
+    tokenizer: Any
+    model: Any
+    image_processor: Any
+    model_name: str  # the name the family's own evaluation code gives the checkpoint (answer lines' model_id)
+
+
+class ModelFamily:
+    """One kind of multimodal model: how to recognise, load, prompt and patch it.
+
+    The methods fall in two groups. ``restore.apply`` uses :meth:`recognizes_model`, :meth:`check_model`,
+    :meth:`check_settings` and :meth:`patch_targets`; the evaluation entry points use the checkpoint and
+    prompt methods, so that nothing outside the family folder names the family's classes or templates.
+    """
+
+    name: str = ""
+    default_conv_mode: str = ""
+
+    # ---- recognising ------------------------------------------------------------------------------
+    def recognizes_config(self, config: Mapping[str, Any]) -> bool:
+        """Whether a checkpoint's config.json is one of this family's (no weights read)."""
+        raise NotImplementedError
+
+    def recognizes_model(self, model: Any) -> bool:
+        """Whether a loaded model is one of this family's."""
+        raise NotImplementedError
+
+    # ---- restore.apply ----------------------------------------------------------------------------
+    def check_model(self, model: Any) -> int:
+        """Raise (TypeError/ValueError, saying what to change) unless ``model`` can be patched; return N,
+        its visual tokens per image before reduction."""
+        raise NotImplementedError
+
+    def check_settings(self, model: Any, settings: Any) -> None:
+        """Raise ValueError for a reduction this model cannot carry out (e.g. a budget its encoder cannot reach)."""
+
+    def patch_targets(self, model: Any) -> Iterable[Tuple[Any, type]]:
+        """(module, mixin) pairs: ``restore.apply`` swaps each module's class for mixin + its class."""
+        raise NotImplementedError
+
+    def new_context(self, settings: Any) -> Any:
+        """The state the patched modules of one model share (``module._restore_ctx``); it must hold the
+        settings as ``.settings``."""
+        raise NotImplementedError
+
+    # ---- checkpoints and evaluation ---------------------------------------------------------------
+    def check_checkpoint(self, model_path: str) -> Mapping[str, Any]:
+        """Validate a checkpoint from its config (and weight headers) before loading it; its config.
+        FileNotFoundError for a missing one, CheckpointError for one this family cannot load."""
+        raise NotImplementedError
+
+    def visual_tokens_per_image(self, config: Mapping[str, Any]) -> int:
+        """N for a checkpoint (the budget's upper end), from its config."""
+        raise NotImplementedError
+
+    def check_budget(self, model_path: str, settings: Any) -> None:
+        """ValueError for a reduction this checkpoint cannot carry out, from its config alone."""
+
+    def load(self, model_path: str, *, model_base: Optional[str], device: str, dtype: str) -> LoadedModel:
+        raise NotImplementedError
+
+    def model_name(self, model_path: str) -> str:
+        raise NotImplementedError
+
+    def conv_modes(self) -> List[str]:
+        """The conversation templates --conv-mode may name."""
+        raise NotImplementedError
+
+    def effective_conv_mode(self, model_path: str, conv_mode: str) -> str:
+        """The template a run with ``conv_mode`` uses for this checkpoint."""
+        return conv_mode
+
+    def prompt_ids(self, tokenizer: Any, text: str, has_image: bool, conv_mode: str, model_config: Any) -> Any:
+        """Token ids [L] of the full prompt of one question (the image placeholder where the family puts it)."""
+        raise NotImplementedError
+
+    def preprocess_image(self, image: Any, image_processor: Any, model_config: Any, settings: Any = None) -> Any:
+        """Pixels of one image as inference feeds them to a model carrying ``settings`` (a ReductionSettings;
+        None: unreduced). A family whose reduced layout needs other pixels (LLaVA-NeXT's fixed grid) decides
+        here."""
+        raise NotImplementedError
+
+    def preprocessing_key(self, model_config: Any, settings: Any) -> Any:
+        """Configurations whose keys are equal get the same pixels (and may share one encoding in a sweep)."""
+        return None
+
+    def preprocessing_for_check(self, model_path: str) -> Callable[[Any], Any]:
+        """``image -> pixels`` as inference will preprocess, built without loading weights."""
+        raise NotImplementedError
+
+    def shared_encoding(self, model: Any) -> ContextManager[Any]:
+        """A context whose memo (``memo.encode(images)``) gives every configuration applied meanwhile the
+        same encoding of a batch's images (sweeps)."""
+        raise NotImplementedError
+
+
+_FAMILIES: Dict[str, ModelFamily] = {}
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    known = _FAMILIES.get(family.name)
+    if known is not None and known is not family:
+        raise ValueError(f"a model family named {family.name!r} is registered already")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def families() -> List[ModelFamily]:
+    for module in FAMILY_MODULES:
+        family = importlib.import_module(module).FAMILY
+        if family.name not in _FAMILIES:
+            register_family(family)
+    return list(_FAMILIES.values())
+
+
+def family_of_model(model: Any) -> ModelFamily:
+    """The family of a loaded model; TypeError naming the supported families otherwise."""
+    candidates = families()
+    for family in candidates:
+        if family.recognizes_model(model):
+            return family
+    reasons = []
+    for family in candidates:  # each family says what it expects
+        try:
+            family.check_model(model)
+        except (TypeError, ValueError) as error:
+            reasons.append(str(error))
+    raise TypeError(reasons[0] if len(reasons) == 1 else
+                    f"restore does not know models of type {type(model).__name__}: " + "; ".join(reasons))
+
+
+def family_of_checkpoint(model_path: str) -> ModelFamily:
+    """The family whose checkpoints look like ``model_path``'s (from its config.json). A checkpoint no
+    family recognises gets each family's own explanation of why it cannot load it."""
+    config = read_checkpoint_config(model_path)[1]
+    candidates = families()
+    for family in candidates:
+        if family.recognizes_config(config):
+            return family
+    reasons = []
+    for family in candidates:
+        try:
+            family.check_checkpoint(model_path)
+        except (CheckpointError, FileNotFoundError) as error:
+            reasons.append(str(error))
+    raise CheckpointError(" ".join(reasons) if len(reasons) == 1 else
+                          f"{model_path} is not a checkpoint of any supported family: " + "; ".join(reasons))
+
+
+def is_hub_name(model_path: str) -> bool:
+    """'owner/name' that is not a local path (its first component is not a local folder)."""
+    import re
+
+    return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*", model_path)) \
+        and not Path(model_path.split("/")[0]).exists()
+
+
+def read_checkpoint_config(model_path: str) -> Tuple[str, Dict[str, Any]]:
+    """(the path to load from, absolute for a local folder; the checkpoint's config.json), from a local
+    folder or the Hugging Face cache/hub. FileNotFoundError or CheckpointError saying what is wrong."""
+    from restore.jsonio import read_json
+
+    local = Path(model_path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise CheckpointError(f"{model_path} is a file; pass the checkpoint folder (the one with config.json).")
+        config_file = local / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{local} has no config.json: it is not a Hugging Face checkpoint folder.")
+        return str(local.resolve()), read_json(config_file)
+    if not is_hub_name(model_path):
+        raise FileNotFoundError(
+            f"checkpoint folder {model_path!r} does not exist. Pass an existing local folder or a Hugging Face "
+            f"name such as 'liuhaotian/llava-v1.5-7b'."
+        )
+    from transformers.utils import cached_file
+
+    try:
+        config_file = cached_file(model_path, "config.json")
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(
+            f"{model_path!r} is neither a local folder nor a reachable Hugging Face model "
+            f"(no config.json; offline, a typo, or a gated repository?): {error}"
+        ) from error
+    return model_path, read_json(config_file)
