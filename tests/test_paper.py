@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from restore.settings import parse_run_tag
+
 from restore import paper
 from restore.paper import __main__ as paper_cli
 from restore.eval.naming import model_name_of
@@ -51,9 +53,9 @@ def test_ablation_rows_are_the_documented_settings():
     for table in paper.load_tables().values():
         for row in table.rows:
             if row.config.base is not None and row.config.n_vis is not None:
-                flags = row.config.script_flags()
-                assert flags[:4] == ["--base", row.config.base, "--n_vis", str(row.config.n_vis)]
-                assert ("--restore" in flags) == row.config.restore
+                # the run name the sweep is given reads back as this configuration
+                config = parse_run_tag(row.config.tag())
+                assert (config["base"], config["n_vis"]) == (row.config.base.lower(), row.config.n_vis)
 
 
 def _dry_run(capsys, *argv):
