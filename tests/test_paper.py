@@ -6,13 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from restore.settings import parse_run_tag
-
 from restore import paper
 from restore.paper import __main__ as paper_cli
 from restore.eval.naming import model_name_of
 from restore.paper.layout import MeasuredTable, latest_by_name, render
-from restore.settings import resolve_settings, run_tag
+from restore.settings import parse_run_tag, resolve_settings, run_tag
 
 REPO = Path(__file__).resolve().parents[1]
 
