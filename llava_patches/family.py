@@ -121,7 +121,7 @@ class LlavaFamily(ModelFamily):
         prompt = conversation_prompt(text, has_image, conv_mode, getattr(model_config, "mm_use_im_start_end", False))
         return tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
 
-    def preprocess_image(self, image: Any, image_processor: Any, model_config: Any) -> Any:
+    def preprocess_image(self, image: Any, image_processor: Any, model_config: Any, settings: Any = None) -> Any:
         from llava.mm_utils import process_images
 
         try:

@@ -31,12 +31,15 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+from restore.eval.naming import plain_tag
+
+from .jsonio import InvalidJson, read_json, read_jsonl
 
 BENCH_ORDER = ("gqa", "mmbench", "mme", "pope", "sqa", "vqav2", "textvqa", "seed", "ocrbench")
 TITLES = {"gqa": "GQA", "mmbench": "MMB", "mme": "MME", "pope": "POPE", "sqa": "SQA-IMG", "vqav2": "VQAv2",
@@ -104,10 +107,8 @@ def config_of(record: dict) -> Config:
 
 
 def default_run_name(base: str, n_vis: int, restore: bool) -> str:
-    """The answers subfolder scripts/llava1_5 picks without --run-name (lower case)."""
-    if base == NO_REDUCTION:
-        return "full"
-    return f"{base.lower()}-{n_vis}" + ("-restore" if restore else "")
+    """The answers subfolder the launcher picks without --run-name or setting overrides (lower case)."""
+    return plain_tag(None if base == NO_REDUCTION else base, n_vis, restore)
 
 
 def is_run_record(obj) -> bool:
@@ -119,10 +120,8 @@ def load_runs(results_dir: Path) -> tuple[list[Run], list[str]]:
     runs, skipped = [], []
     for path in sorted(list(results_dir.rglob("*.json")) + list(results_dir.rglob("*.jsonl"))):
         try:
-            text = path.read_text(encoding="utf-8")
-            objects = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
-                else [json.loads(text)]
-        except (OSError, json.JSONDecodeError):
+            objects = read_jsonl(path) if path.suffix == ".jsonl" else [read_json(path)]
+        except (OSError, InvalidJson):
             skipped.append(str(path))
             continue
         records = [o for o in objects if is_run_record(o)]
