@@ -299,7 +299,29 @@ def test_rows_that_end_early_answer_as_alone(data, tmp_path, in_process, small_m
     else:
         pytest.fail(f"no row ended before the others of its batch (first tokens {first_tokens})")
     assert run(1) == batched
-    assert batched[1] < len(first_tokens) * (1 + int(MAX_NEW_TOKENS))  # bos and 3 tokens unless stopped
+    assert batched[1] < len(first_tokens) * int(MAX_NEW_TOKENS)  # 3 tokens unless stopped (the start token uncounted)
+
+
+def test_the_summary_counts_generated_tokens_only(data, tmp_path, in_process, small_model, capsys, monkeypatch):
+    """Generating from embeddings, transformers starts each row with the start token it made the input
+    of: the summary line counts the tokens after it, up to each row's end of sequence."""
+    from llava.model import LlavaLlamaForCausalLM
+
+    generate, outputs = LlavaLlamaForCausalLM.generate, []
+
+    def recording(self, *args, **kwargs):
+        outputs.append(generate(self, *args, **kwargs))
+        return outputs[-1]
+
+    monkeypatch.setattr(LlavaLlamaForCausalLM, "generate", recording)
+    entry, argv = bench_argv("gqa", data, tmp_path / "count.jsonl", "--base", "HoloV", "--n_vis", N_VIS)
+    assert run_entry(entry, argv) == 0
+    counted = int(re.search(r"(\d+) tokens generated", capsys.readouterr().out).group(1))
+    start = small_model.model.generation_config.bos_token_id
+    eos = (small_model.model.generation_config.eos_token_id,)
+    rows = [runner.until_eos(row, eos) for out in outputs for row in out]
+    assert all(int(row[0]) == start for row in rows)
+    assert counted == sum(len(row) - 1 for row in rows)
 
 
 def test_until_eos_keeps_the_row_as_generated_alone():

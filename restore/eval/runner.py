@@ -225,10 +225,14 @@ def _generate(model, tokenizer, prepared: Sequence[Tuple[Any, Any, Any]], images
             use_cache=True,
             **sampling,
         )
+    # Generating from embeddings, transformers starts every row with the start token it made the input
+    # of; it is no generated token.
+    start = getattr(model.generation_config, "bos_token_id", None)
     answers = []
     for row in output_ids:
         row = until_eos(row, eos)
-        answers.append((tokenizer.decode(row, skip_special_tokens=True).strip(), int(row.shape[-1])))
+        generated = int(row.shape[-1]) - int(start is not None and row.numel() > 0 and int(row[0]) == start)
+        answers.append((tokenizer.decode(row, skip_special_tokens=True).strip(), generated))
     return answers
 
 
