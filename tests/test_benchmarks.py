@@ -119,3 +119,19 @@ def test_unregistered_or_scorerless_benchmark_cannot_be_scored(scratch_registry,
     register_benchmark(dataclasses.replace(YESNO, evaluate=None))
     with pytest.raises(ValueError, match="unknown benchmark 'yesno'"):
         scoring.score("yesno", tmp_path / "a.jsonl", tmp_path, tmp_path)
+
+
+def test_a_registered_benchmark_runs_through_the_launcher(scratch_registry, tmp_path, small_checkpoint, capsys):
+    """The few lines above are all a benchmark needs: the scripts' launcher runs, merges and scores it."""
+    from restore.eval import launch
+
+    register_benchmark(YESNO)
+    fixtures.make_fixtures(tmp_path / "data", n=3, benchmarks=["yesno"])
+    status = launch.main(["yesno", "--model-path", str(small_checkpoint), "--data-root", str(tmp_path / "data"),
+                          "--answers-root", str(tmp_path / "answers"), "--results-dir", str(tmp_path / "results"),
+                          "--configs", "full,HoloV-16-restore", "--device", "cpu", "--max_new_tokens", "2"])
+    assert status == 0, capsys.readouterr()
+    records = sorted(json.loads(p.read_text())["run_name"] for p in (tmp_path / "results").glob("yesno__*.json"))
+    assert records == ["full", "holov-16-restore"]
+    merged = tmp_path / "answers" / "yesno" / small_checkpoint.name / "holov-16-restore" / "merge.jsonl"
+    assert [line["question_id"] for line in read_jsonl(merged)] == [0, 1, 2]
