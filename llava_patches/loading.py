@@ -11,7 +11,6 @@ tower's dtype and its features back to the pixels' dtype by the tower itself.
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 import zipfile
@@ -24,6 +23,7 @@ import torch
 from PIL import Image
 
 from restore.families import CheckpointError, read_checkpoint_config  # noqa: F401 (CheckpointError: part of this module's API)
+from restore.jsonio import read_json
 
 _DTYPE_NAMES = {
     "float32": torch.float32,
@@ -103,7 +103,7 @@ def _check_weight_file(path: Path) -> None:
 
 
 def _check_shard_index(index_file: Path) -> None:
-    shards = sorted(set(json.loads(index_file.read_text()).get("weight_map", {}).values()))
+    shards = sorted(set(read_json(index_file).get("weight_map", {}).values()))
     missing = [name for name in shards if not (index_file.parent / name).is_file()]
     if missing:
         raise CheckpointError(

@@ -251,19 +251,18 @@ def check_tome_budget(model_path: str, n_vis: int) -> None:
     ``n_vis`` tokens at its select layer (a bipartite merge at most halves a layer's tokens). Reads the
     checkpoint's config and, for a local tower, the tower's; a hub tower (CLIP ViT-L, 23 layers before
     LLaVA's select layer) reaches every budget."""
-    import json
     import os
+
+    from restore.jsonio import read_json
 
     config_file = os.path.join(os.path.expanduser(model_path), "config.json")
     if not os.path.isfile(config_file):
         return
-    with open(config_file, encoding="utf-8") as f:
-        config = json.load(f)
+    config = read_json(config_file)
     tower_config = os.path.join(str(config.get("mm_vision_tower", "")), "config.json")
     if not os.path.isfile(tower_config):
         return
-    with open(tower_config, encoding="utf-8") as f:
-        tower = json.load(f)
+    tower = read_json(tower_config)
     tower = tower.get("vision_config", tower)
     layers = int(tower["num_hidden_layers"])
     hidden_index, _ = _layer_indices(int(config.get("mm_vision_select_layer", -2)), layers)

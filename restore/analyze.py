@@ -28,6 +28,7 @@ from typing import List, Optional
 
 import tokenreduction as tr
 from restore.analysis import attention as attention_analysis
+from restore.jsonio import read_json
 from restore.analysis import token_map as token_maps
 from restore.analysis.models import DEFAULT_QUESTION, load_bench_model, load_image, prompt_inputs, visual_tokens
 
@@ -193,7 +194,7 @@ def rope_settings(model_path: Optional[str]) -> tuple[int, float]:
     config_file = Path(model_path) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: pass a local checkpoint folder")
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file)
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     return int(head_dim), float(config.get("rope_theta", 10000.0))
 

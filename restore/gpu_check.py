@@ -10,7 +10,8 @@ LLaVA-1.5-7B-shaped random model (saved to a temporary folder so that both sides
 
 Then, on our model with a reduction applied, the two decisions the official RESTORE model makes on
 the device: the mask object SDPA receives (boolean causal mask without RESTORE, an additive one with
-it), and how far the per-call cos/sin (official arithmetic) are from stock's stored table.
+it), and how far the per-call cos/sin (official arithmetic) are from stock's stored table; and how many
+greedy answers a batch of 8 changes against one at a time (--batch-size), without and with RESTORE.
 
 Without CUDA the default run prints why it skips and exits 0. ``--device cpu`` runs the same
 comparison on the CPU (fp32 by default; the stock side is then cast with ``.float()``, which keeps
@@ -213,6 +214,56 @@ def check_reduced(name: str, loaded, device: torch.device, dtype: torch.dtype) -
 
 
 # --------------------------------------------------------------------------------------------------
+# Batched generation: how many answers a batch changes on this device
+# --------------------------------------------------------------------------------------------------
+
+BATCH_QUESTIONS = ("What is in the image?", "Is there a red circle?", "What color is the largest shape?",
+                   "How many shapes are there? Answer the question using a single word or phrase.",
+                   "Describe the image in one sentence.", "Is the background white?",
+                   "Which shape is on the left?", "What is written in the image?")
+
+
+def batch_agreement(name: str, loaded, device: torch.device, dtype: torch.dtype, new_tokens: int,
+                    batch_size: int = 8) -> List[Tuple[bool, str]]:
+    """(passed, line) per configuration: greedy answers of ``batch_size`` questions generated together
+    (left padding, as the entry points batch) against each generated alone. In fp32 every answer must be
+    equal; in fp16/bf16 the count of changed answers is what --batch-size costs in rounding (information)."""
+    import restore
+    from llava_patches.family import FAMILY
+    from restore.eval.runner import _padded_on_the_left, pad_left, until_eos
+    from restore.small_checkpoint import synthetic_image
+
+    tokenizer, model, processor = loaded
+    questions = [BATCH_QUESTIONS[i % len(BATCH_QUESTIONS)] for i in range(batch_size)]
+    images = [synthetic_image(100 + i, (320 + 40 * (i % 4), 240 + 30 * (i % 3))) for i in range(batch_size)]
+    ids = [FAMILY.prompt_ids(tokenizer, q, True, "vicuna_v1", model.config) for q in questions]
+    pixels = torch.stack([FAMILY.preprocess_image(im, processor, model.config) for im in images]).to(device, dtype)
+    sizes = [im.size for im in images]
+    eos = (int(model.generation_config.eos_token_id),)
+    common = dict(do_sample=False, num_beams=1, max_new_tokens=new_tokens, use_cache=True)
+    lines = []
+    for config in (dict(base=None), dict(base="HoloV", n_vis=64, restore=True)):
+        restore.apply(model, **config)
+        with torch.inference_mode():
+            alone = [until_eos(model.generate(row[None].to(device), images=pixels[i:i + 1], image_sizes=[sizes[i]],
+                                              **common)[0], eos).tolist() for i, row in enumerate(ids)]
+            batch_ids, mask = pad_left(ids, tokenizer.pad_token_id or 0)
+            with _padded_on_the_left(model, True):
+                out = model.generate(batch_ids.to(device), images=pixels, image_sizes=sizes,
+                                     **({} if mask is None else {"attention_mask": mask.to(device)}), **common)
+        together = [until_eos(row, eos).tolist() for row in out]
+        changed = sum(a != b for a, b in zip(alone, together))
+        exact = dtype == torch.float32
+        ok = changed == 0 or not exact
+        label = "no reduction" if config["base"] is None else "HoloV-64 restore"
+        lines.append((ok, f"{('ok  ' if ok else 'FAIL') if exact else 'info'} {name} {label}: batch of {batch_size} "
+                          f"vs one at a time: {changed} of {batch_size} answers differ"
+                          + ("" if exact else " (fp16/bf16 rounding; fp32 must give 0)")))
+    restore.remove(model)
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
 
@@ -270,7 +321,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for result in results:
                 verdicts.append(result.passed(tolerance))
                 print(result.line(tolerance), flush=True)
-            for ok, line in check_reduced(name, loaded, device, dtype):
+            for ok, line in check_reduced(name, loaded, device, dtype) + batch_agreement(
+                    name, loaded, device, dtype, args.new_tokens):
                 verdicts.append(ok)
                 print(line, flush=True)
             del loaded

@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+from .jsonio import InvalidJson, read_json, read_jsonl
 
 BENCH_ORDER = ("gqa", "mmbench", "mme", "pope", "sqa", "vqav2", "textvqa", "seed", "ocrbench")
 TITLES = {"gqa": "GQA", "mmbench": "MMB", "mme": "MME", "pope": "POPE", "sqa": "SQA-IMG", "vqav2": "VQAv2",
@@ -119,10 +120,8 @@ def load_runs(results_dir: Path) -> tuple[list[Run], list[str]]:
     runs, skipped = [], []
     for path in sorted(list(results_dir.rglob("*.json")) + list(results_dir.rglob("*.jsonl"))):
         try:
-            text = path.read_text(encoding="utf-8")
-            objects = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
-                else [json.loads(text)]
-        except (OSError, json.JSONDecodeError):
+            objects = read_jsonl(path) if path.suffix == ".jsonl" else [read_json(path)]
+        except (OSError, InvalidJson):
             skipped.append(str(path))
             continue
         records = [o for o in objects if is_run_record(o)]

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .jsonio import read_json
+
 DEFAULT_CHECKPOINT_DIR = Path("playground/checkpoints/llava-v1.5-small-random")
 VISION_SUBDIR = "vision_tower"
 MANIFEST_NAME = "small_checkpoint.json"
@@ -470,8 +472,8 @@ def manifest_is_current(path: str | os.PathLike, manifest_name: str, expected: D
     """The folder's manifest equals ``expected``, its config points at its own vision tower, its files exist."""
     path = Path(path).expanduser().resolve()
     try:
-        manifest = json.loads((path / manifest_name).read_text())
-        config = json.loads((path / "config.json").read_text())
+        manifest = read_json(path / manifest_name)
+        config = read_json(path / "config.json")
     except (OSError, ValueError):
         return False
     required = ["model.safetensors", "tokenizer.model", f"{VISION_SUBDIR}/model.safetensors"]

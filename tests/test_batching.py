@@ -138,6 +138,16 @@ def test_batch_of_four_answers_as_batch_one(bench, data, tmp_path, in_process, s
             assert [b[:2] for b in batches] == [(len(one), True)]
 
 
+@pytest.mark.parametrize("bench", ["gqa", "mmbench", "ocrbench"])
+def test_tome_batches_answer_as_batch_one(bench, data, tmp_path, in_process):
+    """ToMe merges inside the vision encoder, per image whatever the batch: with and without RESTORE
+    (144: within reach of the small tower, whose layers before the select layer each halve at most)."""
+    for config in (["--base", "ToMe", "--n_vis", "144"], ["--base", "ToMe", "--n_vis", "144", "--restore"]):
+        runs = batched_runs(bench, data, tmp_path, in_process, config, (1, 4))
+        assert runs[4][0] == runs[1][0], (bench, config)
+        assert max(b[0] for b in runs[4][1]) == 4
+
+
 def test_batches_are_built_from_similar_prompt_lengths():
     from restore.eval.entry_point import ImageRef, Item
 

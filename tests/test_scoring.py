@@ -9,7 +9,7 @@ import pytest
 
 from restore.eval.scoring import DataFilesMissing, score
 from restore.eval.scoring.__main__ import main as cli
-from restore.eval.scoring.mmbench import extract_letter
+from restore.eval.benchmarks.mmbench import extract_letter
 from restore.eval.scoring.vqa_normalize import normalize_answer, soft_scores
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
@@ -151,7 +151,7 @@ def make_mme(root: Path) -> None:
                                                  "Is this by Goya? Please answer yes or no.\tNo"],
         "code_reasoning/0001.txt": ["Does it print 1? Please answer yes or no.\tNo", "Does it print 2? Please answer yes or no.\tYes"],
     }
-    from restore.eval.scoring.mme import COGNITION, PERCEPTION
+    from restore.eval.benchmarks.mme import COGNITION, PERCEPTION
 
     for category in PERCEPTION + COGNITION:  # one unanswered image in each other subtask: scores 0
         if not any(name.startswith(category + "/") for name in files):

@@ -185,3 +185,37 @@ def test_shared_encoding_is_the_stock_encoding(small_model):
         other = torch.randn(1, 3, 336, 336)
         assert memo.lookup(other) is None  # an image it does not hold is encoded as usual
     assert type(tower).__name__ == "CLIPVisionTower" and not hasattr(tower, "_restore_encoding_memo")
+
+
+def test_configurations_with_other_pixels_get_their_own(data, tmp_path, in_process, monkeypatch):
+    """A family may preprocess differently for a reduced layout (LLaVA-NeXT's fixed grid): each
+    configuration then sees its own pixels in a sweep, as in a separate run, and shares the encoding
+    only with the configurations of its preprocessing."""
+    from llava_patches.family import FAMILY
+
+    preprocess, seen = FAMILY.preprocess_image, []
+
+    def flipped_when_reduced(image, image_processor, model_config, settings=None):
+        seen.append(settings is None)
+        pixels = preprocess(image, image_processor, model_config)
+        return pixels if settings is None else pixels.flip(-1)
+
+    monkeypatch.setattr(FAMILY, "preprocess_image", flipped_when_reduced)
+    monkeypatch.setattr(FAMILY, "preprocessing_key", lambda config, settings: settings is None, raising=False)
+    specs = ["full", "HoloV-16", "DivPrune-16-restore"]
+    assert sweep("gqa", data, tmp_path / "sweep", specs) == 0
+    n_images = len(answers_of(tmp_path / "sweep" / "full" / "answers.jsonl"))
+    assert seen.count(True) == seen.count(False) == n_images  # each image preprocessed once per key
+    # full encodes alone; the two reduced configurations share the flipped pixels' encoding
+    assert in_process["images_encoded"] == 2 * n_images
+    for spec in specs:
+        alone = separate("gqa", data, tmp_path / "separate", spec)
+        swept = tmp_path / "sweep" / tag_of(spec) / "answers.jsonl"
+        assert answers_of(swept) == answers_of(alone), spec
+    # the flip reached the reduced configurations: without it their answers differ
+    monkeypatch.setattr(FAMILY, "preprocess_image", preprocess)
+    differs = False
+    for spec in specs[1:]:
+        plain = separate("gqa", data, tmp_path / "plain", spec)
+        differs |= answers_of(plain) != answers_of(tmp_path / "sweep" / tag_of(spec) / "answers.jsonl")
+    assert differs

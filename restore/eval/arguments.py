@@ -87,8 +87,9 @@ def check_arguments(entry: EntryPoint, args: argparse.Namespace,
     """(settings that change the answers, number of chunks, this chunk); raises SetupError on any problem
     that can be found without the model."""
     load_plugins(args.plugin)  # before --base is checked: a plugin registers the names it may take
-    base = validate_reduction(args.base, args.n_vis, args.restore)
-    args.reduction = reduction_settings(args, base)
+    family, num_patches = checkpoint_family(args)
+    base = validate_reduction(args.base, args.n_vis, args.restore, num_patches)
+    args.reduction = reduction_settings(args, base, num_patches)
     num_chunks, chunk_idx = resolve_chunk(args.num_chunks, args.chunk_idx, env)
     if args.max_new_tokens < 1:
         raise SetupError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
@@ -108,9 +109,7 @@ def check_arguments(entry: EntryPoint, args: argparse.Namespace,
             raise SetupError(f"image folder not found: {args.image_folder}")
 
     device_type, dtype_name = resolve_execution(args.device, args.dtype)
-    # --model-base (LoRA and projector-only checkpoints) is LLaVA's; such a checkpoint is checked when it loads
-    family = check_model_path(args.model_path) if args.model_base is None else None
-    args.family = family = family or default_family()
+    args.family = family
     conv_modes = family.conv_modes()
     if args.conv_mode not in conv_modes:
         raise SetupError(f"unknown --conv-mode {args.conv_mode!r}; available: {', '.join(conv_modes)}")
@@ -157,6 +156,7 @@ def expand_configs(args: argparse.Namespace) -> List[Tuple[str, argparse.Namespa
         raise SetupError(f"--configs {args.configs!r}: give comma-separated configurations without empty ones, "
                          "e.g. full,HoloV-64,HoloV-64-restore")
     load_plugins(args.plugin)  # a plugin's methods may be named in the specs
+    checkpoint_family(args)  # once, for every configuration
     expanded: List[Tuple[str, argparse.Namespace]] = []
     named: Dict[str, str] = {}
     for spec in specs:
@@ -173,8 +173,9 @@ def expand_configs(args: argparse.Namespace) -> List[Tuple[str, argparse.Namespa
             for name, value in config.items():
                 setattr(one, name, value)
         try:
-            base = validate_reduction(one.base, one.n_vis, one.restore)
-            tag = run_tag(reduction_settings(one, base))
+            num_patches = checkpoint_family(one)[1]
+            base = validate_reduction(one.base, one.n_vis, one.restore, num_patches)
+            tag = run_tag(reduction_settings(one, base, num_patches))
         except SetupError as e:
             raise SetupError(f"--configs {spec}: {e}") from None
         if tag in named:
@@ -233,7 +234,8 @@ def load_plugins(modules: Sequence[str]) -> None:
         raise SetupError(f"--plugin: {e}") from None
 
 
-def validate_reduction(base: Optional[str], n_vis: Optional[int], restore: bool) -> Optional[str]:
+def validate_reduction(base: Optional[str], n_vis: Optional[int], restore: bool,
+                       num_patches: int = MAX_VISUAL_TOKENS) -> Optional[str]:
     """Canonical selector name (or None for no reduction); raises SetupError on impossible settings."""
     if base is None:
         if n_vis is not None:
@@ -248,14 +250,15 @@ def validate_reduction(base: Optional[str], n_vis: Optional[int], restore: bool)
     if str(base).lower() not in {name.lower() for name in available}:
         raise SetupError(f"unknown --base {base!r}; available: {', '.join(available)}")
     if n_vis is None:
-        raise SetupError(f"--base {base} needs --n_vis (visual tokens to keep, 1..{MAX_VISUAL_TOKENS})")
-    if not 1 <= n_vis <= MAX_VISUAL_TOKENS:
-        raise SetupError(f"--n_vis must be in 1..{MAX_VISUAL_TOKENS} (LLaVA-1.5 has {MAX_VISUAL_TOKENS} "
-                         f"visual tokens), got {n_vis}")
+        raise SetupError(f"--base {base} needs --n_vis (visual tokens to keep, 1..{num_patches})")
+    if not 1 <= n_vis <= num_patches:
+        raise SetupError(f"--n_vis must be in 1..{num_patches} (the checkpoint has {num_patches} "
+                         f"visual tokens per image), got {n_vis}")
     return tokenreduction.canonical_name(base)
 
 
-def reduction_settings(args: argparse.Namespace, base: Optional[str]) -> Optional[ReductionSettings]:
+def reduction_settings(args: argparse.Namespace, base: Optional[str],
+                       num_patches: int = MAX_VISUAL_TOKENS) -> Optional[ReductionSettings]:
     """The reduction the flags ask for (None: no reduction); SetupError for impossible settings."""
     overrides = overrides_from(args)
     if base is None:
@@ -264,7 +267,7 @@ def reduction_settings(args: argparse.Namespace, base: Optional[str]) -> Optiona
             raise SetupError(f"{', '.join(given)} need --base and --n_vis (no reduction has no settings)")
         return None
     try:
-        settings = resolve_settings(base, args.n_vis, bool(args.restore), MAX_VISUAL_TOKENS, **overrides)
+        settings = resolve_settings(base, args.n_vis, bool(args.restore), num_patches, **overrides)
     except ValueError as e:
         raise SetupError(f"reduction settings: {e}") from None
     return settings
@@ -314,16 +317,34 @@ def resolve_chunk(num_chunks: Optional[int], chunk_idx: Optional[int],
 
 
 def check_model_path(model_path: str):
-    """The family of the checkpoint, which exists and that family can load (from its config alone; no
-    weights are read)."""
+    """(family, config) of the checkpoint, which exists and that family can load (from its config alone;
+    no weights are read)."""
     from restore.families import CheckpointError, family_of_checkpoint
 
     try:
         family = family_of_checkpoint(os.path.expanduser(model_path))
-        family.check_checkpoint(model_path)
+        config = family.check_checkpoint(model_path)
     except (FileNotFoundError, CheckpointError) as e:
         raise SetupError(f"--model-path: {e}") from None
-    return family
+    return family, config
+
+
+def checkpoint_family(args: argparse.Namespace):
+    """(family, visual tokens per image before reduction) of --model-path, checked once per arguments.
+
+    A --model-base checkpoint (LoRA or projector-only, LLaVA's notion) is checked when it loads: it gets
+    the default family and LLaVA-1.5's token count."""
+    known = getattr(args, "checkpoint", None)
+    if known is not None:
+        return known
+    found = check_model_path(args.model_path) if args.model_base is None else None
+    if found is None:
+        known = (default_family(), MAX_VISUAL_TOKENS)
+    else:
+        family, config = found
+        known = (family, family.visual_tokens_per_image(config))
+    args.checkpoint = known
+    return known
 
 
 def local_or_hub(path: str) -> str:

@@ -6,10 +6,11 @@ becomes a list of :class:`Item` and how an answer line looks; :mod:`restore.eval
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass, field
 from collections import Counter
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+
+from .. import jsonio
 
 SHORT_ANSWER_SUFFIX = "Answer the question using a single word or phrase."
 OPTION_LETTER_SUFFIX = "Answer with the option's letter from the given choices directly."
@@ -85,23 +86,17 @@ def entry_by_name(name: str) -> EntryPoint:
 
 
 def read_jsonl(path: str) -> List[Dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise SetupError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
-    return rows
+    try:
+        return jsonio.read_jsonl(path)
+    except jsonio.InvalidJson as e:
+        raise SetupError(f"{path}, line {e.line}: not valid JSON ({e.error.msg})") from None
 
 
 def read_json(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise SetupError(f"{path}: not valid JSON ({e})") from None
+    try:
+        return jsonio.read_json(path)
+    except jsonio.InvalidJson as e:
+        raise SetupError(f"{path}: not valid JSON ({e.error})") from None
 
 
 def read_question_list(path: str, expected_file: str) -> List[Any]:

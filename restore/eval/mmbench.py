@@ -12,37 +12,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from typing import Any, Dict, List, Mapping
 
+from . import mmbench_tsv
 from .entry_point import OPTION_LETTER_SUFFIX, EntryPoint, ImageRef, Item, SetupError, require_questions, require_unique
+from .mmbench_tsv import OPTION_LETTERS, is_empty, question_text, row_options
 from .runner import run
 
-OPTION_LETTERS = ("A", "B", "C", "D")
 LETTER_SUFFIX_CN = "请直接回答选项字母。"
-
-
-def is_empty(value: Any) -> bool:
-    """An absent hint or option: a missing cell, or the text 'nan' / 'none' in any case."""
-    if value is None:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    return isinstance(value, str) and value.lower() in ("nan", "none")
+REQUIRED_COLUMNS = ("index", "question", "hint", "image", "A", "B")
 
 
 def read_rows(path: str) -> List[Dict[str, Any]]:
-    """The TSV's rows. pandas' missing-value rules (empty cell, 'NA', 'None', ...) decide which options
-    exist, exactly as in the official reader; cells stay text, so a numeric option keeps its spelling."""
-    import pandas as pd
-
+    """The TSV's rows, read as the scorer reads them (restore.eval.mmbench_tsv)."""
     try:
-        table = pd.read_table(path, dtype=str)
-    except Exception as e:  # pandas raises several parser error types
-        raise SetupError(f"{path}: cannot read as a TSV ({type(e).__name__}: {e})") from None
-    missing = [c for c in ("index", "question", "hint", "image", "A", "B") if c not in table.columns]
+        table = mmbench_tsv.read_table(path)
+    except mmbench_tsv.UnreadableTsv as e:
+        raise SetupError(str(e)) from None
+    missing = mmbench_tsv.absent_columns(table.columns, REQUIRED_COLUMNS)
     if missing:
         raise SetupError(f"{path} lacks the column(s) {', '.join(missing)}; is this the MMBench TSV?")
     return table.to_dict("records")
@@ -75,19 +64,13 @@ def build_items(settings: Mapping[str, Any]) -> List[Item]:
             raise SetupError(f"{path}: index {row['index']!r} is not an integer") from None
         if is_empty(row["image"]):
             raise SetupError(f"{path}: row {index} has no image")
-        options = []
-        for letter in OPTION_LETTERS:
-            if letter not in row or is_empty(row[letter]):
-                break
-            options.append(row[letter])
+        options = list(row_options(row).values())
         letters = list(OPTION_LETTERS[: len(options)])
         image = ImageRef(label=f"{os.path.basename(path)}, row index {index} (base64 image)",
                          base64=row["image"], convert_rgb=False)
         for round_id in range(len(options) if settings["all_rounds"] else 1):
             shown = options[round_id:] + options[:round_id]
-            question = row["question"] if is_empty(row["hint"]) else row["hint"] + "\n" + row["question"]
-            for letter, option in zip(OPTION_LETTERS, shown):
-                question += "\n" + letter + ". " + option
+            question = question_text(row, shown)
             text = question + "\n" + suffix if settings["single_pred_prompt"] else question
             items.append(Item(
                 key=_key(index, round_id), text=text, image=image,

@@ -130,7 +130,10 @@ def _answer_pending(plans: Sequence[Plan]) -> List[Tuple[int, float]]:
     device = next(model.parameters()).device
     dtype = next(model.get_model().mm_projector.parameters()).dtype
     union = pending_union(plans)
-    dataset = PreparedItems(union, tokenizer, image_processor, model.config, conv_mode, args.family)
+    family = args.family
+    keys = [family.preprocessing_key(model.config, plan.args.reduction) for plan in plans]
+    variants = {key: plan.args.reduction for key, plan in zip(keys, plans)}
+    dataset = PreparedItems(union, tokenizer, image_processor, model.config, conv_mode, family, variants)
     batches = plan_batches(union, args.batch_size, dataset.prompt_length)
     workers = args.num_workers if args.num_workers is not None else (4 if device.type == "cuda" else 0)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_identity)
@@ -151,18 +154,18 @@ def _answer_pending(plans: Sequence[Plan]) -> List[Tuple[int, float]]:
         outs = [files.enter_context(open(plan.answers_file, "a", encoding="utf-8")) for plan in plans]
         for indices, prepared in zip(batches, loader):
             wanted = [[k for k, i in enumerate(indices) if union[i].key in keys] for keys in pending_keys]
-            pixels = [p for _, p, _ in prepared if p is not None]
-            images = None
-            if pixels:
-                images = (torch.stack(pixels) if len({p.shape for p in pixels}) == 1 else pixels)
-                images = images.to(device=device, dtype=dtype) if torch.is_tensor(images) else \
-                    [p.to(device=device, dtype=dtype) for p in images]
-            sharing = sum(1 for plan, rows in zip(plans, wanted) if rows and shares_encoding(plan.args.reduction))
+            images = {key: _batch_images([p[key] for _, p, _ in prepared if p is not None], device, dtype)
+                      for key in variants}
             with contextlib.ExitStack() as batch_scope:
-                if sharing > 1 and torch.is_tensor(images):
-                    memo = batch_scope.enter_context(args.family.shared_encoding(model))
-                    with torch.inference_mode():
-                        memo.encode(images)
+                for key, batch_images in images.items():
+                    sharing = sum(1 for plan, rows, k in zip(plans, wanted, keys)
+                                  if rows and k == key and shares_encoding(plan.args.reduction))
+                    if sharing > 1 and torch.is_tensor(batch_images):
+                        # one memo per batch: configurations of another key bring other pixels, which it misses
+                        memo = batch_scope.enter_context(family.shared_encoding(model))
+                        with torch.inference_mode():
+                            memo.encode(batch_images)
+                        break
                 for p, (plan, rows) in enumerate(zip(plans, wanted)):
                     if not rows:
                         continue
@@ -170,8 +173,8 @@ def _answer_pending(plans: Sequence[Plan]) -> List[Tuple[int, float]]:
                         apply_reduction(model, plan.args, plan.settings["base"])
                         applied = p
                     began = time.perf_counter()
-                    texts = _generate(model, tokenizer, [prepared[k] for k in rows], _rows_of(images, rows, len(indices)),
-                                      device, args, sampling, eos)
+                    texts = _generate(model, tokenizer, [prepared[k] for k in rows],
+                                      _rows_of(images[keys[p]], rows, len(indices)), device, args, sampling, eos)
                     counts[p][1] += time.perf_counter() - began
                     counts[p][0] += sum(n for _, n in texts)
                     answers = {indices[k]: text for k, (text, _) in zip(rows, texts)}
@@ -181,6 +184,18 @@ def _answer_pending(plans: Sequence[Plan]) -> List[Tuple[int, float]]:
                     outs[p].flush()
                     progress.update(len(rows))
     return [(int(n), float(t)) for n, t in counts]
+
+
+def _batch_images(pixels: Sequence[Any], device, dtype) -> Any:
+    """One batch's pixels on the model's device: a tensor when every image has one shape, else a list
+    (LLaVA takes both); None for a batch without images."""
+    import torch
+
+    if not pixels:
+        return None
+    if len({p.shape for p in pixels}) == 1:
+        return torch.stack(list(pixels)).to(device=device, dtype=dtype)
+    return [p.to(device=device, dtype=dtype) for p in pixels]
 
 
 def _rows_of(images: Any, rows: Sequence[int], batch: int) -> Any:
@@ -301,14 +316,18 @@ def _identity(x):
 
 class PreparedItems:
     """Map-style dataset: prompt ids, preprocessed image and original size of each pending item, as the
-    model's family prompts and preprocesses them."""
+    model's family prompts and preprocesses them. With ``variants`` (preprocessing key -> the settings of
+    a configuration that uses it), one pixel tensor per key: configurations whose reduced layout needs
+    other pixels (a family's choice) get their own."""
 
-    def __init__(self, items: Sequence[Item], tokenizer, image_processor, model_config, conv_mode: str, family=None):
+    def __init__(self, items: Sequence[Item], tokenizer, image_processor, model_config, conv_mode: str, family=None,
+                 variants: Optional[Mapping[Any, Any]] = None):
         from .arguments import default_family
 
         self.items, self.tokenizer, self.image_processor = items, tokenizer, image_processor
         self.model_config, self.conv_mode = model_config, conv_mode
         self.family = family or default_family()
+        self.variants = dict(variants) if variants is not None else None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -328,7 +347,11 @@ class PreparedItems:
         if item.image is None:
             return input_ids, None, None
         image = item.image.open()
-        return input_ids, self.family.preprocess_image(image, self.image_processor, self.model_config), image.size
+        if self.variants is None:
+            return input_ids, self.family.preprocess_image(image, self.image_processor, self.model_config), image.size
+        pixels = {key: self.family.preprocess_image(image, self.image_processor, self.model_config, settings)
+                  for key, settings in self.variants.items()}
+        return input_ids, pixels, image.size
 
 
 def image_preprocessing_for_check(model_path: str) -> Callable[[Any], Any]:

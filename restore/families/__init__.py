@@ -10,7 +10,6 @@ interface with the LLaVA family as the worked example.
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple
 
@@ -98,9 +97,15 @@ class ModelFamily:
         """Token ids [L] of the full prompt of one question (the image placeholder where the family puts it)."""
         raise NotImplementedError
 
-    def preprocess_image(self, image: Any, image_processor: Any, model_config: Any) -> Any:
-        """Pixels of one image as inference feeds them."""
+    def preprocess_image(self, image: Any, image_processor: Any, model_config: Any, settings: Any = None) -> Any:
+        """Pixels of one image as inference feeds them to a model carrying ``settings`` (a ReductionSettings;
+        None: unreduced). A family whose reduced layout needs other pixels (LLaVA-NeXT's fixed grid) decides
+        here."""
         raise NotImplementedError
+
+    def preprocessing_key(self, model_config: Any, settings: Any) -> Any:
+        """Configurations whose keys are equal get the same pixels (and may share one encoding in a sweep)."""
+        return None
 
     def preprocessing_for_check(self, model_path: str) -> Callable[[Any], Any]:
         """``image -> pixels`` as inference will preprocess, built without loading weights."""
@@ -176,6 +181,8 @@ def is_hub_name(model_path: str) -> bool:
 def read_checkpoint_config(model_path: str) -> Tuple[str, Dict[str, Any]]:
     """(the path to load from, absolute for a local folder; the checkpoint's config.json), from a local
     folder or the Hugging Face cache/hub. FileNotFoundError or CheckpointError saying what is wrong."""
+    from restore.jsonio import read_json
+
     local = Path(model_path).expanduser()
     if local.exists():
         if not local.is_dir():
@@ -183,7 +190,7 @@ def read_checkpoint_config(model_path: str) -> Tuple[str, Dict[str, Any]]:
         config_file = local / "config.json"
         if not config_file.is_file():
             raise CheckpointError(f"{local} has no config.json: it is not a Hugging Face checkpoint folder.")
-        return str(local.resolve()), json.loads(config_file.read_text())
+        return str(local.resolve()), read_json(config_file)
     if not is_hub_name(model_path):
         raise FileNotFoundError(
             f"checkpoint folder {model_path!r} does not exist. Pass an existing local folder or a Hugging Face "
@@ -198,4 +205,4 @@ def read_checkpoint_config(model_path: str) -> Tuple[str, Dict[str, Any]]:
             f"{model_path!r} is neither a local folder nor a reachable Hugging Face model "
             f"(no config.json; offline, a typo, or a gated repository?): {error}"
         ) from error
-    return model_path, json.loads(Path(config_file).read_text())
+    return model_path, read_json(config_file)

@@ -1,15 +1,23 @@
 """The benchmarks, one module each, behind one registry.
 
 A benchmark module defines ``BENCHMARK``: a :class:`Benchmark` that says where its files lie under the
-data root, which entry point reads its questions (and with which fixed flags), and how it is scored.
-Adding a benchmark is its module plus its name in :data:`BENCHMARK_MODULES` (or a call of
-:func:`register_benchmark` from a plugin); see docs/evaluation.md, "Adding a benchmark".
+data root, which entry point reads its questions (and with which fixed flags), how its answers are
+scored (``evaluate``, ``check_data``) and how its few-item fixture and correct answers are written
+(``write_fixture``, ``reference_answers``). ``restore.eval.scoring`` and ``restore.eval.fixtures``
+dispatch through this registry. Adding a benchmark is its module plus its name in
+:data:`BENCHMARK_MODULES` (or a call of :func:`register_benchmark` from a plugin); see
+docs/evaluation.md, "Adding a benchmark".
 """
 from __future__ import annotations
 
 import importlib
+import random
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+
+if TYPE_CHECKING:
+    from ..scoring.common import AnswerFile, BenchResult
 
 # Registration: one line per benchmark, in the paper's column order.
 BENCHMARK_MODULES = ("gqa", "vqav2", "seed", "mmbench", "mme", "pope", "sqa", "textvqa", "ocrbench")
@@ -26,6 +34,21 @@ class Benchmark:
     image_folder: Optional[str]  # relative to --data-root; None: images come inside the question file
     entry_args: Tuple[str, ...] = ()  # fixed entry-point flags of the official script
     usage_note: str = ""  # extra lines for --help
+    # Scoring: (answers, data root, output folder, model id) -> result; raise DataError / AnswersError.
+    evaluate: Optional[Callable[["AnswerFile", Path, Path, str], "BenchResult"]] = None
+    check_data: Optional[Callable[[Path], None]] = None  # the scorer's data files exist and agree, or DataError
+    data_files: Tuple[str, ...] = ()  # relative to --data-root: what the scorer reads besides the answers
+    # Fixtures: (data root, items, rng) -> {"first_image": path, "first_ids": ids that use it}.
+    write_fixture: Optional[Callable[[Path, int, random.Random], Dict[str, Any]]] = None
+    # (data root, model id) -> answer lines in the entry point's format that the scorer rates 100%.
+    reference_answers: Optional[Callable[[Path, str], List[Dict[str, Any]]]] = None
+    # (data root, fixture info) -> manifest entry; None: the first image file is overwritten.
+    corrupt_fixture: Optional[Callable[[Path, Dict[str, Any]], Dict[str, Any]]] = None
+
+    @property
+    def folder(self) -> str:
+        """The benchmark's folder under the data root (LLaVA's playground layout)."""
+        return self.question_file.split("/")[0]
 
 
 _REGISTRY: Dict[str, Benchmark] = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import BENCHMARKS, DEFAULT_DATA_ROOT, AnswersError, DataError, check_data, score
+from . import DEFAULT_DATA_ROOT, AnswersError, DataError, check_data, score, scorer_names
 
 EXIT_DATA_MISSING = 2
 EXIT_INCOMPLETE = 3
@@ -58,7 +58,7 @@ def strict_problems(summary: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m restore.eval.scoring", description=__doc__)
-    parser.add_argument("bench", choices=BENCHMARKS)
+    parser.add_argument("bench", choices=scorer_names())
     parser.add_argument("--answers", help="answer file (JSONL) written by the entry point (required unless --check-data)")
     parser.add_argument("--data-root", default=str(DEFAULT_DATA_ROOT), help="folder holding gqa/, MME/, pope/, ...")
     parser.add_argument("--out-dir", help="where metrics.json and submission files go (required unless --check-data)")

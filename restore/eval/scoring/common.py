@@ -3,14 +3,13 @@ the result record, atomic output files, and the errors raised when data files or
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable, Iterator
 
-from ..answer_files import write_atomic
+from ... import jsonio
 from ..entry_point import SHORT_ANSWER_SUFFIX  # noqa: F401  (re-exported for the scorers)
 
 MAX_LISTED_IDS = 20
@@ -44,29 +43,21 @@ def require_dir(path: Path, what: str) -> Path:
 def load_json(path: Path) -> Any:
     """A data file's JSON; a broken file is a DataError naming it (not a traceback after inference)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise DataError(f"{path} is not valid JSON ({error}): re-download it (see docs/data.md)") from None
+        return jsonio.read_json(path)
+    except jsonio.InvalidJson as invalid:
+        raise DataError(f"{path} is not valid JSON ({invalid.error}): re-download it (see docs/data.md)") from None
 
 
 def load_jsonl(path: Path) -> list[dict]:
     """Strict JSONL reader for data files (question files, POPE labels): blank lines skipped, any
     other line that is not a JSON object is a DataError naming the line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path} line {number} is not valid JSON ({error}): re-download it "
-                                "(see docs/data.md)") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path} line {number} is not a JSON object: not a question/label file")
-            rows.append(row)
-    return rows
+    try:
+        return jsonio.read_jsonl(path, objects_only=True)
+    except jsonio.InvalidJson as invalid:
+        if invalid.error is None:
+            raise DataError(f"{path} line {invalid.line} is not a JSON object: not a question/label file") from None
+        raise DataError(f"{path} line {invalid.line} is not valid JSON ({invalid.error}): re-download it "
+                        "(see docs/data.md)") from None
 
 
 def require_fields(row: dict, fields: Iterable[str], where: str) -> dict:
@@ -100,20 +91,8 @@ class AnswerFile:
     def read(cls, path: Path) -> "AnswerFile":
         path = Path(path)
         require_file(path, "the answer file to score")
-        records, bad = [], []
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    bad.append(number)
-                    continue
-                if isinstance(record, dict):
-                    records.append(record)
-                else:
-                    bad.append(number)
+        bad: list[int] = []
+        records = jsonio.read_jsonl(path, objects_only=True, bad_lines=bad)
         return cls(path, records, bad)
 
     def model_id(self, default: str = "model") -> str:
@@ -253,21 +232,8 @@ def make_result(
     )
 
 
-# Output files are replaced atomically: a scorer killed mid-write never leaves a truncated
-# metrics.json or submission file that a later report or upload would take for a result.
-
-
-def write_text(path: Path, text: str) -> str:
-    write_atomic(str(path), text)
-    return str(path)
-
-
-def write_json(path: Path, obj: Any, indent: int | None = None) -> str:
-    return write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False))
-
-
-def write_jsonl(path: Path, rows: Iterable[dict]) -> str:
-    return write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+# Output files are replaced atomically (restore.jsonio): a scorer killed mid-write never leaves a
+# truncated metrics.json or submission file that a later report or upload would take for a result.
 
 
 @contextlib.contextmanager
