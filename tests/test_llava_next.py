@@ -38,9 +38,13 @@ class Loaded(NamedTuple):
 
 
 @pytest.fixture(scope="module")
-def next_model(tmp_path_factory: pytest.TempPathFactory) -> Loaded:
-    path = build_small_next_checkpoint(tmp_path_factory.mktemp("next") / "llava-v1.6-small-random", seed=0)
-    tokenizer, model, processor, _ = load_model(Path(path), device="cpu", dtype="float32")
+def next_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_small_next_checkpoint(tmp_path_factory.mktemp("next") / "llava-v1.6-small-random", seed=0)
+
+
+@pytest.fixture(scope="module")
+def next_model(next_checkpoint: Path) -> Loaded:
+    tokenizer, model, processor, _ = load_model(next_checkpoint, device="cpu", dtype="float32")
     return Loaded(tokenizer, model, processor)
 
 
@@ -353,3 +357,34 @@ def test_tome_and_native_pixels_are_refused(model, next_model):
     native = process_images([image], next_model.image_processor, model.config)
     with pytest.raises(ValueError, match="fixed 2x2 grid"), torch.inference_mode():
         model(input_ids=prompt(next_model.tokenizer), images=native, image_sizes=[image.size])
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end through the evaluation entry point
+
+
+def test_vqa_loader_end_to_end(next_checkpoint, tmp_path):
+    """A sweep (stock + reduced rows, two preprocessings) answers as separate runs; n_vis above 576 is
+    accepted because the checkpoint's family says 2880."""
+    import json
+
+    from restore.eval import vqa_loader
+    from restore.eval.fixtures import make_fixtures
+
+    model_path = str(next_checkpoint)
+    make_fixtures(tmp_path / "data", n=3, seed=1, benchmarks=["gqa"])
+    gqa = tmp_path / "data" / "gqa"
+    common = ["--model-path", model_path, "--question-file", str(gqa / "llava_gqa_testdev_balanced.jsonl"),
+              "--image-folder", str(gqa / "data" / "images"), "--device", "cpu", "--dtype", "float32",
+              "--max_new_tokens", "3"]
+    assert vqa_loader.main([*common, "--answers-file", str(tmp_path / "sweep" / "{config}.jsonl"),
+                            "--configs", "full,HoloV-640-restore,VisPruner-160"]) == 0
+    assert vqa_loader.main([*common, "--answers-file", str(tmp_path / "alone.jsonl"),
+                            "--base", "HoloV", "--n_vis", "640", "--restore"]) == 0
+
+    def answers(path):
+        return {line["question_id"]: line["text"] for line in map(json.loads, path.read_text().splitlines())}
+
+    alone = answers(tmp_path / "alone.jsonl")
+    assert len(alone) == 3 and answers(tmp_path / "sweep" / "holov-640-restore.jsonl") == alone
+    assert len(answers(tmp_path / "sweep" / "full.jsonl")) == len(answers(tmp_path / "sweep" / "vispruner-160.jsonl")) == 3
