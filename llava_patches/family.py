@@ -93,7 +93,8 @@ class LlavaFamily(ModelFamily):
         return LLAVA_15_VISUAL_TOKENS * (VIEWS if is_next(config) else 1)
 
     def check_budget(self, model_path: str, settings: Any) -> None:
-        _check_next_settings(self.check_checkpoint(model_path), settings)
+        if _next_may_refuse(settings):  # reads the config only then: a run may pass a model loaded otherwise
+            _check_next_settings(self.check_checkpoint(model_path), settings)
         if settings.merges_itself:
             from .tome import check_tome_budget
 
@@ -171,9 +172,15 @@ class LlavaFamily(ModelFamily):
         return _encoding_with_tower(model, shared_vision_encoding)
 
 
+def _next_may_refuse(settings: Any) -> bool:
+    import tokenreduction as tr
+
+    return settings.merges_itself or (tr.budget_scope(settings.base) == "per_view" and settings.n_vis < VIEWS)
+
+
 def _check_next_settings(model_config: Any, settings: Any) -> None:
     """What the fixed NeXT layout cannot carry out, in words (a model's config or a config.json mapping)."""
-    if not is_next(model_config):
+    if not is_next(model_config) or not _next_may_refuse(settings):
         return
     if settings.merges_itself:
         # ToMe would merge inside each 336 px view, and its merged tokens have no place on the stitched

@@ -347,9 +347,17 @@ def test_generation_with_cache_equals_recomputation(model, next_model):
 # What NeXT refuses
 
 
-def test_tome_and_native_pixels_are_refused(model, next_model):
+def test_tome_and_native_pixels_are_refused(model, next_model, next_checkpoint):
     with pytest.raises(ValueError, match="LLaVA-NeXT"):
         restore.apply(model, base="ToMe", n_vis=320)
+    with pytest.raises(ValueError, match="LLaVA-NeXT"):  # before loading, from the checkpoint's config
+        FAMILY.check_budget(str(next_checkpoint), _settings("ToMe", 320, False))
+    with pytest.raises(ValueError, match="at least 5"):  # plain VisionZip reduces every view on its own
+        restore.apply(model, base="VisionZip", n_vis=4)
+    restore.apply(model, base="VisionZip", n_vis=4, restore=True)  # 2 selected (views 0 and 1), 2 merged
+    with torch.inference_mode():
+        tiny = reduce_next_images(model, grid_views(next_model, [(640, 480)]), restore.settings_of(model))
+    assert tiny.positions.shape == (1, 4) and float(tiny.sizes.sum()) == N_IMAGE
     restore.apply(model, base="HoloV", n_vis=320)
     from llava.mm_utils import process_images
 
