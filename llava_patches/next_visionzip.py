@@ -23,50 +23,42 @@ def visionzip_next_plain(tokens: NextTokens, n_vis: int) -> tr.OwnReduction:
     (informative: the plain row re-indexes), sizes and the source map over the 2880 sequence."""
     outs: List[VisionZipReduction] = [visionzip_reduce(view, budget)
                                       for view, budget in zip(tokens.views, view_budgets(n_vis))]
-    count, n_tokens = tokens.num_images, tokens.whole.num_tokens
-    device = outs[0].dominant.device
-    pieces = []  # (raw features [I, n, C], positions [I, n], sizes [I, n], patches [I, m], slot in piece [I, m])
+    base, crops = outs[0], outs[1:]
+    where, crop_where = tokens.positions[0], tokens.positions[1:]
+    count, device = tokens.num_images, base.dominant.device
 
-    def add(features, positions, sizes, patches=None, slots=None):
-        pieces.append((features, positions, sizes.float(), patches, slots))
+    def arange(n: int, start: int = 0) -> torch.Tensor:
+        return torch.arange(start, start + n, device=device).expand(count, -1)
 
-    base, where = outs[0], tokens.positions[0]
-    n_dominant = base.dominant.shape[1]
-    add(base.raw_sequence, torch.cat([where.new_zeros(count, 1), where[base.dominant], where[base.targets]], dim=1),
-        torch.cat([torch.ones(count, 1 + n_dominant, device=device), base.sizes.float()], dim=1),
-        torch.cat([where[base.dominant], where[base.remaining]], dim=1),
-        torch.cat([1 + torch.arange(n_dominant, device=device).expand(count, -1),
-                   (1 + n_dominant + base.groups).masked_fill(base.groups < 0, -1)], dim=1))
-
-    crops, crop_where = outs[1:], tokens.positions[1:]
+    # The crops' dominant patches as the official code reads them: kept cells of the stitched canvas.
     dominant = torch.cat([w[out.dominant] for out, w in zip(crops, crop_where)], dim=1)
     dominant_raw = torch.cat([out.raw_sequence[:, 1:1 + out.dominant.shape[1]] for out in crops], dim=1)
-    order = dominant.argsort(dim=1)  # the canvas read in raster order
+    order = dominant.argsort(dim=1)
     dominant = dominant.gather(1, order)
-    add(dominant_raw.gather(1, order[..., None].expand(-1, -1, dominant_raw.shape[-1])), dominant,
-        torch.ones(dominant.shape, device=device), dominant, torch.arange(dominant.shape[1], device=device).expand(count, -1))
-    add(torch.cat([out.cls for out in crops], dim=1), torch.stack([w[0].expand(count) for w in crop_where], dim=1),
-        torch.ones(count, len(crops), device=device))
-    first = 0
-    for out, w in zip(crops, crop_where):
-        n = out.contextual.shape[1]
-        add(out.contextual, w[out.targets], out.sizes, w[out.remaining],
-            (first + out.groups).masked_fill(out.groups < 0, -1))
-        first += n
-    # Contextual tokens of all crops form one piece in the LLM's order, slots counted across crops.
-    contextual = pieces[3:]
-    pieces[3:] = [(torch.cat([p[0] for p in contextual], dim=1), torch.cat([p[1] for p in contextual], dim=1),
-                   torch.cat([p[2] for p in contextual], dim=1), torch.cat([p[3] for p in contextual], dim=1),
-                   torch.cat([p[4] for p in contextual], dim=1))]
+    dominant_raw = dominant_raw.gather(1, order[..., None].expand(-1, -1, dominant_raw.shape[-1]))
 
-    source = torch.full((count, n_tokens), -1, dtype=torch.long, device=device)
-    offset = 0
-    for features, _, _, patches, slots in pieces:
-        if patches is not None:
-            source.scatter_(1, patches, (slots + offset).masked_fill(slots < 0, -1))
-        offset += features.shape[1]
-    return tr.OwnReduction(
-        features=torch.cat([p[0] for p in pieces], dim=1), space="raw",
-        positions=torch.cat([p[1] for p in pieces], dim=1), sizes=torch.cat([p[2] for p in pieces], dim=1),
-        source=source,
-    )
+    features = torch.cat([base.raw_sequence, dominant_raw, *(out.cls for out in crops),
+                          *(out.contextual for out in crops)], dim=1)
+    n_base, n_dominant = base.raw_sequence.shape[1], dominant.shape[1]
+    # A crop's CLS token stands for no patch; it takes its crop's first patch as a position.
+    positions = torch.cat([where.new_zeros(count, 1), where[base.dominant], where[base.targets], dominant,
+                           torch.stack([w[0].expand(count) for w in crop_where], dim=1),
+                           *(w[out.targets] for out, w in zip(crops, crop_where))], dim=1)
+    sizes = torch.cat([torch.ones(count, n_base - base.sizes.shape[1], device=device), base.sizes.float(),
+                       torch.ones(count, n_dominant + len(crops), device=device),
+                       *(out.sizes.float() for out in crops)], dim=1)
+
+    source = torch.full((count, tokens.whole.num_tokens), -1, dtype=torch.long, device=device)
+
+    def merged_into(out: VisionZipReduction, w: torch.Tensor, first: int) -> None:
+        # with no contextual token (a one-token budget) the remaining patches are dropped (group -1)
+        source.scatter_(1, w[out.remaining], (first + out.groups).masked_fill(out.groups < 0, -1))
+
+    source.scatter_(1, where[base.dominant], arange(base.dominant.shape[1], 1))
+    merged_into(base, where, 1 + base.dominant.shape[1])
+    source.scatter_(1, dominant, arange(n_dominant, n_base))
+    first = n_base + n_dominant + len(crops)
+    for out, w in zip(crops, crop_where):
+        merged_into(out, w, first)
+        first += out.contextual.shape[1]
+    return tr.OwnReduction(features=features, space="raw", positions=positions, sizes=sizes, source=source)
