@@ -16,7 +16,8 @@ from typing import Any, Callable, ContextManager, Hashable, Iterable, List, Mapp
 
 from restore.families import CheckpointError, LoadedModel, ModelFamily
 
-from .next_layout import VIEWS, is_next, grid_pixels, preprocessing_key as next_preprocessing_key
+from .next_layout import VIEWS, grid_pixels, is_next
+from .next_layout import preprocessing_key as next_preprocessing_key
 
 # model_type of LLaVA-Llama checkpoints: the released LLaVA-1.5 configs say "llava", LLaVA's code "llava_llama".
 LLAVA_LLAMA_TYPES = ("llava", "llava_llama")
@@ -93,8 +94,14 @@ class LlavaFamily(ModelFamily):
         return LLAVA_15_VISUAL_TOKENS * (VIEWS if is_next(config) else 1)
 
     def check_budget(self, model_path: str, settings: Any) -> None:
-        if _next_may_refuse(settings):  # reads the config only then: a run may pass a model loaded otherwise
-            _check_next_settings(self.check_checkpoint(model_path), settings)
+        if _next_may_refuse(settings):
+            from restore.families import read_checkpoint_config
+
+            try:
+                config = read_checkpoint_config(os.path.expanduser(model_path))[1]
+            except (FileNotFoundError, CheckpointError):
+                config = {}  # as check_tome_budget: a checkpoint that cannot be read is reported when it loads
+            _check_next_settings(config, settings)
         if settings.merges_itself:
             from .tome import check_tome_budget
 
