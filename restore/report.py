@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from restore.eval.naming import plain_tag
+
 from .jsonio import InvalidJson, read_json, read_jsonl
 
 BENCH_ORDER = ("gqa", "mmbench", "mme", "pope", "sqa", "vqav2", "textvqa", "seed", "ocrbench")
@@ -105,10 +107,8 @@ def config_of(record: dict) -> Config:
 
 
 def default_run_name(base: str, n_vis: int, restore: bool) -> str:
-    """The answers subfolder scripts/llava1_5 picks without --run-name (lower case)."""
-    if base == NO_REDUCTION:
-        return "full"
-    return f"{base.lower()}-{n_vis}" + ("-restore" if restore else "")
+    """The answers subfolder the launcher picks without --run-name or setting overrides (lower case)."""
+    return plain_tag(None if base == NO_REDUCTION else base, n_vis, restore)
 
 
 def is_run_record(obj) -> bool:

@@ -1,7 +1,7 @@
 """--batch-size: answers of batched generation equal batch 1's exactly (fp32, CPU, greedy).
 
 Every benchmark's fixtures, run in-process with the session's small model as its script runs them (entry
-point, question file, image folder and fixed flags read from scripts/llava1_5/<bench>.sh), without
+point, question file, image folder and fixed flags from restore.eval.benchmarks), without
 reduction and with every base, with and without RESTORE. Also: a killed batched run resumed with another
 batch size, refused values before the model loads, beams, and the script passing the flag through.
 """
@@ -34,12 +34,12 @@ RANDOM_FIELDS = ("answer_id",)
 
 
 def script_layout(bench: str) -> Tuple[str, str, str, List[str]]:
-    """(entry module, question file, image folder, fixed entry flags) as scripts/llava1_5/<bench>.sh sets them."""
-    text = (SCRIPTS / f"{bench}.sh").read_text()
-    values = {name: re.search(rf"^{name}=(.*)$", text, re.M).group(1).strip()
-              for name in ("ENTRY", "QUESTION_FILE", "IMAGE_FOLDER", "ENTRY_ARGS")}
-    flags = values["ENTRY_ARGS"].strip("()").split()
-    return values["ENTRY"], values["QUESTION_FILE"], values["IMAGE_FOLDER"], flags
+    """(entry module, question file, image folder or "", fixed entry flags) as scripts/llava1_5/<bench>.sh
+    runs them (the launcher reads them from the benchmark's module)."""
+    from restore.eval.benchmarks import get_benchmark
+
+    b = get_benchmark(bench)
+    return b.entry, b.question_file, b.image_folder or "", list(b.entry_args)
 
 
 @pytest.fixture(scope="module")

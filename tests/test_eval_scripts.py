@@ -257,3 +257,40 @@ def test_help_lists_the_options():
     assert shown.returncode == 0
     for option in ("--model-path", "--data-root", "--shards", "--nodes", "--node-rank", "--run-name"):
         assert option in shown.stdout
+
+
+def test_a_sweep_answers_each_configuration_as_its_separate_run(all_runs, data, small_checkpoint, tmp_path):
+    """--configs: one pass, two shards, two configurations; each answers folder equals a separate run's."""
+    out, results = all_runs
+    assert results["pope"][0] == 0
+    holov = out / "answers/pope" / small_checkpoint.name / CONFIGS["pope"][1]
+    separate = subprocess.Popen(script_command("pope", small_checkpoint, data, tmp_path / "separate", "--base",
+                                               "DivPrune", "--n_vis", "8", "--restore"),
+                                cwd=tmp_path, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+    sweep = run_script("pope", small_checkpoint, data, tmp_path, "--configs", "HoloV-64,divprune-8-restore",
+                       CUDA_VISIBLE_DEVICES="0,1")
+    alone = separate.communicate(timeout=600)[0]
+    assert sweep.returncode == 0, sweep.stdout + sweep.stderr
+    assert separate.returncode == 0, alone
+    model_dir = tmp_path / "answers/pope" / small_checkpoint.name
+    references = {"holov-64": holov, "divprune-8-restore": tmp_path / "separate/answers/pope" /
+                  small_checkpoint.name / "divprune-8-restore"}
+
+    def without_ids(path):
+        return [{k: v for k, v in line.items() if k != "answer_id"} for line in read_lines(path)]
+
+    for tag, reference in references.items():
+        assert sorted(p.name for p in (model_dir / tag / "chunks").glob("*.jsonl")) == ["2_0.jsonl", "2_1.jsonl"]
+        assert without_ids(model_dir / tag / "merge.jsonl") == without_ids(reference / "merge.jsonl")
+        ours = json.loads((model_dir / tag / "merge.jsonl.meta.json").read_text())
+        theirs = json.loads((reference / "merge.jsonl.meta.json").read_text())
+        assert ours["settings"] == theirs["settings"]
+        assert (model_dir / tag / "merge.jsonl.sources.json").exists()
+    # one record per configuration, one log per shard in the sweep's folder, and the summary table
+    records = [json.loads(p.read_text()) for p in (tmp_path / "results").glob("pope__*.json")]
+    assert sorted(r["run_name"] for r in records) == ["divprune-8-restore", "holov-64"]
+    logs = sorted(p.relative_to(model_dir).as_posix() for p in model_dir.glob("_sweep-*/logs/*.log"))
+    assert [log.split("/", 1)[1] for log in logs] == ["logs/2_0.log", "logs/2_1.log"]
+    summary = sweep.stdout.split("summary:")[1]
+    assert "holov-64" in summary and "divprune-8-restore" in summary and "f1_mean" in summary

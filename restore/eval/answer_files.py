@@ -10,8 +10,9 @@ import json
 import math
 import os
 import re
-import tempfile
 from typing import IO, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from restore.jsonio import write_text as write_atomic
 
 from .entry_point import EntryPoint, Item, SetupError
 
@@ -97,20 +98,6 @@ def lock_answers_file(answers_file: str) -> IO[str]:
     handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
     handle.flush()
     return handle
-
-
-def write_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_meta(answers_file: str, meta: Mapping[str, Any]) -> None:

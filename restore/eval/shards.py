@@ -1,6 +1,7 @@
 """Shard answer files of one run: check them, merge them, and finish the run (score, result record).
 
-scripts/llava1_5/common.sh calls it after its shards have run:
+The launcher (restore.eval.launch, behind scripts/llava1_5/*.sh) calls these functions in-process after
+its shards have run; the same steps by hand:
 
     python -m restore.eval.shards merge [--check] --out merge.jsonl chunks/4_0.jsonl ... chunks/4_3.jsonl
     python -m restore.eval.shards finish --benchmark gqa --answers-dir DIR --data-root DIR \\
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import os
 import socket
@@ -24,6 +26,7 @@ from .answer_files import (answer_keys, chunk_items, meta_path, read_answer_line
                            write_meta)
 from .arguments import describe_reduction
 from .entry_point import MAX_VISUAL_TOKENS, SetupError, entry_by_name, read_json
+from .naming import recorded_tag
 
 
 def chunk_problems(chunk_files: Sequence[str]) -> Tuple[List[str], List[str], Optional[Dict[str, Any]]]:
@@ -187,8 +190,7 @@ def write_result_record(results_dir: str, benchmark: str, answers_file: str, met
         "n_vis": settings.get("n_vis") if base else MAX_VISUAL_TOKENS,
         "restore": bool(settings.get("restore", False)),
         "model": model,
-        "run_name": run_name or run_tag(base, settings.get("n_vis") if base else MAX_VISUAL_TOKENS,
-                                        bool(settings.get("restore", False))).lower(),
+        "run_name": run_name or recorded_tag(settings),
         "metrics": scored.get("metrics", {}),
         "main_metric": scored.get("main_metric"),
         "n_items": n_items,
@@ -198,21 +200,67 @@ def write_result_record(results_dir: str, benchmark: str, answers_file: str, met
         "settings": settings,
         "answers_file": os.path.abspath(answers_file),
     }
-    tag = record["run_name"] if run_name else run_tag(base, record["n_vis"], record["restore"])
+    tag = record["run_name"]
     path = os.path.join(results_dir, f"{benchmark}__{model}__{tag}__{now:%Y%m%dT%H%M%S}-{os.getpid()}.json")
     write_atomic(path, json.dumps(record, indent=1) + "\n")
     return path, record
 
 
-def run_tag(base: Optional[str], n_vis: Optional[int], restore: bool) -> str:
-    if base is None:
-        return "full"
-    return f"{base}-{n_vis}" + ("-restore" if restore else "")
+# --------------------------------------------------------------------------------------------------
+# What was merged: several nodes may finish together, and only one of them must merge and score
+
+
+MERGED_FROM_SUFFIX = ".sources.json"  # merge.jsonl.sources.json: the chunk files of the scored merge
+
+
+def chunk_fingerprints(chunk_files: Sequence[str]) -> List[Dict[str, Any]]:
+    """Name, size and sha256 of each chunk file: equal exactly when the same answers would be merged (file
+    times say nothing on a shared file system whose clocks differ, or after a copy)."""
+    prints = []
+    for path in chunk_files:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        prints.append({"file": os.path.basename(path), "size": os.path.getsize(path), "sha256": digest.hexdigest()})
+    return prints
+
+
+def merged_sources_path(merged: str) -> str:
+    return merged + MERGED_FROM_SUFFIX
+
+
+def record_merged_sources(merged: str, chunk_files: Sequence[str], result: str) -> None:
+    write_atomic(merged_sources_path(merged), json.dumps({"chunks": chunk_fingerprints(chunk_files),
+                                                          "result": result}, indent=1) + "\n")
+
+
+def already_merged(merged: str, chunk_files: Sequence[str]) -> Optional[str]:
+    """The result record of an earlier merge and score of exactly these chunk files, or None."""
+    try:
+        recorded = read_json(merged_sources_path(merged))
+    except (OSError, SetupError):
+        return None
+    if not isinstance(recorded, dict) or not os.path.exists(merged):
+        return None
+    try:
+        same = recorded.get("chunks") == chunk_fingerprints(chunk_files)
+    except OSError:
+        return None
+    return str(recorded.get("result") or "") if same else None
 
 
 def finish_run(benchmark: str, chunk_files: Sequence[str], answers_dir: str, data_root: str, results_dir: str,
                model: str, wall_time_s: float, run_name: Optional[str] = None) -> int:
     """Merge the chunks, score with restore.eval.scoring, write the result record; an exit status."""
+    return finish_config(benchmark, chunk_files, answers_dir, data_root, results_dir, model, wall_time_s,
+                         run_name)[0]
+
+
+def finish_config(benchmark: str, chunk_files: Sequence[str], answers_dir: str, data_root: str, results_dir: str,
+                  model: str, wall_time_s: float,
+                  run_name: Optional[str] = None) -> Tuple[int, Optional[Dict[str, Any]]]:
+    """:func:`finish_run`, and the result record written (None when scoring failed)."""
     from restore.eval.scoring.__main__ import main as score_main
 
     merged = os.path.join(answers_dir, "merge.jsonl")
@@ -221,21 +269,22 @@ def finish_run(benchmark: str, chunk_files: Sequence[str], answers_dir: str, dat
     status = score_main([benchmark, "--answers", merged, "--data-root", data_root, "--out-dir", scores,
                          "--model-id", model])
     if status:
-        return status
+        return status, None
     path, record = write_result_record(results_dir, benchmark, merged, os.path.join(scores, "metrics.json"),
                                        model, wall_time_s, run_name)
+    record_merged_sources(merged, chunk_files, path)
     forget_node_layouts(answers_dir)
     main_metric = record["main_metric"]
     value = record["metrics"].get(main_metric) if main_metric else None
     shown = f"{main_metric} = {value:.2f}" if isinstance(value, (int, float)) else "no local score"
     print(f"[{benchmark}] {model}, {describe_reduction(record['settings'].get('base'), record['n_vis'], record['restore'], record['settings'].get('reduction_settings'))}: "
           f"{shown} ({record['n_items']} answers, inference {wall_time_s:.0f} s); result: {path}")
-    return 0
+    return 0, record
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m restore.eval.shards",
-                                description="helpers of scripts/llava1_5/*.sh")
+                                description="helpers of the benchmark launcher (restore.eval.launch)")
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser("merge", allow_abbrev=False, help="check chunk files (given in chunk order) and concatenate them")
     m.add_argument("--out", required=True)

@@ -13,7 +13,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from restore.settings import SETTING_NAMES, resolve_settings, run_tag
+from restore.eval.naming import config_tag
+from restore.settings import SETTING_NAMES
 
 PUBLISHED = Path(__file__).with_name("published.json")
 LLAVA_15 = "llava-v1.5-7b"
@@ -58,7 +59,7 @@ class PaperConfig:
             return "full"
         if self.n_vis is None:
             raise ValueError(f"{self.base} at a share of {self.keep} has no token count on this model")
-        return run_tag(resolve_settings(self.base, self.n_vis, self.restore, num_patches, **dict(self.settings)))
+        return config_tag(self.base, self.n_vis, self.restore, num_patches=num_patches, **dict(self.settings))
 
     def script_flags(self) -> List[str]:
         """The flags of scripts/llava1_5/<bench>.sh that run this configuration."""

@@ -5,9 +5,10 @@
     python -m restore.paper table1 --slurm table1.sbatch [--nodes 2]      # a Slurm array instead of local runs
     python -m restore.paper table4 --report-only                          # print what has been run
 
-Each configuration x benchmark runs through scripts/llava1_5/<bench>.sh (one shard per GPU, resumable); a
-pair whose result record exists under --results-dir is not run again. Extra flags after ``--`` go to every
-script (e.g. ``-- --device cpu --max_new_tokens 16``).
+Each benchmark runs once through scripts/llava1_5/<bench>.sh with ``--configs`` naming every configuration
+of the table it still misses (one shard per GPU, resumable; a configuration x benchmark whose result record
+exists under --results-dir is not run again). Extra flags after ``--`` go to every script (e.g.
+``-- --device cpu --max_new_tokens 16``).
 """
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import BENCHMARK_ITEMS, PaperConfig, PaperTable, get_table, table_names, why_not_runnable
-from .layout import existing_results, model_name_of, print_paper_table
+from restore.eval.naming import model_name_of
+
+from .layout import existing_results, print_paper_table
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,8 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the commands that would run, run nothing")
     p.add_argument("--report-only", action="store_true", help="run nothing; print the table from existing results")
     p.add_argument("--slurm", default=None, metavar="FILE", help="write a Slurm array job (one task per "
-                   "configuration x benchmark [x node]) instead of running locally")
-    p.add_argument("--nodes", type=int, default=1, help="with --slurm: nodes per configuration x benchmark")
+                   "benchmark [x node], all its missing configurations in one pass) instead of running locally")
+    p.add_argument("--nodes", type=int, default=1, help="with --slurm: nodes per benchmark")
     return p
 
 
@@ -68,17 +71,28 @@ def plan(table: PaperTable, benchmarks: Sequence[str], available: Sequence[str],
     return todo, blocked
 
 
-def script_command(config: PaperConfig, bench: str, args: argparse.Namespace, extra: Sequence[str]) -> List[str]:
+def by_benchmark(todo: Sequence[Tuple[PaperConfig, str]]) -> List[Tuple[str, List[PaperConfig]]]:
+    """The missing configurations of each benchmark, benchmarks in the table's order."""
+    grouped: Dict[str, List[PaperConfig]] = {}
+    for config, bench in todo:
+        grouped.setdefault(bench, []).append(config)
+    return list(grouped.items())
+
+
+def script_command(configs: Sequence[PaperConfig], bench: str, args: argparse.Namespace,
+                   extra: Sequence[str]) -> List[str]:
+    """One launch of ``bench`` answering every configuration in ``configs`` (one pass over its questions)."""
     return (["bash", str(REPO_ROOT / "scripts" / "llava1_5" / f"{bench}.sh"), "--model-path", args.model_path,
-             "--data-root", args.data_root, "--answers-root", args.answers_root, "--results-dir", args.results_dir]
-            + config.script_flags() + list(extra))
+             "--data-root", args.data_root, "--answers-root", args.answers_root, "--results-dir", args.results_dir,
+             "--configs", ",".join(c.tag() for c in configs)] + list(extra))
 
 
 def write_slurm(path: str, commands: Sequence[List[str]], nodes: int, table: str) -> None:
     lines = ["#!/usr/bin/env bash", f"#SBATCH --job-name=restore-{table}",
              f"#SBATCH --array=0-{len(commands) * nodes - 1}",
              "#SBATCH --output=restore-%x-%A_%a.log",
-             "# One array task per configuration x benchmark" + (f" x node ({nodes} nodes each)" if nodes > 1 else "")
+             "# One array task per benchmark (all its configurations)"
+             + (f" x node ({nodes} nodes each)" if nodes > 1 else "")
              + "; set --gres / --partition for your cluster.",
              "set -euo pipefail", "COMMANDS=("]
     lines += [f"  {shlex.quote(shlex.join(c))}" for c in commands]
@@ -128,7 +142,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{len(todo)} runs missing ({answers:,} model answers on the full benchmarks)")
     for config, reason in blocked:
         print(f"  cannot run yet: {config.describe()}: {reason}")
-    commands = [script_command(c, b, args, extra) for c, b in todo]
+    launches = by_benchmark(todo)
+    commands = [script_command(configs, bench, args, extra) for bench, configs in launches]
     if args.slurm:
         write_slurm(args.slurm, commands, args.nodes, table.name)
         print(f"wrote {args.slurm}: {len(commands) * args.nodes} array tasks; submit it with sbatch, then run "
@@ -140,10 +155,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     failed = []
     if not args.report_only:
-        for index, (command, (config, bench)) in enumerate(zip(commands, todo), 1):
-            print(f"[{index}/{len(commands)}] {bench}: {config.describe()}", flush=True)
+        for index, (command, (bench, configs)) in enumerate(zip(commands, launches), 1):
+            print(f"[{index}/{len(commands)}] {bench}: {len(configs)} configuration(s): "
+                  f"{'; '.join(c.describe() for c in configs)}", flush=True)
             if subprocess.run(command).returncode != 0:
-                failed.append(f"{bench}: {config.describe()}")
+                failed.append(f"{bench}: {', '.join(c.tag() for c in configs)}")
     print_paper_table(table, Path(args.results_dir), model, benchmarks,
                       out=Path(args.out) if args.out else Path(args.results_dir))
     if failed:

@@ -18,15 +18,6 @@ from . import MODELS_NOT_YET, PaperTable
 Key = Tuple[str, str, str]  # (model, run name, benchmark)
 
 
-def model_name_of(model_path: str) -> str:
-    """The model name the benchmark scripts record: the last path component, or "<parent>_<checkpoint-N>"."""
-    parts = [p for p in str(model_path).rstrip("/").split("/") if p]
-    last = parts[-1] if parts else str(model_path)
-    if last.startswith("checkpoint-") and len(parts) > 1:
-        return f"{parts[-2]}_{last}"
-    return last
-
-
 def latest_by_name(results_dir: Path) -> Dict[Key, Run]:
     """The newest run record of every (model, run name, benchmark) under ``results_dir``."""
     if not results_dir.is_dir():

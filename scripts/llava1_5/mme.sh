@@ -2,10 +2,8 @@
 # MME (perception and cognition scores).
 #   bash scripts/llava1_5/mme.sh --base HoloV --n_vis 64 --restore   (--help for every option)
 set -euo pipefail
-BENCH=mme
-ENTRY=vqa_loader
-QUESTION_FILE=MME/llava_mme.jsonl
-IMAGE_FOLDER=MME/MME_Benchmark_release_version
-ENTRY_ARGS=()
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-run_benchmark "$@"
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+PY=python
+[[ -x $ROOT/.venv/bin/python ]] && PY=$ROOT/.venv/bin/python
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+exec "$PY" -m restore.eval.launch mme "$@"
