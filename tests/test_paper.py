@@ -10,7 +10,7 @@ from restore import paper
 from restore.paper import __main__ as paper_cli
 from restore.eval.naming import model_name_of
 from restore.paper.layout import MeasuredTable, latest_by_name, render
-from restore.settings import resolve_settings, run_tag
+from restore.settings import parse_run_tag, resolve_settings, run_tag
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,9 +51,9 @@ def test_ablation_rows_are_the_documented_settings():
     for table in paper.load_tables().values():
         for row in table.rows:
             if row.config.base is not None and row.config.n_vis is not None:
-                flags = row.config.script_flags()
-                assert flags[:4] == ["--base", row.config.base, "--n_vis", str(row.config.n_vis)]
-                assert ("--restore" in flags) == row.config.restore
+                # the run name the sweep is given reads back as this configuration
+                config = parse_run_tag(row.config.tag())
+                assert (config["base"], config["n_vis"]) == (row.config.base.lower(), row.config.n_vis)
 
 
 def _dry_run(capsys, *argv):
@@ -184,7 +184,10 @@ def test_paper_command_runs_a_table_on_the_fixtures_and_resumes(tmp_path, small_
     table = (tmp_path / "results" / "paper_table7.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| 576") or line.startswith("| 64")]
     assert len(rows) == 5 and all(" / " in row.split("|")[-2] and "(" in row.split("|")[-2] for row in rows)
-    tags = sorted(p.name for p in (tmp_path / "answers" / "pope" / small_checkpoint.name).iterdir())
+    folders = sorted(p.name for p in (tmp_path / "answers" / "pope" / small_checkpoint.name).iterdir())
+    # one sweep ran the five configurations: its shard logs lie beside their answers folders
+    assert len([f for f in folders if f.startswith("_sweep-")]) == 1
+    tags = [f for f in folders if not f.startswith("_sweep-")]
     assert tags == sorted(["full", "holov-64-restore", "holov-64-restore-mpos_first", "holov-64-restore-mpos_last",
                            "holov-64-restore-mpos_mean"])
     again = subprocess.run(common + ["--dry-run"], capture_output=True, text=True, env=env, timeout=300)

@@ -61,15 +61,6 @@ class PaperConfig:
             raise ValueError(f"{self.base} at a share of {self.keep} has no token count on this model")
         return config_tag(self.base, self.n_vis, self.restore, num_patches=num_patches, **dict(self.settings))
 
-    def script_flags(self) -> List[str]:
-        """The flags of scripts/llava1_5/<bench>.sh that run this configuration."""
-        if self.base is None:
-            return []
-        flags = ["--base", self.base, "--n_vis", str(self.n_vis)] + (["--restore"] if self.restore else [])
-        for name, value in self.settings:
-            flags += [f"--{name}", f"{value:g}" if isinstance(value, float) else str(value)]
-        return flags
-
     def describe(self) -> str:
         if self.base is None:
             return "no reduction"
