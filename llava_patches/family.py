@@ -1,17 +1,23 @@
-"""The LLaVA family (llava-torch: LLaVA-1.5's LlavaLlamaForCausalLM) behind restore's model-family seam.
+"""The LLaVA family (llava-torch's LlavaLlamaForCausalLM: LLaVA-1.5, and LLaVA-NeXT through its anyres
+config) behind restore's model-family seam.
 
 Everything restore and the evaluation entry points need to know about LLaVA goes through ``FAMILY``:
 recognising its checkpoints and models, loading, the conversation prompt and image preprocessing of
 LLaVA's own evaluation scripts, and which modules ``restore.apply`` patches (llava_patches/patch.py).
+A NeXT checkpoint runs stock unreduced and in the fixed 2880-token layout reduced
+(llava_patches/next_layout.py); the two read different pixels (``preprocessing_key``).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 from types import SimpleNamespace
-from typing import Any, Callable, ContextManager, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, ContextManager, Hashable, Iterable, List, Mapping, Optional, Tuple
 
 from restore.families import CheckpointError, LoadedModel, ModelFamily
+
+from .next_layout import VIEWS, grid_pixels, is_next
+from .next_layout import preprocessing_key as next_preprocessing_key
 
 # model_type of LLaVA-Llama checkpoints: the released LLaVA-1.5 configs say "llava", LLaVA's code "llava_llama".
 LLAVA_LLAMA_TYPES = ("llava", "llava_llama")
@@ -37,7 +43,7 @@ class LlavaFamily(ModelFamily):
     def check_model(self, model: Any) -> int:
         if not self.recognizes_model(model):
             raise TypeError(
-                f"restore.apply expects a llava LlavaLlamaForCausalLM (LLaVA-1.5), got {type(model).__name__}; "
+                f"restore.apply expects a llava LlavaLlamaForCausalLM (LLaVA-1.5 or NeXT), got {type(model).__name__}; "
                 "load one with llava_patches.load_model or llava.model.builder.load_pretrained_model"
             )
         tower = model.get_vision_tower()
@@ -49,9 +55,10 @@ class LlavaFamily(ModelFamily):
                              "load it with attn_implementation='sdpa'")
         if getattr(model.config, "rope_scaling", None):
             raise ValueError("restore supports plain RoPE only (config.rope_scaling must be unset, as in LLaVA-1.5)")
-        return int(tower.num_patches)
+        return int(tower.num_patches) * (VIEWS if is_next(model.config) else 1)
 
     def check_settings(self, model: Any, settings: Any) -> None:
+        _check_next_settings(model.config, settings)
         if settings.merges_itself:  # ToMe halves a layer's tokens at most: the tower's depth bounds the budget
             from tokenreduction.tome import tome_schedule
 
@@ -83,9 +90,18 @@ class LlavaFamily(ModelFamily):
         return check_checkpoint(os.path.expanduser(model_path))[2]
 
     def visual_tokens_per_image(self, config: Mapping[str, Any]) -> int:
-        return LLAVA_15_VISUAL_TOKENS
+        # NeXT's reduced rows see every image as the fixed 2x2 grid: base view + 4 crops of 576 patches.
+        return LLAVA_15_VISUAL_TOKENS * (VIEWS if is_next(config) else 1)
 
     def check_budget(self, model_path: str, settings: Any) -> None:
+        if _next_may_refuse(settings):
+            from restore.families import read_checkpoint_config
+
+            try:
+                config = read_checkpoint_config(os.path.expanduser(model_path))[1]
+            except (FileNotFoundError, CheckpointError):
+                config = {}  # as check_tome_budget: a checkpoint that cannot be read is reported when it loads
+            _check_next_settings(config, settings)
         if settings.merges_itself:
             from .tome import check_tome_budget
 
@@ -122,16 +138,27 @@ class LlavaFamily(ModelFamily):
         return tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
 
     def preprocess_image(self, image: Any, image_processor: Any, model_config: Any, settings: Any = None) -> Any:
+        """Pixels of one image for a configuration (``settings``: its ReductionSettings, None unreduced):
+        LLaVA's own process_images, except NeXT's reduced rows, which take the fixed 2x2 grid [5, 3, 336, 336]."""
         from llava.mm_utils import process_images
 
+        def process(picture):
+            if settings is not None and is_next(model_config):
+                return grid_pixels(picture, image_processor)
+            return process_images([picture], image_processor, model_config)[0]
+
         try:
-            return process_images([image], image_processor, model_config)[0]
+            return process(image)
         except TypeError:
             # Padding an image whose mode takes no RGB fill colour (L, LA, I;16...) fails inside LLaVA, which
             # would stop the official scripts; converting such an image to RGB first is the only way on.
-            return process_images([image.convert("RGB")], image_processor, model_config)[0]
+            return process(image.convert("RGB"))
 
-    def preprocessing_for_check(self, model_path: str) -> Callable[[Any], Any]:
+    def preprocessing_key(self, model_config: Any, settings: Any) -> Hashable:
+        """Configurations with equal keys read the same pixels of an image (see preprocess_image)."""
+        return next_preprocessing_key(settings) if is_next(model_config) else "default"
+
+    def preprocessing_for_check(self, model_path: str, settings: Any = None) -> Callable[[Any], Any]:
         from transformers import CLIPImageProcessor
 
         config = self.check_checkpoint(model_path)
@@ -144,7 +171,7 @@ class LlavaFamily(ModelFamily):
                                   f"{model_path}) cannot be loaded: {e}") from None
         # process_images reads only image_aspect_ratio (and image_grid_pinpoints) from the model's config.
         model_config = SimpleNamespace(**config)
-        return lambda image: self.preprocess_image(image, image_processor, model_config)
+        return lambda image: self.preprocess_image(image, image_processor, model_config, settings)
 
     def shared_encoding(self, model: Any) -> ContextManager[Any]:
         from .vision import shared_vision_encoding
@@ -152,12 +179,37 @@ class LlavaFamily(ModelFamily):
         return _encoding_with_tower(model, shared_vision_encoding)
 
 
+def _next_may_refuse(settings: Any) -> bool:
+    import tokenreduction as tr
+
+    return settings.merges_itself or (tr.budget_scope(settings.base) == "per_view" and settings.n_vis < VIEWS)
+
+
+def _check_next_settings(model_config: Any, settings: Any) -> None:
+    """What the fixed NeXT layout cannot carry out, in words (a model's config or a config.json mapping)."""
+    if not is_next(model_config) or not _next_may_refuse(settings):
+        return
+    if settings.merges_itself:
+        # ToMe would merge inside each 336 px view, and its merged tokens have no place on the stitched
+        # canvas that positions and the per-crop budget scope are defined on; not implemented for NeXT.
+        raise ValueError(f"{settings.base} merges inside the vision tower, which restore does not support on "
+                         "LLaVA-NeXT (anyres) checkpoints; use HoloV, DivPrune, VisPruner or VisionZip")
+    import tokenreduction as tr
+
+    if tr.budget_scope(settings.base) == "per_view" and settings.is_plain_base and \
+            tr.plain_reduction(settings.base) is not None and settings.n_vis < VIEWS:
+        raise ValueError(f"{settings.base} reduces each of a NeXT image's {VIEWS} views on its own: "
+                         f"n_vis must be at least {VIEWS}, got {settings.n_vis}")
+
+
 @contextlib.contextmanager
 def _encoding_with_tower(model: Any, shared_vision_encoding: Callable[[Any], ContextManager[Any]]):
     """The vision memo, with ``encode(images)`` bound to this model's tower."""
     with shared_vision_encoding(model) as memo:
         tower = model.get_model().get_vision_tower()
-        yield SimpleNamespace(encode=lambda images: memo.encode(tower, images), memo=memo)
+        # NeXT pixels [B, views, 3, H, W] are encoded as the rows stock llava feeds its tower.
+        yield SimpleNamespace(encode=lambda images: memo.encode(tower, images.flatten(0, 1) if images.dim() == 5
+                                                               else images), memo=memo)
 
 
 def conversation_prompt(text: str, has_image: bool, conv_mode: str, im_start_end: bool) -> str:

@@ -15,6 +15,8 @@ from restore.reduce import ReducedImages, arrange_merged_tokens, reduce_visual_t
 from restore.settings import ReductionSettings
 
 from .assembly import ImageTokens, SequenceLayout, assemble, split_images
+from .next_layout import is_next, split_views
+from .next_reduce import reduce_next_images
 from .vision import encode_visual_tokens
 
 
@@ -75,8 +77,12 @@ class ReducedLlavaMixin:
             )
         settings = self._restore_ctx.settings
         model = self.get_model()
-        pixels = split_images(images)
-        reduced = reduce_images(self, pixels, settings)
+        if is_next(self.config):  # every image in the fixed 2880-token layout (llava_patches/next_layout.py)
+            pixels = split_views(images)
+            reduced = reduce_next_images(self, pixels, settings)
+        else:
+            pixels = split_images(images)
+            reduced = reduce_images(self, pixels, settings)
         per_image = [ImageTokens(reduced.features[i], reduced.positions[i], reduced.sizes[i]) for i in range(pixels.shape[0])]
         embeds, attention_mask, labels, layout = assemble(
             model.embed_tokens, input_ids, attention_mask, labels, per_image,

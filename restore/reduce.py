@@ -29,12 +29,16 @@ def retained_budget(n_vis: int, restore: bool) -> int:
 
 def reduce_visual_tokens(tokens: tr.VisualTokens, settings: Union[ReductionSettings, str], n_vis: Optional[int] = None,
                          restore: bool = False, *, project: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                         select: Optional[Callable[[tr.VisualTokens, int], torch.Tensor]] = None,
                          **overrides: Any) -> ReducedImages:
     """Keep ``settings.n_keep`` tokens with the base method, merge the others into the rest of the budget.
 
     ``settings`` is a :class:`ReductionSettings`, or a base name followed by ``n_vis``, ``restore`` and
     any keyword setting of :func:`restore.apply`. A method with its own plain-row reduction (VisionZip's
     contextual tokens) gives the plain row itself; ``project`` (the mm_projector) then maps raw features.
+    ``select(tokens, n_keep)`` replaces the base's registered selector: a model whose images are several
+    views uses it to apply the base per view (its indices are still into the N tokens of ``tokens``);
+    such a caller builds a method's own plain row itself.
 
     Tokens stay in the order the base method feeds them to the LLM when nothing is merged and
     positions are re-indexed (the paper's baseline rows); otherwise they are ordered by position
@@ -44,11 +48,11 @@ def reduce_visual_tokens(tokens: tr.VisualTokens, settings: Union[ReductionSetti
         settings = resolve_settings(tr.canonical_name(settings), n_vis, restore, tokens.num_tokens, **overrides)
     B, N, D = tokens.features.shape
     device = tokens.features.device
-    own = tr.plain_reduction(settings.base) if settings.is_plain_base else None
+    own = tr.plain_reduction(settings.base) if settings.is_plain_base and select is None else None
     if own is not None:
-        return _own_plain_row(own(tokens, settings.n_vis), project)
+        return own_plain_row(own(tokens, settings.n_vis), project)
     if settings.n_keep > 0:
-        keep = tr.get_selector(settings.base)(tokens, settings.n_keep)
+        keep = (select or tr.get_selector(settings.base))(tokens, settings.n_keep)
     else:  # gamma = 0: merge only
         keep = torch.empty(B, 0, dtype=torch.long, device=device)
     kept = tokens.features.gather(1, keep.unsqueeze(-1).expand(-1, -1, D))
@@ -79,7 +83,8 @@ def reduce_visual_tokens(tokens: tr.VisualTokens, settings: Union[ReductionSetti
     )
 
 
-def _own_plain_row(own: tr.OwnReduction, project: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> ReducedImages:
+def own_plain_row(own: tr.OwnReduction, project: Optional[Callable[[torch.Tensor], torch.Tensor]]) -> ReducedImages:
+    """A method's own plain row as the LLM gets it (raw features through ``project``, the mm_projector)."""
     features = own.features
     if own.space == "raw":
         if project is None:

@@ -9,11 +9,12 @@ A method is one module: a new file in this folder is found on its own (see regis
 one outside the repository is named with ``load_plugins`` (``--plugin`` on the command line) or installed
 under the ``restore.methods`` entry-point group.
 """
-from .registry import (ENTRY_POINT_GROUP, PLACES, acts_in, available_methods, available_selectors, canonical_name,
-                       discover_selectors, get_selector, load_plugins, method_needs, plain_reduction, register_method,
-                       register_plain_reduction, register_selector)
+from .registry import (BUDGET_SCOPES, ENTRY_POINT_GROUP, PLACES, acts_in, available_methods, available_selectors,
+                       budget_scope, canonical_name, discover_selectors, get_selector, load_plugins, method_needs,
+                       plain_reduction, register_method, register_plain_reduction, register_selector)
 from .tokens import OwnReduction, VisualTokens
 
-__all__ = ["ENTRY_POINT_GROUP", "OwnReduction", "PLACES", "VisualTokens", "acts_in", "available_methods",
-           "available_selectors", "canonical_name", "discover_selectors", "get_selector", "load_plugins",
-           "method_needs", "plain_reduction", "register_method", "register_plain_reduction", "register_selector"]
+__all__ = ["BUDGET_SCOPES", "ENTRY_POINT_GROUP", "OwnReduction", "PLACES", "VisualTokens", "acts_in",
+           "available_methods", "available_selectors", "budget_scope", "canonical_name", "discover_selectors",
+           "get_selector", "load_plugins", "method_needs", "plain_reduction", "register_method",
+           "register_plain_reduction", "register_selector"]

@@ -28,18 +28,27 @@ _PLACES: Dict[str, str] = {}  # lower-case key -> where the method acts (default
 _NEEDS: Dict[str, Tuple[str, ...]] = {}  # lower-case key -> extra VisualTokens fields it reads
 _PLAIN: Dict[str, PlainReduction] = {}  # lower-case key -> its own reduction for the plain (baseline) row
 _PLAIN_NEEDS: Dict[str, Tuple[str, ...]] = {}
+# Where a selector's budget applies when an image reaches the encoder as several views (LLaVA-NeXT's base
+# view + crops): "image" (one budget over all of the image's tokens) or "per_view" (the budget split
+# evenly over the views, each selected on its own), as the method's official multi-view code does.
+BUDGET_SCOPES = ("image", "per_view")
+_SCOPES: Dict[str, str] = {}
 ENTRY_POINT_GROUP = "restore.methods"
 _discovery = {"done": False}
 
 
-def register_selector(name: str, *, needs: Sequence[str] = ()) -> Callable[[Selector], Selector]:
+def register_selector(name: str, *, needs: Sequence[str] = (), budget_scope: str = "image"
+                      ) -> Callable[[Selector], Selector]:
     """Decorator: ``@register_selector("MyMethod")`` on ``fn(tokens, n_keep) -> LongTensor [B, n_keep]``.
 
     The returned indices are into the N visual tokens, in the order the method feeds them to the LLM.
     The wrapper validates ``n_keep`` and the output, so a selector only implements its algorithm.
     ``needs``: VisualTokens fields computed only on request (``"keys"``, ``"cls_raw_feature"``).
+    ``budget_scope``: see :data:`BUDGET_SCOPES`; single-view images (LLaVA-1.5) are unaffected.
     """
     _check_needs(name, needs)
+    if budget_scope not in BUDGET_SCOPES:
+        raise ValueError(f"{name}: budget_scope must be one of {', '.join(BUDGET_SCOPES)}, got {budget_scope!r}")
 
     def decorator(fn: Selector) -> Selector:
         key = name.lower()
@@ -47,6 +56,7 @@ def register_selector(name: str, *, needs: Sequence[str] = ()) -> Callable[[Sele
             raise ValueError(f"{name!r} is registered as a method acting in the {_PLACES[key]}, not as a selector")
         _NEEDS[key] = tuple(dict.fromkeys((*_NEEDS.get(key, ()), *needs)))
         _PLACES[key] = "before_llm"
+        _SCOPES[key] = budget_scope
         if key in _SELECTORS and _SELECTORS[key].__wrapped__ is not fn:
             raise ValueError(f"a selector named {name!r} is already registered")
 
@@ -175,6 +185,11 @@ def method_needs(name: str, plain: bool = False) -> Tuple[str, ...]:
     own plain-row reduction)."""
     key = _key(name)
     return (_PLAIN_NEEDS.get(key, ()) if plain and key in _PLAIN else _NEEDS.get(key, ()))
+
+
+def budget_scope(name: str) -> str:
+    """Where the method's budget applies on a multi-view image: 'image' or 'per_view' (:data:`BUDGET_SCOPES`)."""
+    return _SCOPES.get(_key(name), "image")
 
 
 def plain_reduction(name: str) -> Optional[PlainReduction]:

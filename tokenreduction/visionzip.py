@@ -217,7 +217,7 @@ def visionzip_reduce(tokens: VisualTokens, n_vis: int, *, keep_cls: bool = True)
     )
 
 
-@register_selector("VisionZip")
+@register_selector("VisionZip", budget_scope="per_view")  # its tower selects on every crop
 @torch.no_grad()
 def visionzip(tokens: VisualTokens, n_keep: int) -> torch.Tensor:
     """VisionZip's dominant tokens (Yang et al., CVPR 2025): the ``n_keep`` patches with the highest

@@ -10,7 +10,7 @@ IMPORTANT_SHARE = 0.5  # share of the budget picked by CLS attention alone
 MAX_REMOVED_PER_ROUND = 8
 
 
-@register_selector("VisPruner")
+@register_selector("VisPruner", budget_scope="per_view")  # its NeXT code selects on every crop
 @torch.no_grad()
 def vispruner(tokens: VisualTokens, n_keep: int) -> torch.Tensor:
     """VisPruner (Zhang et al., ICCV 2025, "Beyond Text-Visual Attention: Exploiting Visual Cues
