@@ -222,7 +222,9 @@ def build_table(runs: list[Run], overrides: dict[str, str] | None = None) -> Tab
                                        cells[(config, b)].record.get("metrics", {}))
                       for b in scored if values.get((config, b)) is not None]
         mean[config] = (sum(normalized) / len(normalized), len(normalized)) if normalized else (None, 0)
-        baseline = Config(config.model, NO_REDUCTION, FULL_TOKENS, False)
+        # the unreduced run of the same model, whatever its token count (LLaVA-1.5 576, LLaVA-NeXT 2880)
+        baseline = next((c for c in configs if c.model == config.model and c.base == NO_REDUCTION and not c.variant),
+                        Config(config.model, NO_REDUCTION, FULL_TOKENS, False))
         # A ratio only between the same metric: SEED-IMG over SEED would not be "% of the full model".
         ratios = [100.0 * values[(config, b)] / values[(baseline, b)] for b in scored
                   if values.get((config, b)) is not None and values.get((baseline, b))

@@ -143,3 +143,29 @@ def test_image_only_seed_is_labelled_seed_img_and_not_compared_with_seed(tmp_pat
     write(only_img / "img.json", record("seed", "HoloV", 64, True,
                                         {"total_accuracy": None, "image_accuracy": 60.0}, "image_accuracy", t0))
     assert "| SEED-IMG |" in render_markdown(build_table(load_runs(only_img)[0]))
+
+
+def test_the_unreduced_run_of_each_model_is_the_reference_whatever_its_token_count(tmp_path):
+    """LLaVA-NeXT's unreduced run counts 2880 visual tokens, LLaVA-1.5's 576: Avg compares each model
+    with its own."""
+    t0 = "2026-01-01T10:00:00+00:00"
+    runs = [record("gqa", "none", 2880, False, {"accuracy": 64.0}, "accuracy", t0, model="llava-v1.6-vicuna-7b"),
+            record("gqa", "HoloV", 320, True, {"accuracy": 48.0}, "accuracy", t0, model="llava-v1.6-vicuna-7b"),
+            record("gqa", "none", 576, False, {"accuracy": 60.0}, "accuracy", t0),
+            record("gqa", "HoloV", 64, True, {"accuracy": 45.0}, "accuracy", t0)]
+    for i, run in enumerate(runs):
+        write(tmp_path / f"run{i}.json", run)
+    table = build_table(load_runs(tmp_path)[0])
+    next_r = Config("llava-v1.6-vicuna-7b", "HoloV", 320, True)
+    v15_r = Config("llava-v1.5-7b", "HoloV", 64, True)
+    assert table.rel[next_r] == (pytest.approx(75.0), 1) and table.rel[v15_r] == (pytest.approx(75.0), 1)
+
+
+def test_a_full_record_counts_the_checkpoints_visual_tokens(small_checkpoint, tmp_path):
+    from restore.eval.shards import unreduced_tokens
+    from restore.small_next_checkpoint import build_small_next_checkpoint
+
+    next_checkpoint = build_small_next_checkpoint(tmp_path / "llava-v1.6-small-random", seed=0)
+    assert unreduced_tokens(str(small_checkpoint)) == 576
+    assert unreduced_tokens(str(next_checkpoint)) == 2880
+    assert unreduced_tokens(str(tmp_path / "missing")) == 576 and unreduced_tokens(None) == 576

@@ -173,6 +173,20 @@ def merge_and_report(chunk_files: Sequence[str], out: str) -> None:
     print(f"merged {len(chunk_files)} chunk file(s), {n} answers -> {out}")
 
 
+def unreduced_tokens(model_path: Optional[str]) -> int:
+    """Visual tokens per image of the unreduced model, from its family (LLaVA-1.5's 576 when the
+    checkpoint cannot be read)."""
+    if model_path:
+        try:
+            from restore.families import family_of_checkpoint
+
+            family = family_of_checkpoint(model_path)
+            return family.visual_tokens_per_image(family.check_checkpoint(model_path))
+        except (OSError, ValueError):
+            pass
+    return MAX_VISUAL_TOKENS
+
+
 def write_result_record(results_dir: str, benchmark: str, answers_file: str, metrics_file: str,
                         model: str, wall_time_s: float, run_name: Optional[str] = None) -> Tuple[str, Dict[str, Any]]:
     """One JSON file per run under results_dir, as restore.report reads them; (path, record)."""
@@ -187,7 +201,7 @@ def write_result_record(results_dir: str, benchmark: str, answers_file: str, met
         "benchmark": benchmark,
         # restore.report's convention for "no reduction"
         "base": base if base else "none",
-        "n_vis": settings.get("n_vis") if base else MAX_VISUAL_TOKENS,
+        "n_vis": settings.get("n_vis") if base else unreduced_tokens(settings.get("model_path")),
         "restore": bool(settings.get("restore", False)),
         "model": model,
         "run_name": run_name or recorded_tag(settings),
