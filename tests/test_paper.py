@@ -227,9 +227,9 @@ def test_tag_command_loads_plugins_so_a_plugins_place_counts(tmp_path):
 def test_tables_of_models_not_supported_show_published_values_only(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
-    _record(results, "gqa", "full", "accuracy", 61.5, model="llava-v1.5-7b")
-    table2 = paper.get_table("table2")
-    measured = MeasuredTable(table2, latest_by_name(results), "llava-v1.5-7b", table2.benchmarks)
+    _record(results, "pope", "full", "f1_mean", 61.5, model="llava-v1.5-7b")
+    table3 = paper.get_table("table3")  # Qwen2.5-VL
+    measured = MeasuredTable(table3, latest_by_name(results), "llava-v1.5-7b", table3.benchmarks)
     assert all(v is None for v in measured.values.values())
     assert "61.5" not in render(measured)
 
@@ -249,3 +249,24 @@ def test_published_values_equal_the_shared_paper_tables():
         values = [float(c) for c in cells[3:]]
         assert any([pub[b] for b in ("gqa", "mmbench", "mme", "pope", "sqa", "vqav2", "textvqa", "seed")] == values
                    for pub in matches), cells
+
+
+def test_table2_runs_on_a_llava_next_checkpoint(tmp_path):
+    """Table 2 (LLaVA-NeXT, 2880 visual tokens, 320 and 160 kept): every row runs in one sweep per benchmark."""
+    from restore.eval.fixtures import make_fixtures
+    from restore.small_next_checkpoint import build_small_next_checkpoint
+
+    checkpoint = build_small_next_checkpoint(tmp_path / "llava-v1.6-small-random", seed=0)
+    make_fixtures(tmp_path / "data", n=1, seed=3, benchmarks=["gqa"])
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "restore.paper", "table2", "--benchmarks", "gqa", "--model-path",
+                           str(checkpoint), "--data-root", str(tmp_path / "data"), "--answers-root",
+                           str(tmp_path / "answers"), "--results-dir", str(tmp_path / "results"), "--", "--device",
+                           "cpu", "--max_new_tokens", "1"], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in (tmp_path / "results").glob("gqa__*.json")]
+    assert len(records) == 17
+    assert {r["n_vis"] for r in records} == {2880, 320, 160}
+    rows = [line for line in (tmp_path / "results" / "paper_table2.md").read_text().splitlines()
+            if line.startswith(("| 2880", "| 320", "| 160"))]
+    assert len(rows) == 17 and all(" / " in row for row in rows)

@@ -19,6 +19,9 @@ from restore.settings import SETTING_NAMES
 PUBLISHED = Path(__file__).with_name("published.json")
 LLAVA_15 = "llava-v1.5-7b"
 FULL_VISUAL_TOKENS = {LLAVA_15: 576, "llava-v1.6-vicuna-7b": 2880}
+# The checkpoint each table's model is run from (the paper command's default --model-path).
+HUB_NAMES = {LLAVA_15: "liuhaotian/llava-v1.5-7b", "llava-v1.6-vicuna-7b": "liuhaotian/llava-v1.6-vicuna-7b",
+             "Qwen2.5-VL-7B-Instruct": "Qwen/Qwen2.5-VL-7B-Instruct"}
 # Benchmark items per run (the question files the scripts read; SQA: image items only, as RESTORE runs it).
 BENCHMARK_ITEMS = {"gqa": 12578, "mmbench": 4377, "mme": 2374, "pope": 8910, "sqa": 2017, "vqav2": 107394,
                    "textvqa": 5000, "seed": 19242, "ocrbench": 1000}
@@ -30,7 +33,6 @@ NOT_YET = {
     "FlowCut": "FlowCut (inside the vision encoder) is not implemented yet",
 }
 MODELS_NOT_YET = {
-    "llava-v1.6-vicuna-7b": "LLaVA-NeXT is not supported yet",
     "Qwen2.5-VL-7B-Instruct": "Qwen2.5-VL is not supported yet",
 }
 

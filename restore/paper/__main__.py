@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import BENCHMARK_ITEMS, PaperConfig, PaperTable, get_table, table_names, why_not_runnable
+from . import BENCHMARK_ITEMS, HUB_NAMES, PaperConfig, PaperTable, get_table, table_names, why_not_runnable
 from restore.eval.naming import model_name_of
 
 from .layout import existing_results, print_paper_table
@@ -31,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m restore.paper", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("table", help=f"'list', or one of: {', '.join(table_names())}")
-    p.add_argument("--model-path", default="liuhaotian/llava-v1.5-7b")
+    p.add_argument("--model-path", default=None,
+                   help="checkpoint (default: the table's model, e.g. liuhaotian/llava-v1.5-7b; Table 2: "
+                        "liuhaotian/llava-v1.6-vicuna-7b)")
     p.add_argument("--data-root", default=str(REPO_ROOT / "playground" / "data" / "eval"))
     p.add_argument("--answers-root", default=str(REPO_ROOT / "playground" / "answers"))
     p.add_argument("--results-dir", default=str(REPO_ROOT / "playground" / "results"))
@@ -127,6 +129,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("error: --nodes must be at least 1", file=sys.stderr)
         return 2
     benchmarks = _benchmarks(table, args.benchmarks)
+    if args.model_path is None:
+        args.model_path = HUB_NAMES.get(table.model, f"liuhaotian/{table.model}")
     model = model_name_of(args.model_path)
     if table.kind == "analysis":
         print(f"{table.title}\n  computed by: python -m restore.analyze hausdorff --model-path {args.model_path}"
