@@ -9,10 +9,13 @@ for every image and a token's position is its index in that sequence.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, List, Mapping, Sequence, Union
 
 import torch
+
+import tokenreduction as tr
 
 GRID_COLUMNS = GRID_ROWS = 2
 GRID_RESOLUTION = (336 * GRID_COLUMNS, 336 * GRID_ROWS)  # (width, height) of the letterbox canvas
@@ -87,3 +90,21 @@ def split_views(images: Union[torch.Tensor, Sequence[torch.Tensor]]) -> torch.Te
 def preprocessing_key(settings: Any) -> str:
     """Which pixels a NeXT configuration reads: stock's native grid unreduced, the fixed grid reduced."""
     return NATIVE_KEY if settings is None else GRID_KEY
+
+
+@dataclass
+class NextTokens:
+    """The visual tokens of I NeXT images, whole and per view."""
+
+    whole: tr.VisualTokens  # [I, 2880] in sequence order (no CLS feature: there are five)
+    views: List[tr.VisualTokens]  # one [I, 576] per view, in the view's own raster order
+    positions: List[torch.Tensor]  # per view, the sequence positions [576] of its tokens
+
+    @property
+    def num_images(self) -> int:
+        return self.whole.batch_size
+
+
+def view_budgets(n: int, views: int = VIEWS) -> List[int]:
+    """``n`` tokens split evenly over the views; a remainder goes to the first views (base view first)."""
+    return [n // views + (1 if v < n % views else 0) for v in range(views)]

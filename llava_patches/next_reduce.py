@@ -9,8 +9,7 @@ RESTORE's merging, positions and sizes then work on the 2880 sequence as on 1.5'
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import torch
 
@@ -18,21 +17,9 @@ import tokenreduction as tr
 from restore.reduce import ReducedImages, own_plain_row, reduce_visual_tokens
 from restore.settings import ReductionSettings
 
-from .next_layout import VIEWS, to_sequence, view_positions
+from .next_layout import VIEWS, NextTokens, to_sequence, view_budgets, view_positions
+from .next_visionzip import visionzip_next_plain
 from .vision import encode_visual_tokens
-
-
-@dataclass
-class NextTokens:
-    """The visual tokens of I NeXT images, whole and per view."""
-
-    whole: tr.VisualTokens  # [I, 2880] in sequence order (no CLS feature: there are five)
-    views: List[tr.VisualTokens]  # one [I, 576] per view, in the view's own raster order
-    positions: List[torch.Tensor]  # per view, the sequence positions [576] of its tokens
-
-    @property
-    def num_images(self) -> int:
-        return self.whole.batch_size
 
 
 def encode_next_tokens(model, views: torch.Tensor, *, with_keys: bool = False, with_cls: bool = False) -> NextTokens:
@@ -58,11 +45,6 @@ def encode_next_tokens(model, views: torch.Tensor, *, with_keys: bool = False, w
     return NextTokens(whole, view_tokens, [p.to(device) for p in view_positions(side)])
 
 
-def view_budgets(n: int, views: int = VIEWS) -> List[int]:
-    """``n`` tokens split evenly over the views; a remainder goes to the first views (base view first)."""
-    return [n // views + (1 if v < n % views else 0) for v in range(views)]
-
-
 def per_view_selector(base: str, tokens: NextTokens) -> Callable[[tr.VisualTokens, int], torch.Tensor]:
     """``select(whole, n_keep)``: the base's selector on every view with its share of ``n_keep``, as
     sequence positions: the base view's picks in the method's order, then the crops' picks read off the
@@ -82,8 +64,6 @@ def per_view_selector(base: str, tokens: NextTokens) -> Callable[[tr.VisualToken
 
 def next_plain_rows() -> Dict[str, Callable[[NextTokens, int], tr.OwnReduction]]:
     """Own plain rows of per-view methods on NeXT, by canonical name (each peer assembles its crops its own way)."""
-    from .next_visionzip import visionzip_next_plain
-
     return {"VisionZip": visionzip_next_plain}
 
 

@@ -15,7 +15,7 @@ import torch
 import tokenreduction as tr
 from tokenreduction.visionzip import VisionZipReduction, visionzip_reduce
 
-from .next_reduce import NextTokens, view_budgets
+from .next_layout import NextTokens, view_budgets
 
 
 def visionzip_next_plain(tokens: NextTokens, n_vis: int) -> tr.OwnReduction:
