@@ -13,14 +13,12 @@ benchmarks=(gqa vqav2 seed mmbench mme pope sqa textvqa ocrbench)
 rm -rf "$demo"
 "$python" -c "from restore.small_checkpoint import ensure_small_checkpoint as e; e('$checkpoint')"
 "$python" -m restore.eval.fixtures --out "$demo/data" --n 4 > /dev/null
-for config in "" "--base HoloV --n_vis 64" "--base HoloV --n_vis 64 --restore"; do
-    for bench in "${benchmarks[@]}"; do
-        echo "== $bench ${config:-(no reduction)}"
-        # shellcheck disable=SC2086  # $config is a list of flags
-        bash "$root/scripts/llava1_5/$bench.sh" --model-path "$checkpoint" --data-root "$demo/data" \
-            --answers-root "$demo/answers" --results-dir "$demo/results" --device cpu --max_new_tokens 4 \
-            $config 2>&1 | tail -n 1
-    done
+# One pass per benchmark for the three configurations (--configs): one model load, one encoding of each image.
+for bench in "${benchmarks[@]}"; do
+    echo "== $bench"
+    bash "$root/scripts/llava1_5/$bench.sh" --model-path "$checkpoint" --data-root "$demo/data" \
+        --answers-root "$demo/answers" --results-dir "$demo/results" --device cpu --max_new_tokens 4 \
+        --configs full,HoloV-64,HoloV-64-restore 2>&1 | tail -n 4
 done
 "$python" -m restore.report --results "$demo/results" --out "$demo"
 echo
