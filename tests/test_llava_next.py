@@ -402,3 +402,23 @@ def test_vqa_loader_end_to_end(next_checkpoint, tmp_path):
     alone = answers(tmp_path / "alone.jsonl")
     assert len(alone) == 3 and answers(tmp_path / "sweep" / "holov-640-restore.jsonl") == alone
     assert len(answers(tmp_path / "sweep" / "full.jsonl")) == len(answers(tmp_path / "sweep" / "vispruner-160.jsonl")) == 3
+
+
+def test_images_are_checked_with_every_preprocessing_a_sweep_uses(next_checkpoint):
+    """Stock NeXT pixels for the unreduced row, the fixed grid for reduced rows: the up-front image check
+    runs both, each once per image shape."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from llava_patches.family import FAMILY
+    from restore.eval.runner import _preprocessing_of_every_configuration
+    from restore.settings import resolve_settings
+
+    reduced = resolve_settings("HoloV", 320, True, 2880)
+    plans = [SimpleNamespace(args=SimpleNamespace(model_path=str(next_checkpoint), family=FAMILY, reduction=r))
+             for r in (None, reduced, resolve_settings("DivPrune", 160, False, 2880))]
+    pixels = _preprocessing_of_every_configuration(plans)(Image.new("RGB", (1000, 250), (10, 200, 30)))
+    assert sorted(p.shape[0] for p in pixels) == [4, 5]  # native 3x1 grid + base view; fixed 2x2 + base view
+    only_reduced = _preprocessing_of_every_configuration(plans[1:])(Image.new("RGB", (1000, 250)))
+    assert only_reduced.shape[0] == 5

@@ -62,7 +62,7 @@ def _run_planned(entry: EntryPoint, args: argparse.Namespace, plans: Sequence[Pl
         decode = not args.no_image_check
         needs_pixels = decode and any(item.image is not None for item in pending)
         check_images(pending, decode=decode,
-                     preprocess=image_preprocessing_for_check(args.model_path) if needs_pixels else None)
+                     preprocess=_preprocessing_of_every_configuration(plans) if needs_pixels else None)
     except SetupError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -358,14 +358,33 @@ class PreparedItems:
         return input_ids, pixels, image.size
 
 
-def image_preprocessing_for_check(model_path: str) -> Callable[[Any], Any]:
+def _preprocessing_of_every_configuration(plans: Sequence[Plan]) -> Callable[[Any], Any]:
+    """``image -> pixels`` of each distinct preprocessing the configurations use (a family may preprocess
+    a reduced layout differently), so that an image none of them could take fails before loading."""
+    from types import SimpleNamespace
+
+    from restore.families import CheckpointError, read_checkpoint_config
+
+    args = plans[0].args
+    try:
+        config = SimpleNamespace(**read_checkpoint_config(os.path.expanduser(args.model_path))[1])
+    except (FileNotFoundError, CheckpointError):
+        config = None  # a --model-base checkpoint: checked as the unreduced model preprocesses
+    variants = {None: None} if config is None else \
+        {args.family.preprocessing_key(config, plan.args.reduction): plan.args.reduction for plan in plans}
+    checks = [image_preprocessing_for_check(args.model_path) if settings is None
+              else image_preprocessing_for_check(args.model_path, settings) for settings in variants.values()]
+    return checks[0] if len(checks) == 1 else (lambda image: [check(image) for check in checks])
+
+
+def image_preprocessing_for_check(model_path: str, settings: Any = None) -> Callable[[Any], Any]:
     """``image -> pixels`` exactly as inference will preprocess it, built by the checkpoint's family from
     its config and preprocessor files alone: no weights are read, so every image can be checked before
     the model loads."""
     from restore.families import CheckpointError, family_of_checkpoint
 
     try:
-        return family_of_checkpoint(os.path.expanduser(model_path)).preprocessing_for_check(model_path)
+        return family_of_checkpoint(os.path.expanduser(model_path)).preprocessing_for_check(model_path, settings)
     except (FileNotFoundError, CheckpointError) as e:
         raise SetupError(f"--model-path: {e}") from None
 
