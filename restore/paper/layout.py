@@ -11,7 +11,7 @@ import csv
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from restore.report import PAPER_METRIC, TITLES, Run, load_runs, metric_name, metric_value, subset_title
+from restore.results import PAPER_METRIC, TITLES, Run, load_runs, metric_name, metric_value, subset_title
 
 from . import MODELS_NOT_YET, PaperTable
 
