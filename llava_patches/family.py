@@ -9,7 +9,6 @@ A NeXT checkpoint runs stock unreduced and in the fixed 2880-token layout reduce
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from types import SimpleNamespace
 from typing import Any, Callable, ContextManager, Hashable, Iterable, List, Mapping, Optional, Tuple
@@ -176,7 +175,7 @@ class LlavaFamily(ModelFamily):
     def shared_encoding(self, model: Any) -> ContextManager[Any]:
         from .vision import shared_vision_encoding
 
-        return _encoding_with_tower(model, shared_vision_encoding)
+        return shared_vision_encoding(model)
 
 
 def _next_may_refuse(settings: Any) -> bool:
@@ -200,16 +199,6 @@ def _check_next_settings(model_config: Any, settings: Any) -> None:
             tr.plain_reduction(settings.base) is not None and settings.n_vis < VIEWS:
         raise ValueError(f"{settings.base} reduces each of a NeXT image's {VIEWS} views on its own: "
                          f"n_vis must be at least {VIEWS}, got {settings.n_vis}")
-
-
-@contextlib.contextmanager
-def _encoding_with_tower(model: Any, shared_vision_encoding: Callable[[Any], ContextManager[Any]]):
-    """The vision memo, with ``encode(images)`` bound to this model's tower."""
-    with shared_vision_encoding(model) as memo:
-        tower = model.get_model().get_vision_tower()
-        # NeXT pixels [B, views, 3, H, W] are encoded as the rows stock llava feeds its tower.
-        yield SimpleNamespace(encode=lambda images: memo.encode(tower, images.flatten(0, 1) if images.dim() == 5
-                                                               else images), memo=memo)
 
 
 def conversation_prompt(text: str, has_image: bool, conv_mode: str, im_start_end: bool) -> str:

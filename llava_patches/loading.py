@@ -295,21 +295,16 @@ def rebuild_rope_tables(model: torch.nn.Module, dtype: torch.dtype | None = None
 
 
 def build_prompt(question: str, conv_mode: str = "vicuna_v1", *, mm_use_im_start_end: bool = False) -> str:
-    """The prompt LLaVA's evaluation scripts build: image token, newline, question, in a conversation template."""
-    from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
+    """The prompt LLaVA's evaluation scripts build: image token, newline, question, in a conversation template
+    (a question that holds the image token already keeps it where it is)."""
+    from llava.constants import DEFAULT_IMAGE_TOKEN
     from llava.conversation import conv_templates
+
+    from .family import conversation_prompt
 
     if conv_mode not in conv_templates:
         raise ValueError(f"unknown conv_mode {conv_mode!r}; LLaVA knows {sorted(conv_templates)}.")
-    if DEFAULT_IMAGE_TOKEN not in question:
-        image_token = DEFAULT_IMAGE_TOKEN
-        if mm_use_im_start_end:
-            image_token = DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
-        question = image_token + "\n" + question
-    conversation = conv_templates[conv_mode].copy()
-    conversation.append_message(conversation.roles[0], question)
-    conversation.append_message(conversation.roles[1], None)
-    return conversation.get_prompt()
+    return conversation_prompt(question, DEFAULT_IMAGE_TOKEN not in question, conv_mode, mm_use_im_start_end)
 
 
 def make_inputs(

@@ -123,14 +123,17 @@ class VisionEncodingMemo:
     are the ones a separate run computes; a request for some of its images gets their rows.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, vision_tower) -> None:
+        self.vision_tower = vision_tower
         self.pixels: Optional[torch.Tensor] = None
         self.outputs: Optional[Tuple[torch.Tensor, ...]] = None  # features, CLS attention, keys, CLS feature
         self.images_encoded = 0
 
-    def encode(self, vision_tower, images: torch.Tensor) -> None:
-        """Run the tower once on ``images`` [B, 3, H, W], keeping everything any selector reads."""
-        self.outputs = encode_with_cls_attention(vision_tower, images, with_keys=True, with_cls=True)
+    def encode(self, images: torch.Tensor) -> None:
+        """Run the tower once on ``images`` [B, 3, H, W], keeping everything any selector reads. LLaVA-NeXT
+        pixels [B, views, 3, H, W] are encoded as the rows stock llava feeds its tower."""
+        images = images.flatten(0, 1) if images.dim() == 5 else images
+        self.outputs = encode_with_cls_attention(self.vision_tower, images, with_keys=True, with_cls=True)
         self.pixels = images
         self.images_encoded += int(images.shape[0])
 
@@ -173,7 +176,7 @@ def shared_vision_encoding(model) -> Iterator[VisionEncodingMemo]:
     original = tower.__class__
     if original not in _MEMOIZED_CLASSES:
         _MEMOIZED_CLASSES[original] = type(f"Memoized{original.__name__}", (_MemoizedTowerMixin, original), {})
-    memo = VisionEncodingMemo()
+    memo = VisionEncodingMemo(tower)
     setattr(tower, _MEMO, memo)
     tower.__class__ = _MEMOIZED_CLASSES[original]
     try:

@@ -175,7 +175,7 @@ def test_shared_encoding_is_the_stock_encoding(small_model):
     stock = tower(pixels)
     alone = encode_visual_tokens(model, pixels, with_keys=True, with_cls=True)
     with shared_vision_encoding(model) as memo:
-        memo.encode(tower, pixels)
+        memo.encode(pixels)
         assert torch.equal(tower(pixels), stock)
         assert torch.equal(tower(pixels[1:]), stock[1:])
         some = encode_visual_tokens(model, pixels[[2, 0]], with_keys=True, with_cls=True)
