@@ -230,7 +230,7 @@ def batch_agreement(name: str, loaded, device: torch.device, dtype: torch.dtype,
     equal; in fp16/bf16 the count of changed answers is what --batch-size costs in rounding (information)."""
     import restore
     from llava_patches.family import FAMILY
-    from restore.eval.runner import _padded_on_the_left, pad_left, until_eos
+    from restore.eval.runner import _eos_ids, _padded_on_the_left, pad_left, until_eos
     from restore.small_checkpoint import synthetic_image
 
     tokenizer, model, processor = loaded
@@ -239,7 +239,7 @@ def batch_agreement(name: str, loaded, device: torch.device, dtype: torch.dtype,
     ids = [FAMILY.prompt_ids(tokenizer, q, True, "vicuna_v1", model.config) for q in questions]
     pixels = torch.stack([FAMILY.preprocess_image(im, processor, model.config) for im in images]).to(device, dtype)
     sizes = [im.size for im in images]
-    eos = (int(model.generation_config.eos_token_id),)
+    eos = _eos_ids(model)
     common = dict(do_sample=False, num_beams=1, max_new_tokens=new_tokens, use_cache=True)
     lines = []
     for config in (dict(base=None), dict(base="HoloV", n_vis=64, restore=True)):

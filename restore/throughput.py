@@ -265,15 +265,13 @@ def workload_argv(data: WorkloadData, answers_file: str, batch_size: int, max_ne
 
 def config_flags(tag: str) -> List[str]:
     """Entry-point flags of one configuration named as a run (``full``, ``holov-64-restore``)."""
+    from restore.eval.naming import spec_flags
     from restore.settings import parse_run_tag
 
-    config = parse_run_tag(tag)
-    if config is None:
-        return []
-    unknown = sorted(set(config) - {"base", "n_vis", "restore"})
+    unknown = sorted(set(parse_run_tag(tag) or {}) - {"base", "n_vis", "restore"})
     if unknown:
         raise ValueError(f"configuration {tag!r}: settings {unknown} are not supported by the throughput bench")
-    return ["--base", config["base"], "--n_vis", str(config["n_vis"])] + (["--restore"] if config["restore"] else [])
+    return spec_flags(tag)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ def texts(lines: list) -> list:
 def check_images_with(monkeypatch, checkpoint: Path) -> None:
     """The up-front image check preprocesses with ``checkpoint``'s processor, whatever --model-path says."""
     build = runner.image_preprocessing_for_check
-    monkeypatch.setattr(runner, "image_preprocessing_for_check", lambda model_path: build(str(checkpoint)))
+    monkeypatch.setattr(runner, "image_preprocessing_for_check", lambda model_path, settings=None: build(str(checkpoint), settings))
 
 
 @pytest.fixture

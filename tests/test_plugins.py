@@ -202,7 +202,7 @@ def test_a_resume_with_other_plugins_is_refused(tmp_path, monkeypatch, capsys, s
         small_model.tokenizer, restore.apply(small_model.model, base=base, n_vis=args.n_vis), small_model.image_processor,
         "llava-small-test"))
     build = runner.image_preprocessing_for_check
-    monkeypatch.setattr(runner, "image_preprocessing_for_check", lambda path: build(str(small_checkpoint)))
+    monkeypatch.setattr(runner, "image_preprocessing_for_check", lambda path, settings=None: build(str(small_checkpoint), settings))
     answers = tmp_path / "a.jsonl"
     argv = ["--model-path", "x", "--question-file", str(data / "gqa/llava_gqa_testdev_balanced.jsonl"),
             "--image-folder", str(data / "gqa/data/images"), "--answers-file", str(answers), "--device", "cpu",

@@ -14,6 +14,8 @@ import torch
 
 import restore
 from restore.eval import answer_files, arguments, runner
+from restore.eval.naming import config_tag, spec_flags
+from restore.settings import parse_run_tag
 from restore.eval.fixtures import make_fixtures
 from tests.test_batching import answers_of, bench_argv, run_entry
 
@@ -23,23 +25,9 @@ SWEEP = ["full", "HoloV-16", "HoloV-16-restore", "DivPrune-16-restore", "VisPrun
          "VisionZip-16", "ToMe-144"]
 
 
-def separate_flags(spec: str) -> List[str]:
-    config = restore.settings.parse_run_tag(spec)
-    if config is None:
-        return []
-    flags = ["--base", config.pop("base"), "--n_vis", str(config.pop("n_vis"))]
-    if config.pop("restore"):
-        flags.append("--restore")
-    for name, value in config.items():
-        flags += [f"--{name}", str(value)]
-    return flags
-
-
 def tag_of(spec: str) -> str:
-    config = restore.settings.parse_run_tag(spec)
-    if config is None:
-        return "full"
-    return restore.settings.run_tag(restore.settings.resolve_settings(num_patches=576, **config))
+    """The canonical run name of a spec (its answers folder)."""
+    return config_tag(**(parse_run_tag(spec) or {"base": None}))
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +67,7 @@ def sweep(bench: str, data: Path, folder: Path, specs: List[str], *extra: str) -
 
 def separate(bench: str, data: Path, folder: Path, spec: str, *extra: str) -> Path:
     answers = folder / tag_of(spec) / "answers.jsonl"
-    entry, argv = bench_argv(bench, data, answers, *separate_flags(spec), *extra)
+    entry, argv = bench_argv(bench, data, answers, *spec_flags(spec), *extra)
     assert run_entry(entry, argv) == 0, spec
     return answers
 

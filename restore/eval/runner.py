@@ -372,8 +372,7 @@ def _preprocessing_of_every_configuration(plans: Sequence[Plan]) -> Callable[[An
         config = None  # a --model-base checkpoint: checked as the unreduced model preprocesses
     variants = {None: None} if config is None else \
         {args.family.preprocessing_key(config, plan.args.reduction): plan.args.reduction for plan in plans}
-    checks = [image_preprocessing_for_check(args.model_path) if settings is None
-              else image_preprocessing_for_check(args.model_path, settings) for settings in variants.values()]
+    checks = [image_preprocessing_for_check(args.model_path, settings) for settings in variants.values()]
     return checks[0] if len(checks) == 1 else (lambda image: [check(image) for check in checks])
 
 
