@@ -44,10 +44,15 @@ class Plan:
         return f"chunk {self.chunk_idx + 1}/{self.num_chunks}"
 
 
-def plan_run(entry: EntryPoint, args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> Plan:
-    """Validate everything that can be checked without the model (images aside: see check_images)."""
+def plan_run(entry: EntryPoint, args: argparse.Namespace, env: Mapping[str, str] = os.environ,
+             items: Optional[List[Item]] = None) -> Plan:
+    """Validate everything that can be checked without the model (images aside: see check_images).
+
+    ``items``: this chunk's items when another configuration of the same questions has read them already
+    (the reduction does not change which questions a chunk holds)."""
     settings, num_chunks, chunk_idx = check_arguments(entry, args, env)
-    items = chunk_items(entry, settings, num_chunks, chunk_idx)
+    if items is None:
+        items = chunk_items(entry, settings, num_chunks, chunk_idx)
     answers_file = os.path.expanduser(args.answers_file)
     lock = lock_answers_file(answers_file)  # before reading it: another writer may be appending
     try:
@@ -68,7 +73,7 @@ def plan_runs(entry: EntryPoint, args: argparse.Namespace, env: Mapping[str, str
     try:
         for tag, one in expand_configs(args):
             try:
-                plans.append(plan_run(entry, one, env))
+                plans.append(plan_run(entry, one, env, plans[0].items if plans else None))
             except SetupError as e:
                 raise SetupError(f"{tag}: {e}" if tag else str(e)) from None
     except BaseException:
@@ -82,14 +87,15 @@ def check_only(entry: EntryPoint, args: argparse.Namespace, env: Mapping[str, st
     """The checks of plan_run that touch no answers file (arguments, plugins, the question file) for every
     configuration; the number of items of this chunk. Lets a script refuse a bad command once, before it
     starts any shard."""
-    counts = set()
+    n_items = None
     for tag, one in expand_configs(args):
         try:
             settings, num_chunks, chunk_idx = check_arguments(entry, one, env)
         except SetupError as e:
             raise SetupError(f"{tag}: {e}" if tag else str(e)) from None
-        counts.add(len(chunk_items(entry, settings, num_chunks, chunk_idx)))
-    return counts.pop()
+        if n_items is None:  # the questions are the same for every configuration: read them once
+            n_items = len(chunk_items(entry, settings, num_chunks, chunk_idx))
+    return n_items
 
 
 def check_images(items: Sequence[Item], decode: bool = True,
