@@ -12,9 +12,10 @@ under the ``restore.methods`` entry-point group.
 from .registry import (BUDGET_SCOPES, ENTRY_POINT_GROUP, PLACES, acts_in, available_methods, available_selectors,
                        budget_scope, canonical_name, discover_selectors, get_selector, load_plugins, method_needs,
                        plain_reduction, register_method, register_plain_reduction, register_selector)
+from .inllm import InLLMMethod, Stage, StageChoice, StageView, llm_method, register_llm_method
 from .tokens import OwnReduction, VisualTokens
 
-__all__ = ["BUDGET_SCOPES", "ENTRY_POINT_GROUP", "OwnReduction", "PLACES", "VisualTokens", "acts_in",
+__all__ = ["BUDGET_SCOPES", "ENTRY_POINT_GROUP", "InLLMMethod", "OwnReduction", "Stage", "StageChoice", "StageView", "llm_method", "register_llm_method", "PLACES", "VisualTokens", "acts_in",
            "available_methods", "available_selectors", "budget_scope", "canonical_name", "discover_selectors",
            "get_selector", "load_plugins", "method_needs", "plain_reduction", "register_method",
            "register_plain_reduction", "register_selector"]
