@@ -43,6 +43,9 @@ class ReductionSettings:
     calibration_c: float = 2.0  # c in log(c - D)
     merged_position: str = "median"  # which member position a merged group takes
     acts: str = "before_llm"  # where the base method acts: before_llm, vision_encoder (merges itself), llm
+    # The position ids of the method's own plain row: FastV (inside the LLM) keeps the original ones. Set by
+    # the method, so not a coordinate of its own.
+    plain_positions: str = field(default="reindexed", compare=False)
 
     @property
     def n_keep(self) -> int:
@@ -82,9 +85,19 @@ class ReductionSettings:
         return not self.retains_positions and (self.merges_itself or not self.merges)
 
     @property
+    def baseline_defaults(self) -> Dict[str, Any]:
+        """The coordinates of this method's plain row (:data:`BASELINE_DEFAULTS`, with its own position ids)."""
+        return {**BASELINE_DEFAULTS, "positions": self.plain_positions}
+
+    @property
+    def acts_in_llm(self) -> bool:
+        """The base method cuts tokens inside the LLM, stage by stage (FastV, PDrop, SparseVLM)."""
+        return self.acts == "llm"
+
+    @property
     def is_plain_base(self) -> bool:
         """The plain method of the paper's baseline rows."""
-        return all(getattr(self, k) == v for k, v in BASELINE_DEFAULTS.items())
+        return all(getattr(self, k) == v for k, v in self.baseline_defaults.items())
 
     @property
     def named_as_restore(self) -> bool:
@@ -95,7 +108,7 @@ class ReductionSettings:
         """The settings that differ from the defaults of ``restore`` (or of the given side): what a run
         name must mention."""
         side = self.restore if relative_to_restore is None else relative_to_restore
-        defaults = RESTORE_DEFAULTS if side else BASELINE_DEFAULTS
+        defaults = RESTORE_DEFAULTS if side else self.baseline_defaults
         changed = {k: getattr(self, k) for k in SETTING_NAMES if getattr(self, k) != defaults[k]}
         # c only matters with the distance term; gamma only matters when something is merged.
         if not self.uses_distance:
@@ -110,7 +123,7 @@ class ReductionSettings:
 
     def as_dict(self) -> Dict[str, Any]:
         """Every coordinate of the reduction (not how it was spelled), e.g. for an answers file's settings."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "restore"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("restore", "plain_positions")}
 
 
 def acts_of(base: str) -> str:
@@ -137,7 +150,8 @@ def resolve_settings(base: str, n_vis: int, restore: bool, num_patches: int, act
         raise TypeError(f"unknown reduction setting(s) {', '.join(unknown)}; known: {', '.join(SETTING_NAMES)}")
     if acts is None:
         acts = acts_of(base)
-    values = dict(RESTORE_DEFAULTS if restore else BASELINE_DEFAULTS)
+    plain_positions = _plain_positions(base) if acts == "llm" else BASELINE_DEFAULTS["positions"]
+    values = dict(RESTORE_DEFAULTS if restore else {**BASELINE_DEFAULTS, "positions": plain_positions})
     values.update({k: v for k, v in overrides.items() if v is not None})
     if acts == "vision_encoder":
         given = [k for k in ("prune_ratio", "anchors") if overrides.get(k) is not None]
@@ -166,7 +180,7 @@ def resolve_settings(base: str, n_vis: int, restore: bool, num_patches: int, act
                          "merging, but anchors='none' merges nothing; choose anchors='distinctive' or 'uniform', "
                          "or prune_ratio=1")
     settings = ReductionSettings(base=base, n_vis=n_vis, restore=bool(restore), num_patches=num_patches, acts=acts,
-                                 **values)
+                                 plain_positions=plain_positions, **values)
     # One reduction, one spelling: a coordinate without effect takes its default, so that the run name,
     # the answers-file record and a method's own plain row all see the same configuration.
     if not settings.uses_distance:
@@ -187,6 +201,12 @@ def resolve_settings(base: str, n_vis: int, restore: bool, num_patches: int, act
         raise ValueError(f"n_vis={n_vis} with prune_ratio={settings.prune_ratio:g} would merge "
                          f"{num_patches - settings.n_keep} tokens into {settings.n_merged} groups; lower n_vis")
     return settings
+
+
+def _plain_positions(base: str) -> str:
+    import tokenreduction
+
+    return tokenreduction.llm_method(base).plain_positions
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 QUERY_ROWS = ("last", "text_after_image")
+REFERENCE_DEPTH = 32  # decoder layers of LLaVA-1.5-7B's LLM, the depth the methods' layer schedules are set for
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,26 @@ def llm_method(name: str) -> InLLMMethod:
     if key not in _METHODS:
         raise ValueError(f"{canonical_name(name)} does not act inside the LLM")
     return _METHODS[key]
+
+
+def fit_layers(layers: Sequence[int], num_layers: int) -> List[int]:
+    """Cut layers set for a :data:`REFERENCE_DEPTH`-layer LLM, on an LLM of ``num_layers`` layers.
+
+    They stay as they are when they fit (every layer below ``num_layers``); on a shallower LLM (the small
+    test checkpoints) each is scaled with the depth and then moved up just enough to keep the cuts strictly
+    increasing inside 1..num_layers - 1.
+    """
+    layers = list(layers)
+    if all(layer < num_layers for layer in layers):
+        return layers
+    if len(layers) > num_layers - 1:
+        raise ValueError(f"{len(layers)} cuts need an LLM of at least {len(layers) + 1} layers, this one has {num_layers}")
+    fitted: List[int] = []
+    for i, layer in enumerate(layers):
+        scaled = round(layer * num_layers / REFERENCE_DEPTH)
+        highest = num_layers - (len(layers) - i)  # leave room for the cuts after this one
+        fitted.append(min(max(scaled, fitted[-1] + 1 if fitted else 1), highest))
+    return fitted
 
 
 def check_stages(name: str, stages: Sequence[Stage], num_patches: int, num_layers: int) -> None:
