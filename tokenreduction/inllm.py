@@ -18,6 +18,9 @@ import torch
 
 QUERY_ROWS = ("last", "text_after_image")
 REFERENCE_DEPTH = 32  # decoder layers of LLaVA-1.5-7B's LLM, the depth the methods' layer schedules are set for
+# Where the plain row puts the merged tokens of a StageChoice among the image's tokens: by the mechanism's
+# own position rule, or right after the kept tokens (which stay in sequence order), in group order.
+MERGED_PLACEMENTS = ("by_position", "after_kept")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,10 @@ class StageView:
     sizes: torch.Tensor  # [n] float32: original patches each visual token stands for
     stage: int  # 0 for the first cut
     budget: int  # visual tokens this image keeps after the cut
+    # Optional, filled when the method asks for them (InLLMMethod.needs_input_hidden / always for n_vis):
+    input_hidden: Optional[torch.Tensor] = None  # [L0, D] the sample's hidden states entering decoder layer 0 (uncut)
+    input_visual_index: Optional[torch.Tensor] = None  # [N] sequence index of the image's tokens in input_hidden
+    n_vis: Optional[int] = None  # the requested budget (what stages() was called with)
 
     @property
     def visual_attention(self) -> torch.Tensor:
@@ -65,6 +72,8 @@ class InLLMMethod:
     name: str = ""
     query_rows: str = "last"  # which attention rows scores() reads: the last prompt token, or every text token after the image
     plain_positions: str = "retained"  # position ids of the plain row: retained (original ids) or reindexed
+    plain_merged_placement: str = "by_position"  # one of MERGED_PLACEMENTS
+    needs_input_hidden: bool = False  # scores()/plain_choice() read StageView.input_hidden / input_visual_index
 
     def stages(self, n_vis: int, num_patches: int, num_layers: int) -> List[Stage]:
         raise NotImplementedError
@@ -87,6 +96,9 @@ def register_llm_method(method: InLLMMethod) -> InLLMMethod:
 
     if method.query_rows not in QUERY_ROWS:
         raise ValueError(f"{method.name}: query_rows must be one of {QUERY_ROWS}, got {method.query_rows!r}")
+    if method.plain_merged_placement not in MERGED_PLACEMENTS:
+        raise ValueError(f"{method.name}: plain_merged_placement must be one of {MERGED_PLACEMENTS}, "
+                         f"got {method.plain_merged_placement!r}")
     register_method(method.name, acts="llm")
     _METHODS[method.name.lower()] = method
     return method
