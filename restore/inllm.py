@@ -17,7 +17,7 @@ Every sample is cut on its own, so a batch gives each sample what it gets alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 

@@ -16,7 +16,7 @@ import os
 import sys
 import types
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Tuple
 
 import pytest
 import torch
