@@ -90,11 +90,6 @@ class ReductionSettings:
         return {**BASELINE_DEFAULTS, "positions": self.plain_positions}
 
     @property
-    def acts_in_llm(self) -> bool:
-        """The base method cuts tokens inside the LLM, stage by stage (FastV, PDrop, SparseVLM)."""
-        return self.acts == "llm"
-
-    @property
     def is_plain_base(self) -> bool:
         """The plain method of the paper's baseline rows."""
         return all(getattr(self, k) == v for k, v in self.baseline_defaults.items())

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .inllm import InLLMMethod, Stage, StageChoice, StageView, register_llm_method
+from .inllm import InLLMMethod, Stage, StageChoice, StageView, fit_layers, register_llm_method
 
 # Decoder layers after which the official code cuts (its layer_dict): their outputs are cut, so the first
 # layer that sees the reduced tokens is the next one.
@@ -83,23 +83,7 @@ def visual_counts(n_vis: int, num_patches: int) -> List[int]:
 
 def fitted_cut_layers(num_layers: int) -> List[int]:
     """First reduced layer of each cut: the official ones, scaled down (strictly increasing) on a shallow LLM."""
-    layers = [p + 1 for p in OFFICIAL_PRUNE_LAYERS]
-    try:  # the shared rule for all in-LLM methods, when the package has it
-        from .inllm import fit_layers  # type: ignore[attr-defined]
-    except ImportError:
-        fit_layers = None
-    if fit_layers is not None:
-        return list(fit_layers(layers, num_layers))
-    if all(layer < num_layers for layer in layers):
-        return layers
-    if len(layers) > num_layers - 1:
-        raise ValueError(f"SparseVLM's {len(layers)} cuts need an LLM of at least {len(layers) + 1} layers")
-    fitted: List[int] = []
-    for i, layer in enumerate(layers):
-        scaled = round(layer * num_layers / 32)
-        highest = num_layers - (len(layers) - i)
-        fitted.append(min(max(scaled, fitted[-1] + 1 if fitted else 1), highest))
-    return fitted
+    return fit_layers([p + 1 for p in OFFICIAL_PRUNE_LAYERS], num_layers)
 
 
 def select_raters(input_hidden: torch.Tensor, input_visual_index: torch.Tensor) -> torch.Tensor:
