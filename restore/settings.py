@@ -26,6 +26,11 @@ BASELINE_DEFAULTS: Dict[str, Any] = dict(prune_ratio=1.0, anchors="none", positi
 SETTING_NAMES = tuple(RESTORE_DEFAULTS)
 
 
+class UnsupportedReduction(NotImplementedError, ValueError):
+    """A registered method this repository cannot run yet (raised while the settings are resolved, so that
+    the scripts refuse it with their other setting errors, before any model is loaded)."""
+
+
 @dataclass(frozen=True)
 class ReductionSettings:
     """Everything that decides which tokens reach the LLM and how it attends to them."""
@@ -196,6 +201,14 @@ def resolve_settings(base: str, n_vis: int, restore: bool, num_patches: int, act
         raise ValueError(f"n_vis={n_vis} with prune_ratio={settings.prune_ratio:g} would merge "
                          f"{num_patches - settings.n_keep} tokens into {settings.n_merged} groups; lower n_vis")
     return settings
+
+
+def check_runnable(base: str, acts: Optional[str] = None) -> None:
+    """UnsupportedReduction for a registered method this repository cannot run yet. Naming its
+    configurations (:func:`resolve_settings`, :func:`run_tag`) still works, so the paper tables can list them."""
+    if (acts_of(base) if acts is None else acts) == "llm":
+        raise UnsupportedReduction(f"{base} acts inside the LLM, which restore.apply does not support yet "
+                                   "(its in-LLM reduction mechanism is not implemented)")
 
 
 def _plain_positions(base: str) -> str:
