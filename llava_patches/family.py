@@ -68,12 +68,14 @@ class LlavaFamily(ModelFamily):
             tome_schedule(settings.num_patches, settings.n_vis, hidden_index)
 
     def patch_targets(self, model: Any) -> Iterable[Tuple[Any, type]]:
+        from .inllm import InLLMDecoderLayerMixin
         from .patch import CalibratedAttentionMixin, CalibratedLlamaModelMixin, ReducedLlavaMixin, RetainedRopeMixin
 
         llm = model.get_model()
         yield model, ReducedLlavaMixin
         yield llm, CalibratedLlamaModelMixin
         for layer in llm.layers:
+            yield layer, InLLMDecoderLayerMixin
             yield layer.self_attn, CalibratedAttentionMixin
             yield layer.self_attn.rotary_emb, RetainedRopeMixin
 

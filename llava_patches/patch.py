@@ -6,7 +6,7 @@ settings, and :func:`restore.remove` puts the original classes back.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 
@@ -29,6 +29,7 @@ class RestoreContext:
     masks: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (first layer, later layers), one forward
     rope_length: int = 0
     padding_side: Optional[str] = None  # overrides the config's while generating
+    run: Optional[Any] = None  # an in-LLM method's llava_patches.inllm.InLLMRun for the current prompt
 
 
 def _cache_length(past_key_values) -> int:
@@ -42,6 +43,11 @@ def _cache_length(past_key_values) -> int:
 def reduce_images(model, pixels: torch.Tensor, settings: ReductionSettings) -> ReducedImages:
     """The visual tokens of ``pixels`` [I, 3, H, W] after the reduction, wherever the base method acts."""
     llm = model.get_model()
+    if settings.acts == "llm":  # the LLM cuts them: every token enters it, one patch each, at its own position
+        features = model.encode_images(pixels)  # stock LLaVA's own path
+        B, N = features.shape[:2]
+        patches = torch.arange(N, device=features.device).expand(B, N)
+        return ReducedImages(features, patches, torch.ones(B, N, device=features.device), patches.clone())
     if settings.merges_itself:  # ToMe: merged inside CLIP, n_vis tokens leave the select layer
         from .tome import encode_with_tome
 
@@ -77,6 +83,9 @@ class ReducedLlavaMixin:
             )
         settings = self._restore_ctx.settings
         model = self.get_model()
+        if labels is not None and settings.acts == "llm":
+            raise ValueError(f"{settings.base} cuts tokens inside the LLM, so its logits no longer line up with "
+                             "labels; compute a loss with a method acting before the LLM, or without labels")
         if is_next(self.config):  # every image in the fixed 2880-token layout (llava_patches/next_layout.py)
             pixels = split_views(images)
             reduced = reduce_next_images(self, pixels, settings)
@@ -115,11 +124,16 @@ class CalibratedLlamaModelMixin:
                 ctx.layout = layout = None
         if layout is None:
             ctx.rope_length = 0
+            ctx.run = None
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs)
 
         position_ids = layout.positions if past == 0 else layout.decode_positions(past, q_len)
         ctx.rope_length = layout.rope_length(past, q_len)
+        if ctx.settings.acts == "llm":
+            return self._forward_in_llm(layout, past, q_len, input_ids=input_ids, attention_mask=attention_mask,
+                                        position_ids=position_ids, past_key_values=past_key_values,
+                                        inputs_embeds=inputs_embeds, **kwargs)
         if ctx.settings.calibrates:
             ctx.masks = self._restore_masks(layout, attention_mask, past, q_len)
         elif self._sdpa_reads_the_mask(kwargs.get("output_attentions")):
@@ -132,6 +146,26 @@ class CalibratedLlamaModelMixin:
                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, **kwargs)
         finally:
             ctx.masks = None
+
+    def _forward_in_llm(self, layout: SequenceLayout, past: int, q_len: int, **inputs):
+        # The layers before the first cut run as stock LLaVA on the full prompt; the decoder layers'
+        # mixin (llava_patches/inllm.py) cuts and gives later layers their own positions and masks.
+        from .inllm import start_run
+
+        ctx = self._restore_ctx
+        if past == 0:
+            ctx.run = start_run(ctx.settings, layout, num_layers=len(self.layers),
+                                head_dim=self.config.hidden_size // self.config.num_attention_heads,
+                                rope_base=getattr(self.config, "rope_theta", 10000.0),
+                                padding_side=ctx.padding_side or getattr(self.config, "tokenizer_padding_side", "right"))
+        elif ctx.run is None:
+            raise RuntimeError("a decoding step without the prefill that started it")
+        else:
+            ctx.run.generated = past - layout.length
+        try:
+            return super().forward(**inputs)
+        finally:
+            ctx.run.finish_prefill()
 
     def _restore_masks(self, layout: SequenceLayout, attention_mask, past: int, q_len: int):
         settings = self._restore_ctx.settings

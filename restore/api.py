@@ -11,7 +11,7 @@ import torch
 import tokenreduction as tr
 
 from .families import family_of_model
-from .settings import ReductionSettings, check_runnable, resolve_settings
+from .settings import ReductionSettings, resolve_settings
 
 _ORIGINAL_CLASS = "_restore_original_class"
 _SUBCLASSES: Dict[tuple, Type] = {}
@@ -95,7 +95,6 @@ def apply(
     name = tr.canonical_name(base)
     if isinstance(n_vis, bool) or not isinstance(n_vis, int) or not 1 <= n_vis <= num_patches:
         raise ValueError(f"n_vis must be an integer in 1..{num_patches} (visual tokens per image), got {n_vis!r}")
-    check_runnable(name, tr.acts_in(name))
     settings = resolve_settings(name, n_vis, bool(restore), num_patches, acts=tr.acts_in(name), **overrides)
     family.check_settings(model, settings)
 

@@ -34,7 +34,7 @@ class ImageTrack:
     sample: int  # its row in the batch
     patch_positions: torch.Tensor  # [N] position id of each original patch (before any cut)
     source: torch.Tensor  # [N] the token (0..n-1) each patch is in now, -1 once dropped
-    positions: torch.Tensor  # [n] retained position id of each token, ascending
+    positions: torch.Tensor  # [n] retained position id of each token (ascending unless placed after_kept)
     sizes: torch.Tensor  # [n] float32 original patches in each token
 
     @property
@@ -61,16 +61,20 @@ def stage_choice(method: InLLMMethod, view: StageView, settings: ReductionSettin
     keep = scores.topk(n_keep).indices if n_keep else scores.new_empty(0, dtype=torch.long)
     rest = complement(keep.unsqueeze(0), n)[0]
     n_groups = view.budget - n_keep
+    if n_groups == 0:  # gamma = 1: prune only, by the method's score
+        return StageChoice(keep=keep)
     members = view.hidden[view.visual_index[rest]].unsqueeze(0)
     groups = anchor_merge(members, n_groups, anchor_rule=settings.anchors)
     return StageChoice(keep=keep, merged_members=rest, group_of=groups.group_of[0], n_groups=n_groups)
 
 
-def apply_choice(track: ImageTrack, choice: StageChoice, hidden: torch.Tensor, merged_position: str = "median"
-                 ) -> Tuple[torch.Tensor, ImageTrack]:
-    """The image's new tokens [b, D] (ordered by position) and its track after the cut.
+def apply_choice(track: ImageTrack, choice: StageChoice, hidden: torch.Tensor, merged_position: str = "median",
+                 placement: str = "by_position") -> Tuple[torch.Tensor, ImageTrack]:
+    """The image's new tokens [b, D] and its track after the cut.
 
-    ``hidden`` [n, D]: the image's current tokens' hidden states.
+    ``hidden`` [n, D]: the image's current tokens' hidden states. ``placement`` (``MERGED_PLACEMENTS``):
+    ``by_position`` orders every token by its position id; ``after_kept`` keeps the kept tokens in their
+    order, followed by the merged ones in group order (SparseVLM's recycled tokens).
     """
     n, D = hidden.shape
     device = hidden.device
@@ -99,7 +103,10 @@ def apply_choice(track: ImageTrack, choice: StageChoice, hidden: torch.Tensor, m
                                 merged_position)[0]
     if not choice.n_groups:  # nothing merged: every token keeps the position it had
         positions = track.positions[keep]
-    order = positions.sort(stable=True).indices
+    if placement == "after_kept":
+        order = torch.cat([keep.sort(stable=True).indices, torch.arange(k, b, device=device)])
+    else:
+        order = positions.sort(stable=True).indices
     rank = order.argsort()
     new_source = torch.where(alive, rank[source.clamp(min=0)], source)
     return features[order], ImageTrack(track.sample, track.patch_positions, new_source, positions[order], sizes[order])

@@ -26,11 +26,6 @@ BASELINE_DEFAULTS: Dict[str, Any] = dict(prune_ratio=1.0, anchors="none", positi
 SETTING_NAMES = tuple(RESTORE_DEFAULTS)
 
 
-class UnsupportedReduction(NotImplementedError, ValueError):
-    """A registered method this repository cannot run yet (raised while the settings are resolved, so that
-    the scripts refuse it with their other setting errors, before any model is loaded)."""
-
-
 @dataclass(frozen=True)
 class ReductionSettings:
     """Everything that decides which tokens reach the LLM and how it attends to them."""
@@ -150,7 +145,8 @@ def resolve_settings(base: str, n_vis: int, restore: bool, num_patches: int, act
         raise TypeError(f"unknown reduction setting(s) {', '.join(unknown)}; known: {', '.join(SETTING_NAMES)}")
     if acts is None:
         acts = acts_of(base)
-    plain_positions = _plain_positions(base) if acts == "llm" else BASELINE_DEFAULTS["positions"]
+    plain_positions = _in_llm_plain_positions(base, n_vis, num_patches) if acts == "llm" \
+        else BASELINE_DEFAULTS["positions"]
     values = dict(RESTORE_DEFAULTS if restore else {**BASELINE_DEFAULTS, "positions": plain_positions})
     values.update({k: v for k, v in overrides.items() if v is not None})
     if acts == "vision_encoder":
@@ -203,18 +199,14 @@ def resolve_settings(base: str, n_vis: int, restore: bool, num_patches: int, act
     return settings
 
 
-def check_runnable(base: str, acts: Optional[str] = None) -> None:
-    """UnsupportedReduction for a registered method this repository cannot run yet. Naming its
-    configurations (:func:`resolve_settings`, :func:`run_tag`) still works, so the paper tables can list them."""
-    if (acts_of(base) if acts is None else acts) == "llm":
-        raise UnsupportedReduction(f"{base} acts inside the LLM, which restore.apply does not support yet "
-                                   "(its in-LLM reduction mechanism is not implemented)")
+def _in_llm_plain_positions(base: str, n_vis: int, num_patches: int) -> str:
+    """The plain row's positions of a method acting in the LLM, after checking that its stages exist for
+    ``n_vis`` (a budget without a schedule is refused here, before any model is loaded)."""
+    from tokenreduction.inllm import REFERENCE_DEPTH, check_stages, llm_method
 
-
-def _plain_positions(base: str) -> str:
-    import tokenreduction
-
-    return tokenreduction.llm_method(base).plain_positions
+    method = llm_method(base)
+    check_stages(method.name, method.stages(n_vis, num_patches, REFERENCE_DEPTH), num_patches, REFERENCE_DEPTH)
+    return method.plain_positions
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:

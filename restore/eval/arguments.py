@@ -8,7 +8,7 @@ import argparse
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from restore.settings import (ReductionSettings, add_setting_arguments, check_runnable, overrides_from,
+from restore.settings import (ReductionSettings, add_setting_arguments, overrides_from,
                               resolve_settings)
 
 from .entry_point import MAX_VISUAL_TOKENS, OPTION_LETTER_SUFFIX, EntryPoint, SetupError
@@ -268,7 +268,6 @@ def reduction_settings(args: argparse.Namespace, base: Optional[str],
             raise SetupError(f"{', '.join(given)} need --base and --n_vis (no reduction has no settings)")
         return None
     try:
-        check_runnable(base)
         settings = resolve_settings(base, args.n_vis, bool(args.restore), num_patches, **overrides)
     except ValueError as e:
         raise SetupError(f"reduction settings: {e}") from None
