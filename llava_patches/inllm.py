@@ -120,18 +120,28 @@ class InLLMRun:
         return decode_bias(key_valid.new_zeros(key_valid.shape, dtype=torch.float32), key_valid, dtype, q_len=q_len)
 
     # ---- scoring ----------------------------------------------------------------------------------
-    def score(self, layer: torch.nn.Module, index: int, hidden: torch.Tensor) -> None:
-        """Attention rows of every image whose stage is scored at decoder ``index``, from its input ``hidden``."""
-        wanted = [i for i, s in enumerate(self.stages) if s.score_layer == index]
-        if not wanted:
-            return
-        k = len(self.records)  # cuts done so far: the layout of this layer's input
+    def score(self, stage_index: int, layer: torch.nn.Module, hidden: torch.Tensor) -> None:
+        """The attention rows stage ``stage_index`` is scored with, from decoder ``layer``'s input ``hidden``
+        (after every cut made so far: that is what the layer sees)."""
+        k = len(self.records)
         layout = self.layouts[k]
         rows, row_valid = self._query_rows(layout)
         weights = attention_rows(layer, hidden, rows, layout.positions, self._mask(k, hidden.dtype))  # [B, R, L]
-        per_sample = [(weights[b][row_valid[b]], rows[b][row_valid[b]]) for b in range(hidden.shape[0])]
-        for i in wanted:
-            self.pending[i] = per_sample
+        self.pending[stage_index] = [(weights[b][row_valid[b]], rows[b][row_valid[b]]) for b in range(hidden.shape[0])]
+
+    def enter_layer(self, index: int, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """A prefill reaching decoder ``index``: its cuts, then the scores later cuts read from this layer."""
+        if index == 0 and self.method.needs_input_hidden:
+            self.input_hidden = hidden
+        for i, stage in enumerate(self.stages):
+            if stage.layer == index:
+                if stage.score_layer == index:  # scored on the input it is about to cut (PDrop)
+                    self.score(i, layer, hidden)
+                hidden = self.cut(i, hidden)
+        for i, stage in enumerate(self.stages):
+            if stage.score_layer == index < stage.layer:  # scored here, cut at a later layer (FastV, SparseVLM)
+                self.score(i, layer, hidden)
+        return hidden
 
     def _query_rows(self, layout: StageLayout) -> Tuple[torch.Tensor, torch.Tensor]:
         """[B, R] sequence indices of the query rows (padded with a valid index) and [B, R] bool validity."""
@@ -249,12 +259,7 @@ class InLLMDecoderLayerMixin:
             return super().forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
         index = self.self_attn.layer_idx
         if run.prefilling:
-            if index == 0 and run.method.needs_input_hidden:
-                run.input_hidden = hidden_states
-            run.score(self, index, hidden_states)
-            for i, stage in enumerate(run.stages):
-                if stage.layer == index:
-                    hidden_states = run.cut(i, hidden_states)
+            hidden_states = run.enter_layer(index, self, hidden_states)
         inputs = run.layer_inputs(index, hidden_states.shape[1], hidden_states.dtype)
         if inputs is not None:
             attention_mask, position_ids = inputs

@@ -314,7 +314,7 @@ def test_bad_inputs_fail_before_the_model_is_loaded(data, tmp_path, monkeypatch,
     args = gqa_args(data, answers)
     fails([*args, "--base", "Nope", "--n_vis", "64"], "unknown --base 'Nope'", "DivPrune, FastV, HoloV")
     fails([*args, "--base", "HoloV", "--n_vis", "600"], "1..576")
-    fails([*args, "--base", "FastV", "--n_vis", "64", "--restore"], "FastV acts inside the LLM")
+    fails([*args, "--base", "SparseVLM", "--n_vis", "100", "--restore"], "SparseVLM has official settings only for n_vis in")
     fails([*args, "--base", "HoloV", "--n_vis", "1", "--restore"], "use n_vis >= 2, or prune_ratio=0")
     fails([*args, "--restore"], "--restore needs --base")
     # a pretrain-only checkpoint switches to <conv>_mmtag, which vicuna_v1 lacks: found before loading

@@ -332,13 +332,6 @@ def test_bad_settings(model, kwargs, message):
     assert not restore.is_applied(model)
 
 
-@pytest.mark.parametrize("base", ["FastV", "PDrop", "SparseVLM"])
-def test_in_llm_methods_are_refused_until_their_mechanism_lands(model, base):
-    with pytest.raises(NotImplementedError, match=f"{base} acts inside the LLM"):
-        restore.apply(model, base=base, n_vis=64, restore=True)
-    assert not restore.is_applied(model)
-
-
 def test_not_a_llava_model():
     with pytest.raises(TypeError, match="expects a llava LlavaLlamaForCausalLM"):
         restore.apply(torch.nn.Linear(2, 2), base="HoloV", n_vis=64)

@@ -27,9 +27,6 @@ BENCHMARK_ITEMS = {"gqa": 12578, "mmbench": 4377, "mme": 2374, "pope": 8910, "sq
                    "textvqa": 5000, "seed": 19242, "ocrbench": 1000}
 # What is still missing for rows the repository cannot run yet, by method and by model.
 NOT_YET = {
-    "FastV": "FastV (inside the LLM) is declared but its in-LLM reduction mechanism is not implemented yet",
-    "PDrop": "PDrop (inside the LLM) is declared but its in-LLM reduction mechanism is not implemented yet",
-    "SparseVLM": "SparseVLM (inside the LLM) is declared but its in-LLM reduction mechanism is not implemented yet",
     "FlowCut": "FlowCut (inside the vision encoder) is not implemented yet",
 }
 MODELS_NOT_YET = {
@@ -136,10 +133,6 @@ def why_not_runnable(table: PaperTable, config: PaperConfig, available: Sequence
     known = {a.lower() for a in available}
     if config.base.lower() not in known:
         return NOT_YET.get(config.base, f"method {config.base} is not registered")
-    import tokenreduction as tr
-
-    if tr.acts_in(config.base) == "llm":  # restore.apply refuses these until the in-LLM mechanism lands
-        return NOT_YET.get(config.base, f"{config.base} acts inside the LLM, which is not supported yet")
     return None
 
 
