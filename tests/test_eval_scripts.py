@@ -22,9 +22,9 @@ MAX_NEW_TOKENS = "2"
 
 # benchmark -> reduction flags it runs with, and the answers subfolder they give
 CONFIGS = {
-    "gqa": (["--base", "HoloV", "--n_vis", "16", "--restore"], "holov-16-restore"),
-    "vqav2": ([], "full"),
-    "seed": (["--base", "DivPrune", "--n_vis", "8"], "divprune-8"),
+    "gqa": (["--base", "FastV", "--n_vis", "64", "--restore"], "fastv-64-restore"),  # in-LLM methods, too
+    "vqav2": (["--base", "PDrop", "--n_vis", "64"], "pdrop-64"),
+    "seed": (["--base", "SparseVLM", "--n_vis", "64", "--restore"], "sparsevlm-64-restore"),
     "mmbench": (["--base", "VisPruner", "--n_vis", "32", "--restore"], "vispruner-32-restore"),
     "mme": (["--base", "DivPrune", "--n_vis", "8"], "divprune-8"),  # 28 questions: few tokens keep it fast
     "pope": (["--base=holov", "--n_vis=64"], "holov-64"),
@@ -122,7 +122,8 @@ def test_script_end_to_end(bench, all_runs, data, small_checkpoint):
     assert record["n_items"] == len(merged)
     assert record["metrics"] == metrics["metrics"] and record["main_metric"] == metrics["main_metric"]
     assert record["wall_time_s"] > 0 and record["timestamp"]
-    expected_base = {"full": "none", "holov": "HoloV", "divprune": "DivPrune", "vispruner": "VisPruner"}[
+    expected_base = {"full": "none", "holov": "HoloV", "divprune": "DivPrune", "vispruner": "VisPruner",
+                     "fastv": "FastV", "pdrop": "PDrop", "sparsevlm": "SparseVLM"}[
         tag.split("-")[0]]
     assert (record["base"], record["restore"]) == (expected_base, tag.endswith("-restore"))
     assert record["n_vis"] == (int(tag.split("-")[1]) if tag != "full" else 576)
