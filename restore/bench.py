@@ -37,7 +37,10 @@ from restore.analysis.models import (
 )
 from restore.analysis.timing import PeakMemory, Timer, Timing
 from restore.attention import calibrated_prefill_masks
-from restore.flops import LLAVA_7B, LLMShape, exact_prefill_flops, fastv_prefill_flops, kv_cache_bytes
+from restore.flops import (
+    LLAVA_7B, LLMShape, exact_prefill_flops, fastv_prefill_flops, kv_cache_bytes, layered_kv_cache_bytes,
+    layered_prefill_flops,
+)
 from restore.merge import anchor_merge, complement, group_medians
 from restore.reduce import reduce_visual_tokens, retained_budget
 from restore.settings import resolve_settings
@@ -116,7 +119,7 @@ def time_reduction(tokens: tr.VisualTokens, config: Config, timer: Timer, bench:
     """Selection, merging (anchor_merge + group medians) and reduce_visual_tokens as one call, in ms.
     A method's own plain row (VisionZip) is timed as one call; a method inside CLIP has no stage here."""
     settings = resolve_settings(config.base, config.n_vis, config.restore, tokens.num_tokens)
-    if settings.merges_itself:
+    if settings.merges_itself or settings.acts == "llm":  # reduced inside a network: part of its own time
         return {"selection_ms": None, "merging_ms": None, "reduce_ms": None}
     if settings.is_plain_base and tr.plain_reduction(config.base) is not None:
         from llava_patches.vision import encode_visual_tokens
@@ -146,8 +149,9 @@ def time_reduction(tokens: tr.VisualTokens, config: Config, timer: Timer, bench:
 
 
 def time_bias(model, config: Config, timer: Timer) -> Optional[float]:
-    """The two prefill masks RESTORE builds (first layer: uniform sizes; later layers: real sizes), in ms."""
-    if not config.restore:
+    """The two prefill masks RESTORE builds (first layer: uniform sizes; later layers: real sizes), in ms.
+    An in-LLM method builds its masks at each cut, inside the prefill it is timed with."""
+    if not config.restore or tr.acts_in(config.base) == "llm":
         return None
     layout = model._restore_ctx.layout
     llm_config = model.config
@@ -226,8 +230,32 @@ def measure_peak_memory(model, prompt: Prompt, device: torch.device, new_tokens:
     return meter.bytes
 
 
-def flop_counts(seq_len: int, shape: LLMShape) -> Dict[str, int]:
-    """Prefill FLOPs of the LLM: FastV's formula, the exact matmul count, and the LM head on all positions."""
+def layer_tokens(model, num_layers: int) -> Optional[List[int]]:
+    """Tokens each decoder layer saw in the last prefill of an in-LLM method (longest sample); None otherwise."""
+    run = getattr(getattr(model, "_restore_ctx", None), "run", None)
+    if run is None:
+        return None
+    lengths = [int(layout.valid.sum(dim=1).max()) for layout in run.layouts]
+    return [lengths[run.layout_index(i)] for i in range(num_layers)]
+
+
+def layer_tokens_at_depth(config: Config, seq_len: int, num_patches: int, num_layers: int) -> Optional[List[int]]:
+    """Tokens per layer of a one-image prompt of ``seq_len`` tokens for an in-LLM method at another depth
+    (its schedule for that many layers)."""
+    if config.base is None or tr.acts_in(config.base) != "llm":
+        return None
+    stages = tr.llm_method(config.base).stages(config.n_vis, num_patches, num_layers)
+    text = seq_len - num_patches
+    return [text + next((s.budget for s in reversed(stages) if s.layer <= i), num_patches) for i in range(num_layers)]
+
+
+def flop_counts(seq_len: int, shape: LLMShape, tokens_per_layer: Optional[Sequence[int]] = None) -> Dict[str, int]:
+    """Prefill FLOPs of the LLM: FastV's formula, the exact matmul count, and the LM head on all positions.
+    ``tokens_per_layer``: what each layer saw, when a method cuts inside the LLM."""
+    if tokens_per_layer is not None:
+        last = tokens_per_layer[-1]
+        return {**layered_prefill_flops(tokens_per_layer, shape),
+                "lm_head_all_positions": exact_prefill_flops(last, shape.with_layers(0), lm_head_tokens=last)}
     return {
         "fastv": fastv_prefill_flops(seq_len, shape.hidden_size, shape.intermediate_size, shape.num_layers),
         "exact": exact_prefill_flops(seq_len, shape),
@@ -301,8 +329,9 @@ def format_table(rows: List[dict]) -> str:
               "decode ms/tok", "e2e ms", "peak MiB", "KV MiB", "FastV GFLOP", "exact GFLOP"]
     lines = [header]
     for r in rows:
+        seq = str(r["seq_len"]) if not r.get("tokens_per_layer") else f"{r['seq_len']}>{r['tokens_per_layer'][-1]}"
         lines.append([
-            r["method"], str(r["n_vis"]), str(r["seq_len"]), _fmt(r["vision_ms"]), _fmt(r["selection_ms"], 2),
+            r["method"], str(r["n_vis"]), seq, _fmt(r["vision_ms"]), _fmt(r["selection_ms"], 2),
             _fmt(r["merging_ms"], 2), _fmt(r["bias_ms"], 2), _fmt(r["prefill_ms"]), _fmt(r["decode_ms_per_token"]),
             _fmt(r["end_to_end_ms"]), "n/a" if r["peak_memory_bytes"] is None else _fmt(r["peak_memory_bytes"] / 2**20),
             _fmt(r["kv_cache_bytes"] / 2**20, 2), _fmt(r["flops"]["fastv"] / 1e9), _fmt(r["flops"]["exact"] / 1e9),
@@ -365,14 +394,15 @@ def plot(rows: List[dict], path: Path, title: str, full_depth_flops: bool) -> No
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     flops_key = "flops_llava7b_32_layers" if full_depth_flops else "flops"
-    by_n = sorted({r["n_vis"]: r[flops_key] for r in rows}.items())
-    xs = [n for n, _ in by_n]
-    axes[2].plot(xs, [f["fastv"] / 1e12 for _, f in by_n], marker="o", label="FastV formula")
-    axes[2].plot(xs, [f["exact"] / 1e12 for _, f in by_n], marker="s", label="exact SwiGLU matmuls")
-    axes[2].plot(xs, [(f["exact"] + f["lm_head_all_positions"]) / 1e12 for _, f in by_n], marker="^",
-                 label="exact + LM head (all positions)")
+    # One line per method: methods cutting inside the LLM pay for their full-length early layers.
+    for base in dict.fromkeys(b for b, _ in methods):
+        pts = sorted({r["n_vis"]: r[flops_key]["exact"] for r in reduced if r["base"] == base}.items())
+        axes[2].plot(*zip(*[(n, f / 1e12) for n, f in pts]), marker="o", color=colors[base], label=base)
+    if full is not None:
+        axes[2].plot([full["n_vis"]], [full[flops_key]["exact"] / 1e12], marker="*", markersize=12, color="black",
+                     label="full")
     axes[2].set_xlabel("visual tokens fed to the LLM")
-    axes[2].set_ylabel("LLM prefill TFLOPs" + (" (LLaVA-1.5-7B, 32 layers)" if full_depth_flops else ""))
+    axes[2].set_ylabel("LLM prefill TFLOPs, exact matmuls" + (" (LLaVA-1.5-7B, 32 layers)" if full_depth_flops else ""))
     axes[2].set_ylim(bottom=0)
     axes[2].grid(alpha=0.3)
     axes[2].legend(fontsize=8)
@@ -414,10 +444,15 @@ def run_benchmark(bench: BenchModel, prompt: Prompt, configs: List[Config], time
                     row["vision_ms"] = time_vision_encoder_method(bench, prompt, config, timer)
             row.update(time_llm(model, prompt, timer, new_tokens))
             row["bias_ms"] = time_bias(model, config, timer) if config.base is not None else None
-            row["kv_cache_bytes"] = kv_cache_bytes(row["seq_len"], shape, bench.dtype)
-            row["flops"] = flop_counts(row["seq_len"], shape)
+            per_layer = layer_tokens(model, shape.num_layers)
+            row["tokens_per_layer"] = per_layer
+            row["kv_cache_bytes"] = (kv_cache_bytes(row["seq_len"], shape, bench.dtype) if per_layer is None
+                                     else layered_kv_cache_bytes(per_layer, shape, bench.dtype))
+            row["flops"] = flop_counts(row["seq_len"], shape, per_layer)
             if is_7b_shaped(shape):
-                row["flops_llava7b_32_layers"] = flop_counts(row["seq_len"], LLAVA_7B)
+                row["flops_llava7b_32_layers"] = flop_counts(
+                    row["seq_len"], LLAVA_7B,
+                    layer_tokens_at_depth(config, row["seq_len"], num_patches, LLAVA_7B.num_layers))
             rows.append(row)
             if not row["decode_matches_generate"]:
                 log(f"warning: {config.label} n_vis={config.n_vis}: the decode loop's tokens differ from generate's")

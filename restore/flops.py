@@ -16,7 +16,7 @@ Two counts, side by side:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Sequence
 
 import torch
 
@@ -93,3 +93,21 @@ def kv_cache_bytes(seq_len: int, shape: LLMShape, dtype: torch.dtype, batch: int
     """Bytes of the K and V caches of every layer for ``seq_len`` tokens."""
     element = torch.empty((), dtype=dtype).element_size()
     return 2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * seq_len * element * batch
+
+
+def layered_prefill_flops(tokens_per_layer: Sequence[int], shape: LLMShape, *, lm_head_tokens: int = 0) -> Dict[str, int]:
+    """Prefill FLOPs when layers see different numbers of tokens (a method cutting inside the LLM):
+    FastV's formula and the exact matmul count, summed layer by layer (``len(tokens_per_layer)`` layers)."""
+    d, m = shape.hidden_size, shape.intermediate_size
+    one = shape.with_layers(1)
+    return {
+        "fastv": sum(fastv_prefill_flops(n, d, m, 1) for n in tokens_per_layer),
+        "exact": sum(exact_prefill_flops(n, one) for n in tokens_per_layer)
+        + 2 * lm_head_tokens * shape.hidden_size * shape.vocab_size,
+    }
+
+
+def layered_kv_cache_bytes(tokens_per_layer: Sequence[int], shape: LLMShape, dtype: torch.dtype, batch: int = 1) -> int:
+    """Bytes of the K and V caches when each layer caches its own sequence length."""
+    one = shape.with_layers(1)
+    return sum(kv_cache_bytes(n, one, dtype, batch) for n in tokens_per_layer)

@@ -206,6 +206,29 @@ def test_tiny_benchmark_writes_table_json_and_plot(small_checkpoint, small_model
     assert "HoloV+RESTORE" in (out / "bench.txt").read_text()
 
 
+def test_an_in_llm_method_counts_what_each_layer_sees(small_checkpoint, small_model, tmp_path):
+    from tokenreduction.pdrop import PDrop
+
+    out = tmp_path / "bench"
+    code = bench.main(["--model-path", str(small_checkpoint), "--bases", "pdrop", "--n-vis", "64", "--repeats", "1",
+                       "--warmup", "0", "--new-tokens", "2", "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    rows = {row["method"]: row for row in json.loads((out / "bench.json").read_text())["rows"]}
+    config = json.loads((small_checkpoint / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    per_token_per_layer = _real_kv_cache_bytes_per_token(small_model.model) // layers
+    full = rows["full"]["seq_len"]
+    for name in ("PDrop", "PDrop+RESTORE"):
+        row = rows[name]
+        assert row["seq_len"] == full  # every visual token enters the LLM
+        # the 4-layer checkpoint cuts before layers 1, 2 and 3 (the 32-layer schedule's cuts, scaled)
+        assert row["tokens_per_layer"] == [full] + [full - 576 + b for b in PDrop().budgets(64, 576)]
+        assert row["flops"]["exact"] == sum(_exact_flops_by_hand(n, config) for n in row["tokens_per_layer"]) // layers
+        assert row["kv_cache_bytes"] == per_token_per_layer * sum(row["tokens_per_layer"])
+        assert row["decode_matches_generate"] and row["selection_ms"] is None and row["bias_ms"] is None
+        assert row["flops"]["exact"] < rows["full"]["flops"]["exact"]
+
+
 def test_cli_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--bases", "NoSuchMethod"])
