@@ -5,8 +5,9 @@
         Per decoder layer, the share of attention mass visual tokens receive (visual queries and
         the text after the image), for the full tokens, the base method alone and with RESTORE.
     python -m restore.analyze tokens [--model-path PATH] [--image PATH | --seed S] [--base HoloV]
-                                     [--n-vis 64] [--restore] [--out DIR]
-        The image as the model sees it, kept tokens outlined, merged groups coloured.
+                                     [--n-vis 64] [--restore] [--question Q] [--out DIR]
+        The image as the model sees it, kept tokens outlined, merged groups coloured; for a method
+        acting inside the LLM (FastV, PDrop, SparseVLM) one picture per stage of what survived it.
     python -m restore.analyze hausdorff [--model-path PATH] [--images FOLDER] [--n-images 100]
                                         [--bases HoloV,DivPrune] [--n-vis 64] [--out DIR]
         Table 18: the weighted Hausdorff distance between the original and the reduced tokens for
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     tokens = commands.add_parser("tokens", allow_abbrev=False, help="kept and merged tokens drawn over the image")
     _common(tokens)
     tokens.add_argument("--restore", action="store_true", help="merge the unselected tokens with RESTORE")
+    tokens.add_argument("--question", default=DEFAULT_QUESTION,
+                        help="the prompt's question (a method acting inside the LLM scores with it)")
     hausdorff = commands.add_parser("hausdorff", allow_abbrev=False, help="weighted Hausdorff distance of reduced tokens (Table 18)")
     hausdorff.add_argument("--model-path", help="a LLaVA-1.5 checkpoint (default: the small random checkpoint)")
     hausdorff.add_argument("--images", type=Path, default=DEFAULT_GQA_IMAGES,
@@ -140,17 +143,23 @@ def run_attention(args) -> int:
 def run_tokens(args) -> int:
     bench = load_bench_model(args.model_path, device=args.device, dtype=args.dtype)
     image = load_image(args.image, args.seed)
-    _, images, _ = prompt_inputs(bench, image)
+    input_ids, images, _ = prompt_inputs(bench, image, args.question)
     name = tr.canonical_name(args.base)
-    token_map = token_maps.build_token_map(bench, images, name, args.n_vis, args.restore)
+    stem = f"tokens_{_image_name(args)}_{name}{'_restore' if args.restore else ''}_{args.n_vis}"
+    if tr.acts_in(name) == "llm":  # one map per cut inside the LLM
+        maps = token_maps.build_stage_token_maps(bench, input_ids, images, name, args.n_vis, args.restore)
+        paths = [args.out / f"{stem}_stage{i}.png" for i in range(1, len(maps) + 1)]
+    else:
+        maps = [token_maps.build_token_map(bench, images, name, args.n_vis, args.restore)]
+        paths = [args.out / f"{stem}.png"]
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"tokens_{_image_name(args)}_{name}{'_restore' if args.restore else ''}_{args.n_vis}.png"
-    token_maps.draw_token_map(token_map, path, f"{token_map.label} | image {_image_name(args)} | {bench.description}")
-    sizes = token_map.group_sizes()
-    covered = int((token_map.source >= 0).sum())
-    print(f"{token_map.label}: {len(token_map.kept)} kept tokens, {covered} of {token_map.source.size} patches "
-          f"represented, largest token {int(sizes.max())} patches")
-    print(f"wrote {path}")
+    for token_map, path in zip(maps, paths):
+        token_maps.draw_token_map(token_map, path, f"{token_map.label} | image {_image_name(args)} | {bench.description}")
+        sizes = token_map.group_sizes()
+        covered = int((token_map.source >= 0).sum())
+        print(f"{token_map.label}: {len(token_map.kept)} kept tokens, {covered} of {token_map.source.size} patches "
+              f"represented, largest token {int(sizes.max())} patches")
+        print(f"wrote {path}")
     return 0
 
 

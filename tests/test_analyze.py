@@ -10,7 +10,7 @@ import restore
 from restore import analyze
 from restore.analysis import attention as att
 from restore.analysis.models import BenchModel, prompt_inputs
-from restore.analysis.token_map import build_token_map, draw_token_map
+from restore.analysis.token_map import build_stage_token_maps, build_token_map, draw_token_map
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -47,7 +47,9 @@ def test_row_shares_split_each_row_into_visual_and_other():
 def test_prefill_probabilities_are_distributions_and_shares_in_unit_interval(bench_model, prompt, use_restore):
     ids, images, sizes = prompt
     restore.apply(bench_model.model, base="HoloV", n_vis=64, restore=use_restore)
-    attentions, is_visual = att.prefill_attentions(bench_model.model, ids, images, sizes)
+    attentions, masks = att.prefill_attentions(bench_model.model, ids, images, sizes)
+    is_visual = masks[0]
+    assert all(torch.equal(mask, is_visual) for mask in masks)  # a reduction before the LLM: one layout
     # The 64 visual tokens sit, in one block, where the prompt's <image> placeholder was.
     slot = int((ids[0] == IMAGE_TOKEN_INDEX).nonzero())
     expected_visual = torch.zeros(ids.shape[1] - 1 + 64, dtype=torch.bool)
@@ -114,12 +116,51 @@ def test_token_map_without_restore_keeps_only_the_selected(bench_model, prompt):
     assert (token_map.group_sizes() == 1).all()
 
 
+def test_attention_of_an_in_llm_method_follows_each_layers_tokens(bench_model, prompt):
+    from tokenreduction.pdrop import PDrop
+
+    ids, images, sizes = prompt
+    restore.apply(bench_model.model, base="PDrop", n_vis=64, restore=True)
+    attentions, masks = att.prefill_attentions(bench_model.model, ids, images, sizes)
+    # the 4-layer checkpoint: all 576 tokens in layer 0, then PDrop's three budgets
+    assert [int(m.sum()) for m in masks] == [576, *PDrop().budgets(64, 576)]
+    for probs, mask in zip(attentions, masks):
+        assert probs.shape[-1] == probs.shape[-2] == mask.shape[0]
+        torch.testing.assert_close(probs[0].float().mean(dim=0).sum(dim=-1), torch.ones(mask.shape[0]))
+    shares = att.layer_shares(attentions, masks)
+    assert all(0 < v <= 1 for v in shares["text"])
+
+
+@pytest.mark.parametrize("use_restore", [False, True])
+def test_stage_token_maps_show_what_survived_each_cut(bench_model, prompt, use_restore):
+    from tokenreduction.pdrop import PDrop
+
+    ids, images, _ = prompt
+    maps = build_stage_token_maps(bench_model, ids, images, "PDrop", 64, use_restore)
+    budgets = PDrop().budgets(64, 576)
+    assert [m.n_vis for m in maps] == budgets
+    previous = set(range(576))
+    for token_map, budget in zip(maps, budgets):
+        represented = set(np.flatnonzero(token_map.source >= 0).tolist())
+        if use_restore:  # nothing is dropped: every patch is in one of the stage's tokens
+            assert represented == set(range(576)) and token_map.group_sizes().sum() == 576
+        else:  # plain PDrop keeps a subset of the previous stage's tokens
+            assert len(represented) == budget and represented <= previous
+            assert sorted(token_map.kept.tolist()) == sorted(represented)
+        previous = represented
+    assert not restore.is_applied(bench_model.model)
+
+
 def test_cli_writes_outputs(small_checkpoint, tmp_path, capsys):
     out = tmp_path / "analysis"
     assert analyze.main(["tokens", "--model-path", str(small_checkpoint), "--seed", "2", "--base", "VisPruner",
                          "--n-vis", "32", "--restore", "--out", str(out)]) == 0
     assert (out / "tokens_seed2_VisPruner_restore_32.png").read_bytes()[:8] == PNG
     assert "576 of 576 patches" in capsys.readouterr().out
+    assert analyze.main(["tokens", "--model-path", str(small_checkpoint), "--base", "FastV", "--n-vis", "32",
+                         "--out", str(out)]) == 0
+    assert (out / "tokens_seed0_FastV_32_stage1.png").read_bytes()[:8] == PNG
+    assert "32 of 576 patches" in capsys.readouterr().out
 
     assert analyze.main(["attention", "--model-path", str(small_checkpoint), "--n-vis", "32", "--out", str(out)]) == 0
     payload = json.loads((out / "attention_seed0_HoloV_32.json").read_text())

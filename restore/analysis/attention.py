@@ -67,23 +67,34 @@ def query_groups(is_visual: torch.Tensor) -> Dict[str, torch.Tensor]:
 
 
 @torch.inference_mode()
-def prefill_attentions(model, input_ids, images, image_sizes) -> Tuple[Tuple[torch.Tensor, ...], torch.Tensor]:
-    """Each layer's attention probabilities [1, H, L, L] for one prompt, and the visual mask [L]."""
+def prefill_attentions(model, input_ids, images, image_sizes) -> Tuple[Tuple[torch.Tensor, ...], List[torch.Tensor]]:
+    """Each layer's attention probabilities [1, H, L_i, L_i] for one prompt, and its visual mask [L_i]."""
     if input_ids.shape[0] != 1:
         raise ValueError("attention analysis takes one prompt at a time (batch size 1)")
     out = model(input_ids=input_ids, images=images, image_sizes=image_sizes, output_attentions=True, use_cache=False)
     if not out.attentions or out.attentions[0] is None:
         raise RuntimeError("the model returned no attention probabilities (flash attention cannot); "
                            "load it with attn_implementation='eager' or 'sdpa'")
-    return out.attentions, sequence_visual_mask(model, input_ids)
+    return out.attentions, layer_visual_masks(model, input_ids, len(out.attentions))
 
 
-def layer_shares(attentions, is_visual: torch.Tensor) -> Dict[str, List[float]]:
-    """Mean visual share per query group and layer, heads averaged first."""
-    groups = query_groups(is_visual)
+def layer_visual_masks(model, input_ids: torch.Tensor, num_layers: int) -> List[torch.Tensor]:
+    """[L_i] bool per decoder layer: which of the tokens that layer sees are visual (a method cutting inside
+    the LLM shortens the sequence of the layers after each cut)."""
+    run = getattr(getattr(model, "_restore_ctx", None), "run", None) if restore.is_applied(model) else None
+    if run is None:
+        return [sequence_visual_mask(model, input_ids)] * num_layers
+    return [run.layouts[run.layout_index(i)].is_visual[0] for i in range(num_layers)]
+
+
+def layer_shares(attentions, is_visual) -> Dict[str, List[float]]:
+    """Mean visual share per query group and layer, heads averaged first. ``is_visual``: one [L] mask for
+    every layer, or a list of one mask per layer."""
+    masks = is_visual if isinstance(is_visual, (list, tuple)) else [is_visual] * len(attentions)
     result: Dict[str, List[float]] = {name: [] for name in QUERY_GROUPS}
-    for probs in attentions:
-        visual, _ = row_shares(probs[0].float().mean(dim=0), is_visual)
+    for probs, mask in zip(attentions, masks):
+        groups = query_groups(mask)
+        visual, _ = row_shares(probs[0].float().mean(dim=0), mask)
         for name in QUERY_GROUPS:
             result[name].append(float(visual[groups[name]].mean()))
     return result
@@ -118,9 +129,10 @@ def analyse_configs(model, input_ids, images, image_sizes, base: str, n_vis: int
                 restore.remove(model)
             else:
                 restore.apply(model, base=base, n_vis=n_vis, **settings)
-            attentions, is_visual = prefill_attentions(model, input_ids, images, image_sizes)
-            results.append(AttentionShares(label, int(is_visual.sum()), int(is_visual.shape[0]),
-                                           layer_shares(attentions, is_visual)))
+            attentions, masks = prefill_attentions(model, input_ids, images, image_sizes)
+            # visual tokens and length as the last layer sees them (the same in every layer unless cut in the LLM)
+            results.append(AttentionShares(label, int(masks[-1].sum()), int(masks[-1].shape[0]),
+                                           layer_shares(attentions, masks)))
     finally:
         restore.remove(model)
     return results

@@ -7,6 +7,7 @@ a coloured region (a source map, as ToMe draws one); patches the base method dro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import List
 
 import numpy as np
 import torch
@@ -50,6 +51,8 @@ def build_token_map(bench: BenchModel, images: torch.Tensor, base: str, n_vis: i
     if images.shape[0] != 1:
         raise ValueError("token maps are drawn one image at a time")
     name = tr.canonical_name(base)
+    if tr.acts_in(name) == "llm":
+        raise ValueError(f"{name} cuts tokens inside the LLM, stage by stage: use build_stage_token_maps")
     tokens = visual_tokens(bench, images)
     n_patches = tokens.num_tokens
     grid = int(round(n_patches ** 0.5))
@@ -75,6 +78,39 @@ def build_token_map(bench: BenchModel, images: torch.Tensor, base: str, n_vis: i
         n_vis=n_vis,
         label=f"{name}{'+RESTORE' if restore else ''}, {n_vis} visual tokens",
     )
+
+
+@torch.inference_mode()
+def build_stage_token_maps(bench: BenchModel, input_ids: torch.Tensor, images: torch.Tensor, base: str, n_vis: int,
+                           restore: bool) -> List[TokenMap]:
+    """A method cutting inside the LLM: one map per stage of what survived it, from one prefill of the prompt
+    (the text matters: the method scores with the prompt's attention). Patches standing alone in a token are
+    drawn as kept; with RESTORE every other patch is in a merged group."""
+    import restore as restore_lib
+
+    if images.shape[0] != 1 or input_ids.shape[0] != 1:
+        raise ValueError("token maps are drawn one image at a time")
+    name = tr.canonical_name(base)
+    try:
+        restore_lib.apply(bench.model, base=name, n_vis=n_vis, restore=restore)
+        bench.model(input_ids=input_ids, images=images)
+        run = bench.model.get_model()._restore_ctx.run
+    finally:
+        restore_lib.remove(bench.model)
+    n_patches = run.tracks[0].source.shape[0]
+    grid = int(round(n_patches ** 0.5))
+    image = model_view(images, bench.image_processor)
+    maps = []
+    for number, record in enumerate(run.records, start=1):
+        track = record.tracks[0]
+        source = track.source
+        alone = (source >= 0) & (track.sizes.gather(0, source.clamp(min=0)) == 1)
+        maps.append(TokenMap(
+            image=image, source=source.cpu().numpy(), kept=alone.nonzero().flatten().cpu().numpy(), grid=grid,
+            n_vis=track.num_tokens,
+            label=f"{name}{'+RESTORE' if restore else ''}, stage {number}: {track.num_tokens} visual tokens "
+                  f"from layer {record.stage.layer}"))
+    return maps
 
 
 def _group_colors(n: int, seed: int = 0) -> np.ndarray:
