@@ -183,7 +183,8 @@ class LlavaFamily(ModelFamily):
 def _next_may_refuse(settings: Any) -> bool:
     import tokenreduction as tr
 
-    return settings.merges_itself or (tr.budget_scope(settings.base) == "per_view" and settings.n_vis < VIEWS)
+    return settings.merges_itself or settings.acts == "llm" or \
+        (tr.budget_scope(settings.base) == "per_view" and settings.n_vis < VIEWS)
 
 
 def _check_next_settings(model_config: Any, settings: Any) -> None:
@@ -194,6 +195,10 @@ def _check_next_settings(model_config: Any, settings: Any) -> None:
         # ToMe would merge inside each 336 px view, and its merged tokens have no place on the stitched
         # canvas that positions and the per-crop budget scope are defined on; not implemented for NeXT.
         raise ValueError(f"{settings.base} merges inside the vision tower, which restore does not support on "
+                         "LLaVA-NeXT (anyres) checkpoints; use HoloV, DivPrune, VisPruner or VisionZip")
+    if settings.acts == "llm":
+        # The in-LLM mechanism tracks one view per image; NeXT's five views per image are not wired into it.
+        raise ValueError(f"{settings.base} cuts tokens inside the LLM, which restore supports on LLaVA-1.5, not on "
                          "LLaVA-NeXT (anyres) checkpoints; use HoloV, DivPrune, VisPruner or VisionZip")
     import tokenreduction as tr
 

@@ -358,6 +358,8 @@ def test_tome_and_native_pixels_are_refused(model, next_model, next_checkpoint):
         restore.apply(model, base="ToMe", n_vis=320)
     with pytest.raises(ValueError, match="LLaVA-NeXT"):  # before loading, from the checkpoint's config
         FAMILY.check_budget(str(next_checkpoint), _settings("ToMe", 320, False))
+    with pytest.raises(ValueError, match="inside the LLM.*LLaVA-NeXT"):  # the in-LLM methods: LLaVA-1.5 only
+        restore.apply(model, base="FastV", n_vis=320)
     with pytest.raises(ValueError, match="at least 5"):  # plain VisionZip reduces every view on its own
         restore.apply(model, base="VisionZip", n_vis=4)
     restore.apply(model, base="VisionZip", n_vis=4, restore=True)  # 2 selected (views 0 and 1), 2 merged
