@@ -269,6 +269,21 @@ def test_beams_and_sampling_run_on_the_reduced_cache(model, prompts):
     assert beams.shape[0] == 2 and first.tolist() == second.tolist()
 
 
+def test_eager_equals_sdpa(small_checkpoint, model, prompts):
+    from llava_patches.loading import load_model
+
+    eager = load_model(small_checkpoint, device="cpu", dtype="float32", attn_implementation="eager")[1]
+    ids, img = prompts[1]
+    for m in (eager, model):
+        restore.apply(m, base="SparseVLM", n_vis=128, restore=True)
+    a, sa = generate(eager, ids, img, n=3)
+    b, sb = generate(model, ids, img, n=3)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(sa, sb, rtol=1e-4, atol=1e-4)
+    assert [kept_patches(r.tracks[0]) for r in run_of(eager).records] == \
+        [kept_patches(r.tracks[0]) for r in run_of(model).records]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_runs(fresh_small_model, prompts, dtype):
     model = fresh_small_model.model.to(dtype)
