@@ -11,7 +11,8 @@ LLaVA-1.5-7B-shaped random model (saved to a temporary folder so that both sides
 Then, on our model with a reduction applied, the two decisions the official RESTORE model makes on
 the device: the mask object SDPA receives (boolean causal mask without RESTORE, an additive one with
 it), and how far the per-call cos/sin (official arithmetic) are from stock's stored table; and how many
-greedy answers a batch of 8 changes against one at a time (--batch-size), without and with RESTORE.
+greedy answers a batch of 8 changes against one at a time (--batch-size), without and with RESTORE, and
+for the methods cutting inside the LLM (FastV, PDrop, SparseVLM).
 
 Without CUDA the default run prints why it skips and exits 0. ``--device cpu`` runs the same
 comparison on the CPU (fp32 by default; the stock side is then cast with ``.float()``, which keeps
@@ -242,7 +243,11 @@ def batch_agreement(name: str, loaded, device: torch.device, dtype: torch.dtype,
     eos = _eos_ids(model)
     common = dict(do_sample=False, num_beams=1, max_new_tokens=new_tokens, use_cache=True)
     lines = []
-    for config in (dict(base=None), dict(base="HoloV", n_vis=64, restore=True)):
+    configs = {"no reduction": dict(base=None), "HoloV-64 restore": dict(base="HoloV", n_vis=64, restore=True),
+               # methods cutting inside the LLM: per-sample cuts, re-padding and per-layer caches on the device
+               "FastV-64 restore": dict(base="FastV", n_vis=64, restore=True), "PDrop-64": dict(base="PDrop", n_vis=64),
+               "SparseVLM-64 restore": dict(base="SparseVLM", n_vis=64, restore=True)}
+    for label, config in configs.items():
         restore.apply(model, **config)
         with torch.inference_mode():
             alone = [until_eos(model.generate(row[None].to(device), images=pixels[i:i + 1], image_sizes=[sizes[i]],
@@ -255,7 +260,6 @@ def batch_agreement(name: str, loaded, device: torch.device, dtype: torch.dtype,
         changed = sum(a != b for a, b in zip(alone, together))
         exact = dtype == torch.float32
         ok = changed == 0 or not exact
-        label = "no reduction" if config["base"] is None else "HoloV-64 restore"
         lines.append((ok, f"{('ok  ' if ok else 'FAIL') if exact else 'info'} {name} {label}: batch of {batch_size} "
                           f"vs one at a time: {changed} of {batch_size} answers differ"
                           + ("" if exact else " (fp16/bf16 rounding; fp32 must give 0)")))
