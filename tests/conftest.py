@@ -86,3 +86,14 @@ def make_inputs():
 def synthetic_image():
     """synthetic_image(seed, size=(w, h)) -> a deterministic structured PIL RGB image."""
     return _synthetic_image
+
+
+QUESTIONS = ["What is in the image?", "Is there a red circle?\nAnswer the question using a single word or phrase."]
+
+
+@pytest.fixture
+def prompts(small_model, synthetic_image):
+    """[(input_ids [1, L], images [1, 3, 336, 336])] for the two QUESTIONS, each with its own image size."""
+    tok, _, proc = small_model
+    return [_make_inputs(tok, proc, q, synthetic_image(i, (400 + 60 * i, 300)), model_config=small_model.model.config)
+            for i, q in enumerate(QUESTIONS)]

@@ -22,26 +22,9 @@ from restore.inllm import ImageTrack, StageLayout, apply_choice, rebuild_sequenc
 from restore.settings import resolve_settings
 from tokenreduction.inllm import StageChoice, StageView
 from tokenreduction.sparsevlm import recycle_choice, select_raters, supported_budget, tokens_after_cut
+from tests.test_restore import _pad_batch, generate
 
 N = 576
-QUESTIONS = ["What is in the image?", "Is there a red circle?\nAnswer the question using a single word or phrase."]
-
-
-@pytest.fixture
-def prompts(small_model, make_inputs, synthetic_image):
-    tok, _, proc = small_model
-    return [make_inputs(tok, proc, q, synthetic_image(i, (400 + 60 * i, 300)), model_config=small_model.model.config)
-            for i, q in enumerate(QUESTIONS)]
-
-
-def generate(model, ids, images, n=4, **kw):
-    kw.setdefault("do_sample", False)
-    with torch.inference_mode():
-        out = model.generate(ids, images=images, max_new_tokens=n, use_cache=True, num_beams=1,
-                             output_scores=True, return_dict_in_generate=True, pad_token_id=0, **kw)
-    return out.sequences, torch.stack(out.scores, dim=1)
-
-
 def run_of(model):
     return model.get_model()._restore_ctx.run
 
@@ -210,24 +193,13 @@ def test_full_budget_equals_stock(model, prompts, base):
     torch.testing.assert_close(scores, stock_scores, rtol=1e-5, atol=1e-5)
 
 
-def _pad_batch(prompts, side):
-    longest = max(ids.shape[1] for ids, _ in prompts)
-    rows, masks = [], []
-    for ids, _ in prompts:
-        pad = torch.zeros(1, longest - ids.shape[1], dtype=ids.dtype)
-        mask = torch.ones_like(ids)
-        rows.append(torch.cat([pad, ids], 1) if side == "left" else torch.cat([ids, pad], 1))
-        masks.append(torch.cat([torch.zeros_like(pad), mask], 1) if side == "left" else torch.cat([mask, torch.zeros_like(pad)], 1))
-    return torch.cat(rows), torch.cat(masks), torch.cat([img for _, img in prompts])
-
-
 @pytest.mark.parametrize("base,use_restore", [("FastV", True), ("PDrop", False), ("SparseVLM", True)])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_batch_generate_equals_per_sample(model, prompts, base, use_restore, side):
     restore.apply(model, base=base, n_vis=64, restore=use_restore)
-    alone = [generate(model, ids, img) for ids, img in prompts]
+    alone = [generate(model, ids, img, n=4) for ids, img in prompts]
     ids, mask, images = _pad_batch(prompts, side)
-    tokens, scores = generate(model, ids, images, attention_mask=mask)
+    tokens, scores = generate(model, ids, images, n=4, attention_mask=mask)
     for b, (one_tokens, one_scores) in enumerate(alone):
         assert tokens[b, -4:].tolist() == one_tokens[0, -4:].tolist()
         torch.testing.assert_close(scores[b], one_scores[0], rtol=1e-4, atol=1e-4)

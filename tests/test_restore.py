@@ -7,14 +7,6 @@ import restore
 from llava_patches.loading import load_model
 
 BASES = ["HoloV", "DivPrune", "VisPruner"]
-QUESTIONS = ["What is in the image?", "Is there a red circle?\nAnswer the question using a single word or phrase."]
-
-
-@pytest.fixture
-def prompts(small_model, make_inputs, synthetic_image):
-    tok, _, proc = small_model
-    return [make_inputs(tok, proc, q, synthetic_image(i, (400 + 60 * i, 300)), model_config=small_model.model.config)
-            for i, q in enumerate(QUESTIONS)]
 
 
 def generate(model, ids, images, n=5, **kw):
