@@ -15,8 +15,10 @@ What differs from LLaVA, and where it is handled here:
   environment does not install); pixels come as flattened patches [n_patches, 3 * 2 * 14 * 14] with their
   grid ``image_grid_thw`` [1, 3].
 
-Only the unreduced model (``restore.apply(model, base=None)``: stock Qwen2.5-VL) runs through
-``restore.apply`` for now; a reduction is refused with that explanation (docs/qwen2_5_vl.md: what is done).
+``restore.apply(model, base="DivPrune", n_vis=..., restore=...)`` reduces each image to n_vis tokens (at most
+its own count), :func:`apply` to a share of each image's tokens (``keep=0.111``); qwen_patches/patch.py has
+the mechanism. DivPrune is the base implemented so far (it needs only the visual tokens); the others are
+refused with what they would need (docs/qwen2_5_vl.md).
 """
 from __future__ import annotations
 
@@ -108,16 +110,32 @@ class QwenFamily(ModelFamily):
         return max_visual_tokens(model.config)
 
     def check_settings(self, model: Any, settings: Any) -> None:
-        raise ValueError(f"{settings.base} on Qwen2.5-VL is not implemented yet: restore.apply(model, base=None) "
-                         "runs it stock; docs/qwen2_5_vl.md says what is done and what is not")
+        from .patch import SUPPORTED_BASES
+
+        if settings.base not in SUPPORTED_BASES:
+            raise ValueError(
+                f"{settings.base} on Qwen2.5-VL is not implemented yet (implemented: {', '.join(SUPPORTED_BASES)}); "
+                "HoloV and VisPruner need the last vision block's attention, see docs/qwen2_5_vl.md")
+        if settings.acts != "before_llm":
+            raise ValueError(f"{settings.base} acts {settings.acts}; on Qwen2.5-VL only reductions before the LLM run")
+        if settings.merged_position != "median":
+            raise ValueError("on Qwen2.5-VL a merged token takes the per-axis median of its members' M-RoPE ids; "
+                             f"merged_position={settings.merged_position!r} is not implemented")
+        attention = getattr(model.config, "_attn_implementation", "sdpa")
+        if settings.calibrates and attention not in ("eager", "sdpa"):
+            raise ValueError(f"calibrated attention needs eager or sdpa attention, the model uses {attention!r}")
 
     def patch_targets(self, model: Any) -> Iterable[Tuple[Any, type]]:
-        return ()
+        from .patch import CalibratedQwenAttentionMixin, ReducedQwenModelMixin
+
+        yield model.model, ReducedQwenModelMixin
+        for layer in model.model.language_model.layers:
+            yield layer.self_attn, CalibratedQwenAttentionMixin
 
     def new_context(self, settings: Any) -> Any:
-        from types import SimpleNamespace
+        from .patch import QwenRestoreContext
 
-        return SimpleNamespace(settings=settings)
+        return QwenRestoreContext(settings)
 
     # ---- checkpoints and evaluation ---------------------------------------------------------------
     def check_checkpoint(self, model_path: str) -> Mapping[str, Any]:
@@ -194,3 +212,20 @@ def max_visual_tokens(config: Any, max_pixels: Optional[int] = None) -> int:
 
 
 FAMILY = QwenFamily()
+
+
+def apply(model: Any, base: Optional[str] = None, *, keep: Optional[float] = None, n_vis: Optional[int] = None,
+          restore: bool = False, **settings: Any) -> Any:
+    """``restore.apply`` for Qwen2.5-VL with the budget as a share of each image's visual tokens (``keep``,
+    e.g. 0.111 for the paper's 11.1%) or as a count per image (``n_vis``, the same as restore.apply's)."""
+    import restore as _restore
+
+    if base is None or keep is None:
+        return _restore.apply(model, base=base, n_vis=n_vis, restore=restore, **settings)
+    if n_vis is not None:
+        raise ValueError("give the budget as keep (a share of each image's tokens) or n_vis (a count), not both")
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be a share of the visual tokens in (0, 1], got {keep!r}")
+    _restore.apply(model, base=base, n_vis=FAMILY.check_model(model), restore=restore, **settings)
+    model.model._restore_ctx.keep = float(keep)
+    return model

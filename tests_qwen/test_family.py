@@ -44,10 +44,11 @@ def test_expand_image_tokens():
         expand_image_tokens([9, 9], 9, [1])
 
 
-def test_reduction_is_refused_until_implemented(qwen_loaded):
+def test_unimplemented_bases_are_refused(qwen_loaded):
     model = qwen_loaded.model
-    with pytest.raises(ValueError, match="not implemented yet"):
-        restore.apply(model, base="DivPrune", n_vis=8)
+    for base in ("HoloV", "VisPruner"):
+        with pytest.raises(ValueError, match="not implemented yet"):
+            restore.apply(model, base=base, n_vis=8)
     assert not restore.is_applied(model)
     assert max_visual_tokens(model.config) == 16384
     with pytest.raises(TypeError, match="Qwen2_5_VLForConditionalGeneration"):
