@@ -150,7 +150,7 @@ class QwenFamily(ModelFamily):
     def visual_tokens_per_image(self, config: Mapping[str, Any]) -> int:
         return max_visual_tokens(config)
 
-    def load(self, model_path: str, *, model_base: Optional[str] = None, device: str = "cpu",
+    def load(self, model_path: str, *, model_base: Optional[str] = None, device: str = "auto",
              dtype: str = "auto") -> LoadedModel:
         from .loading import load_model
 
