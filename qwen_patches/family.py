@@ -17,8 +17,8 @@ What differs from LLaVA, and where it is handled here:
 
 ``restore.apply(model, base="DivPrune", n_vis=..., restore=...)`` reduces each image to n_vis tokens (at most
 its own count), :func:`apply` to a share of each image's tokens (``keep=0.111``); qwen_patches/patch.py has
-the mechanism. DivPrune is the base implemented so far (it needs only the visual tokens); the others are
-refused with what they would need (docs/qwen2_5_vl.md).
+the mechanism. DivPrune (on the visual tokens) and VisPruner (on the encoder's last-block attention,
+qwen_patches/vision.py) are the bases implemented so far; the others are refused (docs/qwen2_5_vl.md).
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ class QwenFamily(ModelFamily):
         if settings.base not in SUPPORTED_BASES:
             raise ValueError(
                 f"{settings.base} on Qwen2.5-VL is not implemented yet (implemented: {', '.join(SUPPORTED_BASES)}); "
-                "HoloV and VisPruner need the last vision block's attention, see docs/qwen2_5_vl.md")
+                "docs/qwen2_5_vl.md says what each base's Qwen port uses")
         if settings.acts != "before_llm":
             raise ValueError(f"{settings.base} acts {settings.acts}; on Qwen2.5-VL only reductions before the LLM run")
         if settings.merged_position != "median":

@@ -27,7 +27,9 @@ import torch
 from restore.attention import decode_bias, mrope_distance_bias, prefill_bias
 
 # Bases whose Qwen2.5-VL importance signal is implemented here (docs/qwen2_5_vl.md has the others').
-SUPPORTED_BASES = ("DivPrune",)
+SUPPORTED_BASES = ("DivPrune", "VisPruner")
+# ... and those among them that rank by the encoder's last-block attention (qwen_patches/vision.py).
+ATTENTION_BASES = ("VisPruner",)
 
 
 @dataclass
@@ -134,7 +136,12 @@ class ReducedQwenModelMixin:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         embeds = self.get_input_embeddings()(input_ids)
-        images = self.get_image_features(pixel_values, image_grid_thw)
+        if settings.base in ATTENTION_BASES:
+            from .vision import encode_with_received_attention
+
+            images, received = encode_with_received_attention(self, pixel_values, image_grid_thw)
+        else:
+            images, received = self.get_image_features(pixel_values, image_grid_thw), None
         full_positions, _ = self.get_rope_index(input_ids, image_grid_thw, None, attention_mask=attention_mask)
         image_token_id = self.config.image_token_id
 
@@ -157,7 +164,11 @@ class ReducedQwenModelMixin:
                     raise ValueError(f"image {image} has {n_tokens} visual tokens for {span.stop - span.start} pads")
                 n = budget_for_image(settings, ctx.keep, n_tokens)
                 per_image = replace(settings, n_vis=n, num_patches=n_tokens)
-                reduced = reduce_visual_tokens(tr.VisualTokens(features=features.unsqueeze(0)), per_image)
+                tokens = tr.VisualTokens(features=features.unsqueeze(0))
+                if received is not None:  # VisPruner's Qwen port: similarity on the post-merger tokens too
+                    tokens = tr.VisualTokens(features=features.unsqueeze(0), raw_features=features.unsqueeze(0),
+                                             cls_attention=received[image].unsqueeze(0).to(features.dtype))
+                reduced = reduce_visual_tokens(tokens, per_image)
                 order = reduced.positions[0].argsort(stable=True)  # sequence (raster) order, as the peers' ports
                 slot_of_order = order.argsort()
                 source = reduced.source[0]
@@ -169,6 +180,7 @@ class ReducedQwenModelMixin:
                 parts_u.append(torch.full_like(sizes, n_tokens / n))
                 parts_v.append(torch.ones(n, dtype=torch.bool, device=feats.device))
                 record["kept"].append(source); record["n_tokens"].append(n_tokens)
+                record.setdefault("received", []).append(None if received is None else received[image])
                 record["sizes"].append(sizes); record["positions"].append(parts_p[-1])
                 cursor = span.stop
                 image += 1

@@ -49,6 +49,9 @@ MIN_PIXELS = 4 * 28 * 28
 MAX_PIXELS = 64 * 28 * 28
 # Random weights drawn larger than transformers' 0.02 init, so that different inputs give different tokens.
 INIT_STD = 0.08
+# The vision blocks' q/k/v projections larger still: attention then is peaked as in a trained encoder, not
+# nearly uniform, and attention-ranked selections (VisPruner) have gaps well above float rounding.
+QKV_STD = 0.3
 
 
 def _corpus() -> list[str]:
@@ -115,7 +118,8 @@ def build_model(config, seed: int):
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
             if param.dim() >= 2:
-                param.copy_(torch.randn(param.shape, generator=generator) * INIT_STD)
+                std = QKV_STD if name.startswith("model.visual.blocks") and "attn.qkv" in name else INIT_STD
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
             elif name.endswith("bias"):
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
     return model
