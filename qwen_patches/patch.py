@@ -27,9 +27,9 @@ import torch
 from restore.attention import decode_bias, mrope_distance_bias, prefill_bias
 
 # Bases whose Qwen2.5-VL importance signal is implemented here (docs/qwen2_5_vl.md has the others').
-SUPPORTED_BASES = ("DivPrune", "VisPruner")
+SUPPORTED_BASES = ("DivPrune", "VisPruner", "HoloV")
 # ... and those among them that rank by the encoder's last-block attention (qwen_patches/vision.py).
-ATTENTION_BASES = ("VisPruner",)
+ATTENTION_BASES = ("VisPruner", "HoloV")
 
 
 @dataclass
@@ -165,10 +165,17 @@ class ReducedQwenModelMixin:
                 n = budget_for_image(settings, ctx.keep, n_tokens)
                 per_image = replace(settings, n_vis=n, num_patches=n_tokens)
                 tokens = tr.VisualTokens(features=features.unsqueeze(0))
-                if received is not None:  # VisPruner's Qwen port: similarity on the post-merger tokens too
+                select = None
+                if settings.base == "VisPruner":  # its Qwen port: similarity on the post-merger tokens too
                     tokens = tr.VisualTokens(features=features.unsqueeze(0), raw_features=features.unsqueeze(0),
                                              cls_attention=received[image].unsqueeze(0).to(features.dtype))
-                reduced = reduce_visual_tokens(tokens, per_image)
+                elif settings.base == "HoloV":  # its Qwen port: the mean over the queries (4 N_k patches)
+                    from .holov import qwen_holov
+
+                    mean = received[image] / (self.visual.spatial_merge_unit * n_tokens)
+                    tokens = tr.VisualTokens(features=features.unsqueeze(0), cls_attention=mean.unsqueeze(0).to(features.dtype))
+                    select = qwen_holov
+                reduced = reduce_visual_tokens(tokens, per_image, select=select)
                 order = reduced.positions[0].argsort(stable=True)  # sequence (raster) order, as the peers' ports
                 slot_of_order = order.argsort()
                 source = reduced.source[0]

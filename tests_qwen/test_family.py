@@ -46,7 +46,7 @@ def test_expand_image_tokens():
 
 def test_unimplemented_bases_are_refused(qwen_loaded):
     model = qwen_loaded.model
-    for base in ("HoloV", "VisionZip"):
+    for base in ("VisionZip", "ToMe"):
         with pytest.raises(ValueError, match="not implemented yet"):
             restore.apply(model, base=base, n_vis=8)
     assert not restore.is_applied(model)

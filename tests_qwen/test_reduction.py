@@ -188,8 +188,8 @@ def test_count_budget_and_refusals(qwen_loaded, model, batch):
     with torch.no_grad():
         model(**batch)
     assert [int(s.numel()) for s in model.model._restore_ctx.last["sizes"]] == [10, 10]
-    with pytest.raises(ValueError, match="HoloV on Qwen2.5-VL is not implemented yet"):
-        restore.apply(model, base="HoloV", n_vis=10)
+    with pytest.raises(ValueError, match="VisionZip on Qwen2.5-VL is not implemented yet"):
+        restore.apply(model, base="VisionZip", n_vis=10)
     with pytest.raises(ValueError, match="keep must be a share"):
         apply(model, "DivPrune", keep=1.5)
     with pytest.raises(ValueError, match="not both"):

@@ -1,6 +1,6 @@
-"""VisPruner on Qwen2.5-VL: the importance signal (attention received in the encoder's last block, per merge
-group, raster order: LightCompress's Qwen port) against transformers' own attention weights, and the
-reduction with it."""
+"""VisPruner and HoloV on Qwen2.5-VL: the importance signal (attention received in the encoder's last block,
+per merge group, raster order: LightCompress's Qwen port of VisPruner; HoloV's port takes its mean over the
+queries) against transformers' own attention weights, HoloV's crop count, and the reductions."""
 from __future__ import annotations
 
 import pytest
@@ -9,6 +9,7 @@ import torch
 import restore
 import tokenreduction as tr
 from qwen_patches.family import apply
+from qwen_patches.holov import crop_count, qwen_holov
 from qwen_patches.inputs import build_inputs
 from qwen_patches.vision import encode_with_received_attention
 
@@ -82,6 +83,40 @@ def test_vispruner_reduction(qwen_loaded, model, images, batch, with_restore):
         # the most attended tokens are among the picks
         top = received.argsort(descending=True)[: n_keep // 2].tolist()
         assert set(top) <= set(picks.tolist())
+        single = build_inputs(tokenizer, image_processor, model.config, [QUESTIONS[b]], [images[b]])
+        ref = model.generate(**single, max_new_tokens=5, do_sample=False)
+        assert out[b, batch["input_ids"].shape[1]:].tolist() == ref[0, single["input_ids"].shape[1]:].tolist()
+
+
+def test_holov_crop_count_and_the_registry_holov_at_16_crops():
+    assert crop_count(576, 64) == 16  # LLaVA-1.5's layout: the registry's 16 crops
+    assert [crop_count(1000, n) for n in (333, 222, 111)] == [5, 8, 16]  # the paper's three shares
+    assert crop_count(24, 8) == 5 and crop_count(20, 100) == 1
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 576, 32, generator=generator)
+    attention = torch.rand(2, 576, generator=generator).softmax(dim=-1)
+    tokens = tr.VisualTokens(features=features, cls_attention=attention)
+    assert torch.equal(qwen_holov(tokens, 64), tr.get_selector("HoloV")(tokens, 64))
+    picks = qwen_holov(tokens, 192)  # 5 crops
+    assert picks.shape == (2, 192) and all(len(set(row.tolist())) == 192 for row in picks)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("with_restore", [False, True])
+def test_holov_reduction(qwen_loaded, model, images, batch, with_restore):
+    apply(model, "HoloV", keep=0.333, restore=with_restore)
+    out = model.generate(**batch, max_new_tokens=5, do_sample=False)
+    last = model.model._restore_ctx.last
+    n = [8, 7]
+    tokenizer, _, image_processor, _ = qwen_loaded
+    for b in range(2):
+        source, sizes, received = last["kept"][b], last["sizes"][b], last["received"][b]
+        features = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])[b]
+        n_keep = n[b] // 2 if with_restore else n[b]
+        mean = received / (4 * features.shape[0])
+        picks = qwen_holov(tr.VisualTokens(features=features[None], cls_attention=mean[None]), n_keep)[0]
+        singletons = {int((source == slot).nonzero()[0]) for slot in range(n[b]) if int(sizes[slot]) == 1}
+        assert set(picks.tolist()) <= singletons and len(picks) == n_keep
         single = build_inputs(tokenizer, image_processor, model.config, [QUESTIONS[b]], [images[b]])
         ref = model.generate(**single, max_new_tokens=5, do_sample=False)
         assert out[b, batch["input_ids"].shape[1]:].tolist() == ref[0, single["input_ids"].shape[1]:].tolist()
