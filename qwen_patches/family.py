@@ -17,8 +17,8 @@ What differs from LLaVA, and where it is handled here:
 
 ``restore.apply(model, base="DivPrune", n_vis=..., restore=...)`` reduces each image to n_vis tokens (at most
 its own count), :func:`apply` to a share of each image's tokens (``keep=0.111``); qwen_patches/patch.py has
-the mechanism. DivPrune (on the visual tokens) and VisPruner (on the encoder's last-block attention,
-qwen_patches/vision.py) are the bases implemented so far; the others are refused (docs/qwen2_5_vl.md).
+the mechanism. DivPrune (on the visual tokens), VisPruner and HoloV (on the encoder's last-block attention,
+qwen_patches/vision.py) are the bases implemented; the others are refused (docs/qwen2_5_vl.md).
 """
 from __future__ import annotations
 

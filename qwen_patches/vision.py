@@ -1,4 +1,4 @@
-"""The vision encoder's importance signal for bases that rank tokens by attention (VisPruner on Qwen2.5-VL).
+"""The vision encoder's importance signal for bases that rank tokens by attention (VisPruner, HoloV on Qwen2.5-VL).
 
 Qwen2.5-VL's encoder has no CLS token. LightCompress's Qwen2.5-VL port of VisPruner
 (llmc/compression/token_reduction/vispruner.py) ranks the visual tokens by the attention their patches
@@ -6,6 +6,8 @@ receive in the encoder's last block: the block's softmax weights, averaged over 
 queries, averaged over the 4 patches of each 2 x 2 merge group (consecutive in the encoder's window order),
 and put back in raster order, the order of the merged tokens. This computes that signal from the inputs of
 the last block's attention, captured while the encoder runs as stock (its outputs are unchanged).
+HoloV's Qwen port ranks by the same block's attention averaged over the queries instead of summed (the
+mean is this divided by the image's patch count; qwen_patches/patch.py does that for HoloV).
 """
 from __future__ import annotations
 
