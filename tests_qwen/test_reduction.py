@@ -196,3 +196,17 @@ def test_count_budget_and_refusals(qwen_loaded, model, batch):
         apply(model, "DivPrune", keep=0.5, n_vis=4)
     with pytest.raises(ValueError, match="merged_position"):
         restore.apply(model, base="DivPrune", n_vis=10, restore=True, merged_position="mean")
+
+
+@torch.no_grad()
+def test_half_precision_runs(qwen_checkpoint, images):
+    from qwen_patches.family import FAMILY
+
+    tokenizer, model, image_processor, _ = FAMILY.load(str(qwen_checkpoint), device="cpu", dtype="bf16")
+    assert model.dtype == torch.bfloat16
+    batch = build_inputs(tokenizer, image_processor, model.config, QUESTIONS, images)
+    apply(model, "HoloV", keep=0.222, restore=True)
+    out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, batch["input_ids"].shape[1] + 3)
+    first, later = model.model._restore_ctx.last["masks"]
+    assert first.dtype == later.dtype == torch.bfloat16
