@@ -120,3 +120,78 @@ def calibrated_decode_masks(
     first, later = layer_log_sizes(sizes, is_visual, num_patches, n_vis, uniform_first_layer)
     new_keys = sizes.new_zeros(sizes.shape[0], key_valid.shape[1] - sizes.shape[1])
     return tuple(decode_bias(torch.cat([s, new_keys], dim=1), key_valid, dtype, q_len=q_len) for s in (first, later))
+
+
+# ---- M-RoPE (Qwen2-VL / Qwen2.5-VL): positions with three axes --------------------------------------
+#
+# M-RoPE splits the head_dim / 2 rotary frequencies theta_j = base^(-2j / head_dim) into consecutive
+# sections, one per axis (temporal, height, width: ``mrope_section``, e.g. [16, 24, 24] for head dim 128);
+# frequency j rotates by the position on its section's axis. RoPE's decay between two tokens whose
+# positions differ by (dt, dh, dw) is then (Appendix A of the paper)
+#     D = sum_g w_g * D_g(delta_g),   D_g(d) = mean over the frequencies j of section g of cos(d * theta_j),
+#     w_g = 2 d_g / d_h               (d_g = mrope_section[g]: the share of the head's dimensions on axis g)
+# which is the mean of cos(delta_g(j) * theta_j) over all head_dim / 2 frequencies.
+
+
+def _mrope_frequencies(mrope_section, head_dim: int, rope_base: float, device=None):
+    """The rotary frequencies [head_dim / 2] in float32 and the section (axis) of each, as a list of slices."""
+    sections = [int(s) for s in mrope_section]
+    if 2 * sum(sections) != head_dim:
+        raise ValueError(f"mrope_section {list(sections)} must cover head_dim / 2 = {head_dim // 2} frequencies, "
+                         f"it covers {sum(sections)}")
+    inv_freq = 1.0 / (rope_base ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    bounds, start = [], 0
+    for size in sections:
+        bounds.append(slice(start, start + size))
+        start += size
+    return inv_freq, bounds
+
+
+def mrope_axis_decay(distances: torch.Tensor, axis: int, mrope_section, head_dim: int = 128,
+                     rope_base: float = 1000000.0) -> torch.Tensor:
+    """D_g(d): the mean over the frequencies of axis ``axis`` of cos(d * theta_j), float32, distances' shape."""
+    inv_freq, bounds = _mrope_frequencies(mrope_section, head_dim, rope_base, distances.device)
+    freqs = inv_freq[bounds[axis]]
+    return torch.cos(torch.outer(distances.float().flatten(), freqs)).mean(dim=-1).view(distances.shape)
+
+
+def mrope_axis_weights(mrope_section, head_dim: int = 128):
+    """w_g = 2 d_g / d_h for each axis (they add up to 1)."""
+    _mrope_frequencies(mrope_section, head_dim, 1.0)  # validates the sections
+    return [2.0 * int(s) / head_dim for s in mrope_section]
+
+
+def mrope_decay(deltas: torch.Tensor, mrope_section, head_dim: int = 128, rope_base: float = 1000000.0) -> torch.Tensor:
+    """D(delta) = sum_g w_g D_g(delta_g) for position differences ``deltas`` [..., 3] (t, h, w) -> [...] float32."""
+    if deltas.shape[-1] != len(mrope_section):
+        raise ValueError(f"deltas need one entry per M-RoPE axis ({len(mrope_section)}), got shape {tuple(deltas.shape)}")
+    weights = mrope_axis_weights(mrope_section, head_dim)
+    total = torch.zeros(deltas.shape[:-1], dtype=torch.float32, device=deltas.device)
+    for axis, weight in enumerate(weights):
+        total = total + weight * mrope_axis_decay(deltas[..., axis], axis, mrope_section, head_dim, rope_base)
+    return total
+
+
+def mrope_distance_bias(
+    positions: torch.Tensor, dtype: torch.dtype, mrope_section, head_dim: int = 128,
+    rope_base: float = 1000000.0, c: float = 2.0,
+) -> torch.Tensor:
+    """log(c - D(p_i - p_j)) for M-RoPE positions [3, B, L] (the layout of Qwen2.5-VL's position_ids) -> [B, L, L].
+
+    Each axis's decay is looked up in a table over the distances |delta_g| that occur (cos is even, so the
+    sign of a per-axis difference does not matter: a later token may sit on an earlier row), so memory stays
+    O(L^2) per axis. As :func:`distance_bias`, the subtraction and log run in ``dtype``; every pair is
+    filled, the causal mask decides which are used.
+    """
+    if positions.dim() != 3 or positions.shape[0] != len(mrope_section):
+        raise ValueError(f"positions must be [{len(mrope_section)}, B, L], got shape {tuple(positions.shape)}")
+    weights = mrope_axis_weights(mrope_section, head_dim)
+    decay = None
+    for axis, weight in enumerate(weights):
+        p = positions[axis]
+        distances = (p.unsqueeze(-1) - p.unsqueeze(-2)).abs()
+        table = mrope_axis_decay(torch.arange(int(distances.max()) + 1, device=p.device), axis, mrope_section,
+                                 head_dim, rope_base)
+        term = weight * table[distances]
+        decay = term if decay is None else decay + term
+    return torch.log(c - decay.to(dtype))

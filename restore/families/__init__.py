@@ -6,6 +6,12 @@ the family of the model in hand. A family is one folder (LLaVA, with LLaVA-1.5 a
 ``llava_patches/``) holding a :class:`ModelFamily` subclass, registered by one line in
 :data:`FAMILY_MODULES` or by :func:`register_family` from a plugin. docs/model_families.md describes the
 interface with the LLaVA family as the worked example.
+
+Each family runs in the environment of its own library: the LLaVA family needs llava-torch and
+transformers 4.37.2 (``.venv``), the Qwen2.5-VL family (``qwen_patches/``) a newer transformers
+(``.venv-qwen``). A family whose dependencies do not import here is left out of :func:`families` and
+listed, with the reason, by :func:`unavailable_families`; a checkpoint of such a family is refused with
+that reason (which environment to use).
 """
 from __future__ import annotations
 
@@ -14,7 +20,10 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple
 
 # Registration: module that defines FAMILY, one line per family.
-FAMILY_MODULES = ("llava_patches.family",)
+FAMILY_MODULES = ("llava_patches.family", "qwen_patches.family")
+# Modules a family needs beyond its own folder, checked (without importing them) before the family is used;
+# a family may also say what is missing itself (ModelFamily.unavailable_reason).
+FAMILY_REQUIRES: Dict[str, Tuple[str, ...]] = {"llava_patches.family": ("llava",)}
 
 
 class CheckpointError(ValueError):
@@ -38,6 +47,11 @@ class ModelFamily:
 
     name: str = ""
     default_conv_mode: str = ""
+
+    def unavailable_reason(self) -> Optional[str]:
+        """None when this family's dependencies import in the running environment; otherwise what is
+        missing and which environment has it (the family then is skipped by :func:`families`)."""
+        return None
 
     # ---- recognising ------------------------------------------------------------------------------
     def recognizes_config(self, config: Mapping[str, Any]) -> bool:
@@ -119,6 +133,8 @@ class ModelFamily:
 
 
 _FAMILIES: Dict[str, ModelFamily] = {}
+# FAMILY_MODULES entries that cannot run here: module -> (the family, if its module imported; the reason).
+_UNAVAILABLE: Dict[str, Tuple[Optional[ModelFamily], str]] = {}
 
 
 def register_family(family: ModelFamily) -> ModelFamily:
@@ -129,12 +145,62 @@ def register_family(family: ModelFamily) -> ModelFamily:
     return family
 
 
-def families() -> List[ModelFamily]:
+def _missing_requirement(module: str) -> Optional[str]:
+    import importlib.util
+
+    for required in FAMILY_REQUIRES.get(module, ()):
+        try:
+            found = importlib.util.find_spec(required) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return f"{required!r} is not installed in this environment"
+    return None
+
+
+def _load_family_modules() -> None:
     for module in FAMILY_MODULES:
-        family = importlib.import_module(module).FAMILY
-        if family.name not in _FAMILIES:
-            register_family(family)
+        if module in _UNAVAILABLE:
+            continue
+        try:
+            family = importlib.import_module(module).FAMILY
+        except ImportError as error:
+            _UNAVAILABLE[module] = (None, f"{module} does not import here: {error}")
+            continue
+        if family.name in _FAMILIES:
+            continue
+        reason = _missing_requirement(module) or family.unavailable_reason()
+        if reason is not None:
+            _UNAVAILABLE[module] = (family, reason)
+            continue
+        register_family(family)
+
+
+def families() -> List[ModelFamily]:
+    """The families that can run in this environment (see :func:`unavailable_families` for the others)."""
+    _load_family_modules()
     return list(_FAMILIES.values())
+
+
+def unavailable_families() -> Dict[str, str]:
+    """The registered families that cannot run in this environment: name (or module) -> why, and where to run them."""
+    _load_family_modules()
+    return {(family.name if family is not None else module): reason
+            for module, (family, reason) in _UNAVAILABLE.items()}
+
+
+def _unavailable_recognizing(config: Mapping[str, Any]) -> Optional[str]:
+    """The reason of an unavailable family that recognises ``config`` (its checkpoint needs another environment)."""
+    for family, reason in _UNAVAILABLE.values():
+        if family is None:
+            continue
+        try:
+            recognized = family.recognizes_config(config)
+        except Exception:  # a family that cannot even read configs here says nothing
+            recognized = False
+        if recognized:
+            return f"this is a {family.name} checkpoint, which cannot run in this environment: {reason}"
+    return None
 
 
 def family_of_model(model: Any) -> ModelFamily:
@@ -161,6 +227,9 @@ def family_of_checkpoint(model_path: str) -> ModelFamily:
     for family in candidates:
         if family.recognizes_config(config):
             return family
+    elsewhere = _unavailable_recognizing(config)
+    if elsewhere is not None:
+        raise CheckpointError(f"{model_path}: {elsewhere}")
     reasons = []
     for family in candidates:
         try:

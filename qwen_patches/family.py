@@ -1,0 +1,231 @@
+"""The Qwen2.5-VL family behind restore's model-family seam (transformers' Qwen2_5_VLForConditionalGeneration).
+
+What differs from LLaVA, and where it is handled here:
+
+- environment: transformers 4.57.6 in ``.venv-qwen`` (``make install-qwen``); in the LLaVA environment
+  (transformers 4.37.2) :meth:`QwenFamily.unavailable_reason` says so and the registry skips the family;
+- visual tokens: the vision encoder's outputs after the 2 x 2 patch merger, one per 28 x 28 px; their count
+  depends on the image (the image processor resizes it to a multiple of 28 within min/max pixels), so the
+  budget of a reduction is a share of each image's tokens (or a count);
+- no CLS token: each base's importance signal is the one its authors' Qwen code uses (docs/qwen2_5_vl.md);
+- positions: M-RoPE (t, h, w) ids from ``get_rope_index``; decoding continues from ``rope_deltas``;
+- prompts: the Instruct chat format, one ``<|vision_start|><|image_pad|>...<|vision_end|>`` per image,
+  the pad repeated once per visual token (``expand_image_tokens``);
+- preprocessing: the numpy/PIL ``Qwen2VLImageProcessor`` (the fast one needs torchvision, which this
+  environment does not install); pixels come as flattened patches [n_patches, 3 * 2 * 14 * 14] with their
+  grid ``image_grid_thw`` [1, 3].
+
+``restore.apply(model, base="DivPrune", n_vis=..., restore=...)`` reduces each image to n_vis tokens (at most
+its own count), :func:`apply` to a share of each image's tokens (``keep=0.111``); qwen_patches/patch.py has
+the mechanism. DivPrune (on the visual tokens), VisPruner and HoloV (on the encoder's last-block attention,
+qwen_patches/vision.py) are the bases implemented; the others are refused (docs/qwen2_5_vl.md).
+"""
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+from restore.families import CheckpointError, LoadedModel, ModelFamily
+
+MODEL_TYPES = ("qwen2_5_vl",)
+# The chat format of Qwen2.5-VL-Instruct (its released chat template, restated for one image and one question).
+SYSTEM_PROMPT = "You are a helpful assistant."
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+CONV_MODES = ("qwen2_5_vl",)
+PINNED_TRANSFORMERS = "4.57.6"
+
+
+def _qwen_classes():
+    """transformers' Qwen2.5-VL model class; ImportError (with the environment to use) where it is missing."""
+    try:
+        from transformers import Qwen2_5_VLForConditionalGeneration
+    except ImportError as error:
+        import transformers
+
+        raise ImportError(
+            f"transformers {transformers.__version__} has no Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration); "
+            f"Qwen2.5-VL runs in its own environment: make install-qwen, then .venv-qwen/bin/python "
+            f"(transformers=={PINNED_TRANSFORMERS})") from error
+    return Qwen2_5_VLForConditionalGeneration
+
+
+def conversation_prompt(text: str, has_image: bool, system: str = SYSTEM_PROMPT) -> str:
+    """The Instruct model's prompt for one question: system turn, user turn (the image first), assistant turn opened."""
+    user = (IMAGE_PLACEHOLDER if has_image else "") + text
+    return (f"<|im_start|>system\n{system}<|im_end|>\n"
+            f"<|im_start|>user\n{user}<|im_end|>\n"
+            f"<|im_start|>assistant\n")
+
+
+def visual_tokens_of_grid(grid_thw: Any, merge_size: int = 2) -> int:
+    """Visual tokens of one image with patch grid (t, h, w): t * h * w / merge_size^2."""
+    t, h, w = (int(v) for v in grid_thw)
+    return t * h * w // (merge_size * merge_size)
+
+
+def expand_image_tokens(ids: Sequence[int], image_token_id: int, counts: Sequence[int]) -> List[int]:
+    """``ids`` with its k-th image pad token repeated ``counts[k]`` times (one per visual token of image k)."""
+    pads = [i for i, token in enumerate(ids) if token == image_token_id]
+    if len(pads) != len(counts):
+        raise ValueError(f"the prompt has {len(pads)} image placeholders for {len(counts)} images")
+    out: List[int] = []
+    image = 0
+    for token in ids:
+        if token == image_token_id:
+            out.extend([image_token_id] * int(counts[image]))
+            image += 1
+        else:
+            out.append(token)
+    return out
+
+
+class QwenFamily(ModelFamily):
+    name = "qwen2_5_vl"
+    default_conv_mode = "qwen2_5_vl"
+
+    def unavailable_reason(self) -> Optional[str]:
+        try:
+            _qwen_classes()
+        except ImportError as error:
+            return str(error)
+        return None
+
+    def recognizes_config(self, config: Mapping[str, Any]) -> bool:
+        return config.get("model_type") in MODEL_TYPES
+
+    def recognizes_model(self, model: Any) -> bool:
+        try:
+            cls = _qwen_classes()
+        except ImportError:
+            return False
+        return isinstance(model, cls)
+
+    # ---- restore.apply ----------------------------------------------------------------------------
+    def check_model(self, model: Any) -> int:
+        if not self.recognizes_model(model):
+            raise TypeError(f"the Qwen2.5-VL family expects a transformers Qwen2_5_VLForConditionalGeneration, "
+                            f"got {type(model).__name__}")
+        # The count depends on each image; the upper end is the largest image the processor produces.
+        return max_visual_tokens(model.config)
+
+    def check_settings(self, model: Any, settings: Any) -> None:
+        from .patch import SUPPORTED_BASES
+
+        if settings.base not in SUPPORTED_BASES:
+            raise ValueError(
+                f"{settings.base} on Qwen2.5-VL is not implemented yet (implemented: {', '.join(SUPPORTED_BASES)}); "
+                "docs/qwen2_5_vl.md says what each base's Qwen port uses")
+        if settings.acts != "before_llm":
+            raise ValueError(f"{settings.base} acts {settings.acts}; on Qwen2.5-VL only reductions before the LLM run")
+        if settings.merged_position != "median":
+            raise ValueError("on Qwen2.5-VL a merged token takes the per-axis median of its members' M-RoPE ids; "
+                             f"merged_position={settings.merged_position!r} is not implemented")
+        attention = getattr(model.config, "_attn_implementation", "sdpa")
+        if settings.calibrates and attention not in ("eager", "sdpa"):
+            raise ValueError(f"calibrated attention needs eager or sdpa attention, the model uses {attention!r}")
+
+    def patch_targets(self, model: Any) -> Iterable[Tuple[Any, type]]:
+        from .patch import CalibratedQwenAttentionMixin, ReducedQwenModelMixin
+
+        yield model.model, ReducedQwenModelMixin
+        for layer in model.model.language_model.layers:
+            yield layer.self_attn, CalibratedQwenAttentionMixin
+
+    def new_context(self, settings: Any) -> Any:
+        from .patch import QwenRestoreContext
+
+        return QwenRestoreContext(settings)
+
+    # ---- checkpoints and evaluation ---------------------------------------------------------------
+    def check_checkpoint(self, model_path: str) -> Mapping[str, Any]:
+        from restore.families import read_checkpoint_config
+
+        _, config = read_checkpoint_config(os.path.expanduser(model_path))
+        if not self.recognizes_config(config):
+            raise CheckpointError(f"{model_path} is not a Qwen2.5-VL checkpoint (config.json model_type "
+                                  f"{config.get('model_type')!r}, expected one of {', '.join(MODEL_TYPES)})")
+        return config
+
+    def visual_tokens_per_image(self, config: Mapping[str, Any]) -> int:
+        return max_visual_tokens(config)
+
+    def load(self, model_path: str, *, model_base: Optional[str] = None, device: str = "auto",
+             dtype: str = "auto") -> LoadedModel:
+        from .loading import load_model
+
+        tokenizer, model, image_processor = load_model(model_path, model_base=model_base, device=device, dtype=dtype)
+        return LoadedModel(tokenizer, model, image_processor, self.model_name(model_path))
+
+    def model_name(self, model_path: str) -> str:
+        return os.path.basename(os.path.normpath(os.path.expanduser(model_path)))
+
+    def conv_modes(self) -> List[str]:
+        return list(CONV_MODES)
+
+    def prompt_ids(self, tokenizer: Any, text: str, has_image: bool, conv_mode: str, model_config: Any) -> Any:
+        """Token ids [L] of the prompt, with ONE image pad token per image: ``expand_image_tokens`` repeats it
+        once the image's grid is known (``inputs.build_inputs`` does both)."""
+        import torch
+
+        if conv_mode not in CONV_MODES:
+            raise ValueError(f"unknown conversation mode {conv_mode!r} for Qwen2.5-VL; known: {', '.join(CONV_MODES)}")
+        ids = tokenizer(conversation_prompt(text, has_image), add_special_tokens=False)["input_ids"]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def preprocess_image(self, image: Any, image_processor: Any, model_config: Any, settings: Any = None) -> Any:
+        """(pixel_values [n_patches, 3 * 2 * 14 * 14], image_grid_thw [1, 3]) of one image, as the
+        image processor makes them (the same for every configuration: reductions act after the encoder)."""
+        if getattr(image, "mode", "RGB") != "RGB":
+            image = image.convert("RGB")
+        batch = image_processor(images=[image], return_tensors="pt")
+        return batch["pixel_values"], batch["image_grid_thw"]
+
+    def preprocessing_key(self, model_config: Any, settings: Any) -> Any:
+        return "default"
+
+    def preprocessing_for_check(self, model_path: str, settings: Any = None) -> Callable[[Any], Any]:
+        from .loading import load_image_processor
+
+        config = self.check_checkpoint(model_path)
+        processor = load_image_processor(model_path)
+        return lambda image: self.preprocess_image(image, processor, config, settings)
+
+    def shared_encoding(self, model: Any) -> ContextManager[Any]:
+        return nullcontext(None)
+
+
+def _get(config: Any, key: str, default: Any = None) -> Any:
+    if isinstance(config, Mapping):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+def max_visual_tokens(config: Any, max_pixels: Optional[int] = None) -> int:
+    """The most visual tokens one image can have: max_pixels / (patch * merge)^2 (Qwen2.5-VL's processor default
+    max_pixels is 12845056 = 16384 tokens of 28 x 28 px)."""
+    vision = _get(config, "vision_config", {}) or {}
+    patch = int(_get(vision, "patch_size", 14))
+    merge = int(_get(vision, "spatial_merge_size", 2))
+    max_pixels = 12845056 if max_pixels is None else max_pixels
+    return max(1, max_pixels // (patch * merge) ** 2)
+
+
+FAMILY = QwenFamily()
+
+
+def apply(model: Any, base: Optional[str] = None, *, keep: Optional[float] = None, n_vis: Optional[int] = None,
+          restore: bool = False, **settings: Any) -> Any:
+    """``restore.apply`` for Qwen2.5-VL with the budget as a share of each image's visual tokens (``keep``,
+    e.g. 0.111 for the paper's 11.1%) or as a count per image (``n_vis``, the same as restore.apply's)."""
+    import restore as _restore
+
+    if base is None or keep is None:
+        return _restore.apply(model, base=base, n_vis=n_vis, restore=restore, **settings)
+    if n_vis is not None:
+        raise ValueError("give the budget as keep (a share of each image's tokens) or n_vis (a count), not both")
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep must be a share of the visual tokens in (0, 1], got {keep!r}")
+    _restore.apply(model, base=base, n_vis=FAMILY.check_model(model), restore=restore, **settings)
+    model.model._restore_ctx.keep = float(keep)
+    return model
