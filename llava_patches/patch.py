@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 
 from restore.attention import calibrated_decode_masks, calibrated_prefill_masks
-from restore.reduce import ReducedImages, arrange_merged_tokens, reduce_visual_tokens
+from restore.reduce import ReducedImages, reduce_visual_tokens
 from restore.settings import ReductionSettings
 
 from .assembly import ImageTokens, SequenceLayout, assemble, split_images
@@ -42,11 +42,11 @@ def _cache_length(past_key_values) -> int:
 def reduce_images(model, pixels: torch.Tensor, settings: ReductionSettings) -> ReducedImages:
     """The visual tokens of ``pixels`` [I, 3, H, W] after the reduction, wherever the base method acts."""
     llm = model.get_model()
-    if settings.merges_itself:  # ToMe: merged inside CLIP, n_vis tokens leave the select layer
-        from .tome import encode_with_tome
+    if settings.merges_itself:  # ToMe, FlowCut: reduced inside CLIP, n_vis tokens leave the select layer
+        from .encoder_reduce import arrange_encoder_tokens, encode_in_encoder, encoder_method
 
-        merged = encode_with_tome(llm.get_vision_tower(), pixels, settings.n_vis)
-        return arrange_merged_tokens(llm.mm_projector(merged.features), merged.sizes, merged.source, settings)
+        merged = encode_in_encoder(llm.get_vision_tower(), pixels, encoder_method(settings), settings.n_vis)
+        return arrange_encoder_tokens(llm.mm_projector(merged.features), merged.sizes, merged.source, settings)
     import tokenreduction as tr
 
     needs = tr.method_needs(settings.base, plain=settings.is_plain_base)

@@ -30,7 +30,6 @@ NOT_YET = {
     "FastV": "FastV (inside the LLM) is declared but its in-LLM reduction mechanism is not implemented yet",
     "PDrop": "PDrop (inside the LLM) is declared but its in-LLM reduction mechanism is not implemented yet",
     "SparseVLM": "SparseVLM (inside the LLM) is declared but its in-LLM reduction mechanism is not implemented yet",
-    "FlowCut": "FlowCut (inside the vision encoder) is not implemented yet",
 }
 MODELS_NOT_YET = {
     "Qwen2.5-VL-7B-Instruct": "Qwen2.5-VL is not supported yet",
