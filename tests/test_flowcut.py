@@ -450,3 +450,20 @@ def test_identical_to_official_code(request, images, name, n_vis):
         finally:
             remove_encoder_method(vision)
         assert torch.equal(batched, outputs.hidden_states[vision.select_layer][:, 1:])
+
+
+# --------------------------------------------------------------------------------------------------
+# Through a benchmark entry point, batched (as scripts/llava1_5/<bench>.sh runs it)
+# --------------------------------------------------------------------------------------------------
+
+from tests.test_batching import batched_runs, data, in_process  # noqa: E402,F401  (fixtures)
+
+
+@pytest.mark.parametrize("bench", ["gqa", "mmbench"])
+def test_flowcut_batches_answer_as_batch_one(bench, data, tmp_path, in_process):  # noqa: F811
+    """--base FlowCut [--restore]: each image is pruned on its own whatever the batch."""
+    for config in (["--base", "FlowCut", "--n_vis", "64"], ["--base", "FlowCut", "--n_vis", "64", "--restore"],
+                   ["--base", "FlowCut", "--n_vis", "64", "--restore", "--prune_ratio", "0.75"]):
+        runs = batched_runs(bench, data, tmp_path, in_process, config, (1, 4))
+        assert runs[4][0] == runs[1][0], (bench, config)
+        assert max(b[0] for b in runs[4][1]) == 4
