@@ -26,6 +26,7 @@ from llava_patches.encoder_reduce import (FlowCutInEncoder, applied_method, appl
                                           remove_encoder_method)
 from llava_patches.vision import encode_with_cls_attention
 from restore.small_checkpoint import synthetic_image
+from tests import test_batching
 from tokenreduction.flowcut import flowcut_stages, stage_keep_count, stage_prune_count
 
 N_PATCHES = 576
@@ -456,14 +457,14 @@ def test_identical_to_official_code(request, images, name, n_vis):
 # Through a benchmark entry point, batched (as scripts/llava1_5/<bench>.sh runs it)
 # --------------------------------------------------------------------------------------------------
 
-from tests.test_batching import batched_runs, data, in_process  # noqa: E402,F401  (fixtures)
+data, in_process = test_batching.data, test_batching.in_process  # its fixtures, used here too
 
 
 @pytest.mark.parametrize("bench", ["gqa", "mmbench"])
-def test_flowcut_batches_answer_as_batch_one(bench, data, tmp_path, in_process):  # noqa: F811
+def test_flowcut_batches_answer_as_batch_one(bench, data, tmp_path, in_process):
     """--base FlowCut [--restore]: each image is pruned on its own whatever the batch."""
     for config in (["--base", "FlowCut", "--n_vis", "64"], ["--base", "FlowCut", "--n_vis", "64", "--restore"],
                    ["--base", "FlowCut", "--n_vis", "64", "--restore", "--prune_ratio", "0.75"]):
-        runs = batched_runs(bench, data, tmp_path, in_process, config, (1, 4))
+        runs = test_batching.batched_runs(bench, data, tmp_path, in_process, config, (1, 4))
         assert runs[4][0] == runs[1][0], (bench, config)
         assert max(b[0] for b in runs[4][1]) == 4
