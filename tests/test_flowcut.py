@@ -468,3 +468,27 @@ def test_flowcut_batches_answer_as_batch_one(bench, data, tmp_path, in_process):
         runs = test_batching.batched_runs(bench, data, tmp_path, in_process, config, (1, 4))
         assert runs[4][0] == runs[1][0], (bench, config)
         assert max(b[0] for b in runs[4][1]) == 4
+
+
+@pytest.mark.parametrize("use_restore", [False, True])
+def test_token_map_and_bench_rows(small_model, prompt, use_restore):
+    from restore import bench
+    from restore.analysis.models import BenchModel
+    from restore.analysis.timing import Timer
+    from restore.analysis.token_map import build_token_map
+
+    tok, model, proc = small_model
+    loaded = BenchModel(tok, model, proc, "small checkpoint")
+    _, images = prompt
+    token_map = build_token_map(loaded, images, "FlowCut", 64, use_restore)
+    sizes = token_map.group_sizes()
+    if use_restore:
+        assert (token_map.source >= 0).all() and int(sizes.sum()) == N_PATCHES
+    else:
+        assert int((token_map.source >= 0).sum()) == 64 and len(token_map.kept) == 64
+    config = bench.Config("FlowCut", 64, use_restore)
+    timer = Timer(torch.device("cpu"), repeats=1, warmup=0)
+    tokens = bench.visual_tokens(loaded, images)
+    row = bench.time_reduction(tokens, config, timer, loaded, bench.Prompt(None, images, None))
+    assert row == {"selection_ms": None, "merging_ms": None, "reduce_ms": None}
+    assert bench.time_vision_encoder_method(loaded, bench.Prompt(None, images, None), config, timer) > 0
