@@ -492,3 +492,14 @@ def test_token_map_and_bench_rows(small_model, prompt, use_restore):
     row = bench.time_reduction(tokens, config, timer, loaded, bench.Prompt(None, images, None))
     assert row == {"selection_ms": None, "merging_ms": None, "reduce_ms": None}
     assert bench.time_vision_encoder_method(loaded, bench.Prompt(None, images, None), config, timer) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("gamma", [None, 0.5])
+def test_half_precision_towers(tower8, images, dtype, gamma):
+    half = copy.deepcopy(tower8).to(dtype)
+    method = FlowCutInEncoder() if gamma is None else FlowCutInEncoder(gamma, "distinctive")
+    out = encode_in_encoder(half, images[:2].to(dtype), method, 64)
+    assert out.features.dtype == dtype and out.features.shape == (2, 64, half.hidden_size)
+    assert torch.isfinite(out.features).all()
+    assert torch.equal(out.sizes.sum(dim=1), torch.full((2,), 64.0 if gamma is None else float(N_PATCHES)))
