@@ -58,14 +58,13 @@ class LlavaFamily(ModelFamily):
 
     def check_settings(self, model: Any, settings: Any) -> None:
         _check_next_settings(model.config, settings)
-        if settings.merges_itself:  # ToMe halves a layer's tokens at most: the tower's depth bounds the budget
-            from tokenreduction.tome import tome_schedule
-
+        if settings.merges_itself:  # inside CLIP (ToMe halves a layer's tokens at most): the depth bounds the budget
+            from .encoder_reduce import encoder_method
             from .vision import _layer_indices
 
             tower = model.get_vision_tower()
             hidden_index, _ = _layer_indices(tower.select_layer, len(tower.vision_tower.vision_model.encoder.layers))
-            tome_schedule(settings.num_patches, settings.n_vis, hidden_index)
+            encoder_method(settings).check(settings.num_patches, settings.n_vis, hidden_index)
 
     def patch_targets(self, model: Any) -> Iterable[Tuple[Any, type]]:
         from .inllm import InLLMDecoderLayerMixin
@@ -104,9 +103,9 @@ class LlavaFamily(ModelFamily):
                 config = {}  # as check_tome_budget: a checkpoint that cannot be read is reported when it loads
             _check_next_settings(config, settings)
         if settings.merges_itself:
-            from .tome import check_tome_budget
+            from .encoder_reduce import check_encoder_budget, encoder_method
 
-            check_tome_budget(model_path, settings.n_vis)
+            check_encoder_budget(model_path, encoder_method(settings), settings.n_vis)
 
     def load(self, model_path: str, *, model_base: Optional[str], device: str, dtype: str) -> LoadedModel:
         from .loading import load_model

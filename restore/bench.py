@@ -107,11 +107,12 @@ def _unselected(tokens: tr.VisualTokens, keep: torch.Tensor):
 
 
 def time_vision_encoder_method(bench: BenchModel, prompt: Prompt, config: Config, timer: Timer) -> float:
-    """Vision encoder + projector of a method that merges inside CLIP (ToMe), in ms."""
-    from llava_patches.tome import encode_with_tome
+    """Vision encoder + projector of a method that reduces inside CLIP (ToMe, FlowCut), in ms."""
+    from llava_patches.encoder_reduce import encode_in_encoder, encoder_method
 
     tower, projector = bench.model.get_vision_tower(), bench.model.get_model().mm_projector
-    return timer.measure(lambda: projector(encode_with_tome(tower, prompt.images, config.n_vis).features)).ms
+    method = encoder_method(resolve_settings(config.base, config.n_vis, config.restore, tower.num_patches))
+    return timer.measure(lambda: projector(encode_in_encoder(tower, prompt.images, method, config.n_vis).features)).ms
 
 
 def time_reduction(tokens: tr.VisualTokens, config: Config, timer: Timer, bench: Optional[BenchModel] = None,

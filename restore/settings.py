@@ -46,6 +46,9 @@ class ReductionSettings:
     # The position ids of the method's own plain row: FastV (inside the LLM) keeps the original ones. Set by
     # the method, so not a coordinate of its own.
     plain_positions: str = field(default="reindexed", compare=False)
+    # A method inside the vision encoder that prunes in stages (FlowCut): gamma and anchors apply at each stage.
+    # Set by the method (tokenreduction.restore_per_stage), so not a coordinate of its own.
+    restore_per_stage: bool = field(default=False, compare=False)
 
     @property
     def n_keep(self) -> int:
@@ -54,8 +57,14 @@ class ReductionSettings:
 
     @property
     def merges_itself(self) -> bool:
-        """The base method merges tokens on its own (ToMe, inside the vision encoder)."""
+        """The base method reduces tokens on its own inside the vision encoder (ToMe merges there; FlowCut
+        prunes there in stages, and with ``restore_per_stage`` RESTORE's gamma and anchors act at each)."""
         return self.acts == "vision_encoder"
+
+    @property
+    def own_merging(self) -> bool:
+        """The method's own merging replaces RESTORE's (ToMe): gamma and anchors do not apply."""
+        return self.merges_itself and not self.restore_per_stage
 
     @property
     def n_merged(self) -> int:
@@ -64,7 +73,7 @@ class ReductionSettings:
     @property
     def merges(self) -> bool:
         """Some reduced token stands for several patches."""
-        return self.merges_itself or self.n_merged > 0
+        return self.own_merging or self.n_merged > 0
 
     @property
     def retains_positions(self) -> bool:
@@ -108,7 +117,7 @@ class ReductionSettings:
         # c only matters with the distance term; gamma only matters when something is merged.
         if not self.uses_distance:
             changed.pop("calibration_c", None)
-        if self.merges_itself:  # the method's own merging: gamma and anchors do not apply
+        if self.own_merging:  # the method's own merging: gamma and anchors do not apply
             changed.pop("anchors", None)
             changed.pop("prune_ratio", None)
         elif not self.merges:  # prune only is named by gamma = 1 alone
@@ -118,7 +127,7 @@ class ReductionSettings:
 
     def as_dict(self) -> Dict[str, Any]:
         """Every coordinate of the reduction (not how it was spelled), e.g. for an answers file's settings."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("restore", "plain_positions")}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("restore", "plain_positions", "restore_per_stage")}
 
 
 def acts_of(base: str) -> str:
@@ -147,9 +156,10 @@ def resolve_settings(base: str, n_vis: int, restore: bool, num_patches: int, act
         acts = acts_of(base)
     plain_positions = _in_llm_plain_positions(base, n_vis, num_patches) if acts == "llm" \
         else BASELINE_DEFAULTS["positions"]
+    per_stage = acts == "vision_encoder" and _restore_per_stage(base)
     values = dict(RESTORE_DEFAULTS if restore else {**BASELINE_DEFAULTS, "positions": plain_positions})
     values.update({k: v for k, v in overrides.items() if v is not None})
-    if acts == "vision_encoder":
+    if acts == "vision_encoder" and not per_stage:
         given = [k for k in ("prune_ratio", "anchors") if overrides.get(k) is not None]
         if given:
             raise ValueError(f"{base} merges tokens itself inside the vision encoder: {' and '.join(given)} "
@@ -176,7 +186,7 @@ def resolve_settings(base: str, n_vis: int, restore: bool, num_patches: int, act
                          "merging, but anchors='none' merges nothing; choose anchors='distinctive' or 'uniform', "
                          "or prune_ratio=1")
     settings = ReductionSettings(base=base, n_vis=n_vis, restore=bool(restore), num_patches=num_patches, acts=acts,
-                                 plain_positions=plain_positions, **values)
+                                 plain_positions=plain_positions, restore_per_stage=per_stage, **values)
     # One reduction, one spelling: a coordinate without effect takes its default, so that the run name,
     # the answers-file record and a method's own plain row all see the same configuration.
     if not settings.uses_distance:
@@ -207,6 +217,15 @@ def _in_llm_plain_positions(base: str, n_vis: int, num_patches: int) -> str:
     method = llm_method(base)
     check_stages(method.name, method.stages(n_vis, num_patches, REFERENCE_DEPTH), num_patches, REFERENCE_DEPTH)
     return method.plain_positions
+
+
+def _restore_per_stage(base: str) -> bool:
+    import tokenreduction
+
+    try:
+        return tokenreduction.restore_per_stage(base)
+    except ValueError:
+        return False
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:

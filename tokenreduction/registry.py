@@ -1,8 +1,8 @@
 """Name -> method registry. Adding a baseline is one new module with one decorated function.
 
 Each method says where it acts: ``before_llm`` (a selector on the vision tower's outputs: HoloV,
-DivPrune, VisPruner, VisionZip), ``vision_encoder`` (merges inside CLIP: ToMe), or ``llm`` (inside the
-language model). A method may also name the vision-tower outputs it needs beyond the features and the
+DivPrune, VisPruner, VisionZip), ``vision_encoder`` (reduces inside CLIP: ToMe merges, FlowCut prunes in
+stages), or ``llm`` (inside the language model). A method may also name the vision-tower outputs it needs beyond the features and the
 CLS attention (``needs=("keys",)``), and give its own plain-row reduction when its official pipeline is
 more than keeping n_vis tokens (VisionZip's contextual tokens).
 
@@ -33,6 +33,9 @@ _PLAIN_NEEDS: Dict[str, Tuple[str, ...]] = {}
 # evenly over the views, each selected on its own), as the method's official multi-view code does.
 BUDGET_SCOPES = ("image", "per_view")
 _SCOPES: Dict[str, str] = {}
+# vision_encoder methods that prune in stages (FlowCut): RESTORE's keep-gamma-and-merge applies at each stage.
+# The others (ToMe) merge by their own rule, which replaces RESTORE's.
+_PER_STAGE: Dict[str, bool] = {}
 ENTRY_POINT_GROUP = "restore.methods"
 _discovery = {"done": False}
 
@@ -127,15 +130,20 @@ def load_plugins(modules: Sequence[str]) -> None:
                               "is its folder on PYTHONPATH?") from e
 
 
-def register_method(name: str, acts: str) -> None:
+def register_method(name: str, acts: str, *, restore_per_stage: bool = False) -> None:
     """Register a method that is not a selector: it reduces tokens where it acts (``vision_encoder``:
-    inside CLIP; ``llm``: inside the language model), and the reduction machinery of that place runs it."""
+    inside CLIP; ``llm``: inside the language model), and the reduction machinery of that place runs it.
+    ``restore_per_stage`` (vision_encoder only): the method prunes in stages and RESTORE's gamma and anchors
+    apply at each of them (FlowCut); otherwise its own merging replaces them (ToMe)."""
     if acts not in PLACES or acts == "before_llm":
         raise ValueError(f"acts must be 'vision_encoder' or 'llm' (a before_llm method registers a selector), got {acts!r}")
+    if restore_per_stage and acts != "vision_encoder":
+        raise ValueError(f"{name}: restore_per_stage applies to methods acting in the vision_encoder only")
     key = name.lower()
     if key in _NAMES and _PLACES.get(key) != acts:
         raise ValueError(f"a method named {name!r} is already registered")
     _NAMES[key], _PLACES[key] = name, acts
+    _PER_STAGE[key] = bool(restore_per_stage)
 
 
 def register_plain_reduction(name: str, *, needs: Sequence[str] = ()) -> Callable[[PlainReduction], PlainReduction]:
@@ -178,6 +186,11 @@ def get_selector(name: str) -> Selector:
 def acts_in(name: str) -> str:
     """Where the method acts: 'before_llm', 'vision_encoder' or 'llm'."""
     return _PLACES.get(_key(name), "before_llm")
+
+
+def restore_per_stage(name: str) -> bool:
+    """Whether RESTORE's gamma and anchors apply at each stage of a method inside the vision encoder (FlowCut)."""
+    return _PER_STAGE.get(_key(name), False)
 
 
 def method_needs(name: str, plain: bool = False) -> Tuple[str, ...]:

@@ -27,7 +27,6 @@ BENCHMARK_ITEMS = {"gqa": 12578, "mmbench": 4377, "mme": 2374, "pope": 8910, "sq
                    "textvqa": 5000, "seed": 19242, "ocrbench": 1000}
 # What is still missing for rows the repository cannot run yet, by method and by model.
 NOT_YET = {
-    "FlowCut": "FlowCut (inside the vision encoder) is not implemented yet",
 }
 MODELS_NOT_YET = {
     "Qwen2.5-VL-7B-Instruct": "Qwen2.5-VL is not supported yet",
