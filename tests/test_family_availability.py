@@ -10,11 +10,9 @@ from restore import families
 
 
 def _has_qwen() -> bool:
-    try:
-        from transformers import Qwen2_5_VLForConditionalGeneration  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import transformers
+
+    return hasattr(transformers, "Qwen2_5_VLForConditionalGeneration")
 
 
 @pytest.mark.skipif(_has_qwen(), reason="this transformers has Qwen2.5-VL")
