@@ -113,7 +113,7 @@ def test_reduction_arguments_are_checked_and_canonicalised():
     assert arguments.validate_reduction(None, None, False) is None
     assert arguments.validate_reduction("holov", 64, True) == "HoloV"
     cases = {
-        ("NoSuchMethod", 64, False): "available: DivPrune, FastV, HoloV",
+        ("NoSuchMethod", 64, False): "available: DivPrune, FastV, FlowCut, HoloV",
         ("HoloV", None, False): "needs --n_vis",
         ("HoloV", 0, False): "1..576",
         ("HoloV", 577, False): "1..576",
@@ -312,7 +312,7 @@ def test_bad_inputs_fail_before_the_model_is_loaded(data, tmp_path, monkeypatch,
         assert not answers.exists()
 
     args = gqa_args(data, answers)
-    fails([*args, "--base", "Nope", "--n_vis", "64"], "unknown --base 'Nope'", "DivPrune, FastV, HoloV")
+    fails([*args, "--base", "Nope", "--n_vis", "64"], "unknown --base 'Nope'", "DivPrune, FastV, FlowCut, HoloV")
     fails([*args, "--base", "HoloV", "--n_vis", "600"], "1..576")
     fails([*args, "--base", "FastV", "--n_vis", "64", "--restore"], "FastV acts inside the LLM")
     fails([*args, "--base", "HoloV", "--n_vis", "1", "--restore"], "use n_vis >= 2, or prune_ratio=0")

@@ -322,7 +322,7 @@ def test_low_precision_runs(small_checkpoint, model, prompts, dtype):
     (dict(base="HoloV", n_vis=577), "n_vis must be an integer in 1..576"),
     (dict(base="HoloV", n_vis=64.0), "n_vis must be an integer"),
     (dict(base="HoloV", n_vis=1, restore=True), "n_vis >= 2"),
-    (dict(base="NoSuchMethod", n_vis=64), "unknown selector 'NoSuchMethod'; available: DivPrune, FastV, HoloV"),
+    (dict(base="NoSuchMethod", n_vis=64), "unknown selector 'NoSuchMethod'; available: DivPrune, FastV, FlowCut, HoloV"),
     (dict(base=None, restore=True), "needs a base method"),
     (dict(base=None, n_vis=64), "needs a base method"),
 ])

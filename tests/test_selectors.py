@@ -168,7 +168,7 @@ def test_half_precision_inputs_match_the_reference_in_that_dtype(name, dtype):
 
 
 def test_unknown_selector_lists_the_available_ones():
-    with pytest.raises(ValueError, match="unknown selector 'NoSuchMethod'.*DivPrune, FastV, HoloV"):
+    with pytest.raises(ValueError, match="unknown selector 'NoSuchMethod'.*DivPrune, FastV, FlowCut, HoloV"):
         tr.get_selector("NoSuchMethod")
 
 
