@@ -63,10 +63,8 @@ def test_pope_entry_point_on_qwen(qwen_checkpoint, pope_data, tmp_path, base):
     lines = _run(qwen_checkpoint, pope_data, tmp_path / "answers.jsonl", *extra)
     assert len(lines) == 6  # three splits, two questions each
     assert {line["model_id"] for line in lines} == {qwen_checkpoint.name}
-    meta = json.loads((tmp_path / "answers.jsonl.meta.json").read_text()) \
-        if (tmp_path / "answers.jsonl.meta.json").exists() else None
-    if meta is not None:
-        assert meta["complete"] and meta["settings"]["conv_mode"] == "qwen2_5_vl"
+    meta = json.loads((tmp_path / "answers.jsonl.meta.json").read_text())
+    assert meta["complete"] and meta["settings"]["conv_mode"] == "qwen2_5_vl"
     assert [line["text"] for line in lines] == _expected(qwen_checkpoint, pope_data, lines, base)
     summary = score("pope", tmp_path / "answers.jsonl", pope_data, tmp_path / "scores")
     assert summary["n_answers"] == 6 and "f1_mean" in summary["metrics"]
