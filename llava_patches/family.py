@@ -178,6 +178,20 @@ class LlavaFamily(ModelFamily):
 
         return shared_vision_encoding(model)
 
+    def pixels_dtype(self, model: Any) -> Any:
+        return next(model.get_model().mm_projector.parameters()).dtype
+
+    def batch_images(self, pixels: Any, device: Any, dtype: Any) -> Any:
+        from restore.eval.runner import _batch_images
+
+        return _batch_images(pixels, device, dtype)
+
+    def generate(self, model: Any, tokenizer: Any, prompts: Any, images: Any, image_sizes: Any,
+                 **generate_kwargs: Any) -> Any:
+        from restore.eval.runner import llava_generate
+
+        return llava_generate(model, tokenizer, prompts, images, image_sizes, **generate_kwargs)
+
 
 def _next_may_refuse(settings: Any) -> bool:
     import tokenreduction as tr

@@ -194,6 +194,46 @@ class QwenFamily(ModelFamily):
     def shared_encoding(self, model: Any) -> ContextManager[Any]:
         return nullcontext(None)
 
+    # ---- generation (the evaluation runner) -------------------------------------------------------
+    def pixels_dtype(self, model: Any) -> Any:
+        return next(model.model.visual.parameters()).dtype
+
+    def batch_images(self, pixels: Any, device: Any, dtype: Any) -> Any:
+        """A list of (pixel_values, image_grid_thw) per row, on the device (Qwen's images differ in size)."""
+        if not pixels:
+            return None
+        return [(values.to(device=device, dtype=dtype), grid.to(device)) for values, grid in pixels]
+
+    def generate(self, model: Any, tokenizer: Any, prompts: Sequence[Any], images: Any, image_sizes: Any,
+                 **generate_kwargs: Any) -> Any:
+        """Each prompt's image pad repeated once per visual token of its image, the rows padded on the left
+        (as ``inputs.build_inputs``), the pixels and grids concatenated in row order; the generated tokens."""
+        import torch
+
+        device = next(model.parameters()).device
+        merge = int(model.config.vision_config.spatial_merge_size)
+        rows = []
+        for k, ids in enumerate(prompts):
+            ids = [int(t) for t in ids]
+            if images is not None:
+                ids = expand_image_tokens(ids, model.config.image_token_id,
+                                          [visual_tokens_of_grid(images[k][1][0], merge)])
+            rows.append(ids)
+        length = max(len(r) for r in rows)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for b, ids in enumerate(rows):
+            input_ids[b, length - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[b, length - len(ids):] = 1
+        extra = {}
+        if images is not None:
+            extra = {"pixel_values": torch.cat([values for values, _ in images], dim=0),
+                     "image_grid_thw": torch.cat([grid for _, grid in images], dim=0)}
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             **extra, **generate_kwargs)
+        return out[:, length:]
+
 
 def _get(config: Any, key: str, default: Any = None) -> Any:
     if isinstance(config, Mapping):

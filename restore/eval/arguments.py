@@ -29,7 +29,8 @@ def build_parser(entry: EntryPoint) -> argparse.ArgumentParser:
     g.add_argument("--question-file", required=True)
     g.add_argument("--image-folder", default=None, help="folder the question file's image paths are relative to")
     g.add_argument("--answers-file", required=True)
-    g.add_argument("--conv-mode", default="vicuna_v1")
+    g.add_argument("--conv-mode", default=None,
+                   help="conversation template (default: the checkpoint family's, vicuna_v1 for LLaVA)")
     g.add_argument("--num-chunks", type=int, default=None,
                    help="split the questions into this many contiguous chunks (default: from SLURM_ARRAY_TASK_COUNT "
                         "or WORLD_SIZE when set, else 1)")
@@ -89,6 +90,8 @@ def check_arguments(entry: EntryPoint, args: argparse.Namespace,
     that can be found without the model."""
     load_plugins(args.plugin)  # before --base is checked: a plugin registers the names it may take
     family, num_patches = checkpoint_family(args)
+    if args.conv_mode is None:
+        args.conv_mode = family.default_conv_mode
     base = validate_reduction(args.base, args.n_vis, args.restore, num_patches)
     args.reduction = reduction_settings(args, base, num_patches)
     num_chunks, chunk_idx = resolve_chunk(args.num_chunks, args.chunk_idx, env)

@@ -128,9 +128,9 @@ def _answer_pending(plans: Sequence[Plan]) -> List[Tuple[int, float]]:
         print(f"{model_name} looks like a plain (pretrain-only) model: using conv mode {conv_mode}")
 
     device = next(model.parameters()).device
-    dtype = next(model.get_model().mm_projector.parameters()).dtype
-    union = pending_union(plans)
     family = args.family
+    dtype = family.pixels_dtype(model)
+    union = pending_union(plans)
     keys = [family.preprocessing_key(model.config, plan.args.reduction) for plan in plans]
     variants = {key: plan.args.reduction for key, plan in zip(keys, plans)}
     dataset = PreparedItems(union, tokenizer, image_processor, model.config, conv_mode, family, variants)
@@ -154,7 +154,7 @@ def _answer_pending(plans: Sequence[Plan]) -> List[Tuple[int, float]]:
         outs = [files.enter_context(open(plan.answers_file, "a", encoding="utf-8")) for plan in plans]
         for indices, prepared in zip(batches, loader):
             wanted = [[k for k, i in enumerate(indices) if union[i].key in keys] for keys in pending_keys]
-            images = {key: _batch_images([p[key] for _, p, _ in prepared if p is not None], device, dtype)
+            images = {key: family.batch_images([p[key] for _, p, _ in prepared if p is not None], device, dtype)
                       for key in variants}
             with contextlib.ExitStack() as batch_scope:
                 for key, batch_images in images.items():
@@ -174,7 +174,8 @@ def _answer_pending(plans: Sequence[Plan]) -> List[Tuple[int, float]]:
                         applied = p
                     began = time.perf_counter()
                     texts = _generate(model, tokenizer, [prepared[k] for k in rows],
-                                      _rows_of(images[keys[p]], rows, len(indices)), device, args, sampling, eos)
+                                      _rows_of(images[keys[p]], rows, len(indices)), device, args, sampling, eos,
+                                      family)
                     counts[p][1] += time.perf_counter() - began
                     counts[p][0] += sum(n for _, n in texts)
                     answers = {indices[k]: text for k, (text, _) in zip(rows, texts)}
@@ -208,18 +209,18 @@ def _rows_of(images: Any, rows: Sequence[int], batch: int) -> Any:
 
 
 def _generate(model, tokenizer, prepared: Sequence[Tuple[Any, Any, Any]], images: Any, device, args: argparse.Namespace,
-              sampling: Mapping[str, Any], eos: Tuple[int, ...]) -> List[Tuple[str, int]]:
-    """(answer text, generated tokens) of each prepared item, generated together."""
+              sampling: Mapping[str, Any], eos: Tuple[int, ...], family=None) -> List[Tuple[str, int]]:
+    """(answer text, generated tokens) of each prepared item, generated together by the model's family
+    (``family.generate``)."""
     import torch
 
-    input_ids, attention_mask = pad_left([ids for ids, _, _ in prepared], tokenizer.pad_token_id or 0)
-    with torch.inference_mode(), _padded_on_the_left(model, len(prepared) > 1):
-        output_ids = model.generate(
-            input_ids.to(device),
-            # without padding the call of batch 1, unchanged; a padded batch needs its mask
-            **({} if attention_mask is None else {"attention_mask": attention_mask.to(device)}),
-            images=images,
-            image_sizes=[size for _, _, size in prepared] if images is not None else None,
+    from .arguments import default_family
+
+    family = family or default_family()
+    with torch.inference_mode():
+        output_ids = family.generate(
+            model, tokenizer, [ids for ids, _, _ in prepared], images,
+            [size for _, _, size in prepared] if images is not None else None,
             num_beams=args.num_beams,
             max_new_tokens=args.max_new_tokens,
             use_cache=True,
@@ -234,6 +235,22 @@ def _generate(model, tokenizer, prepared: Sequence[Tuple[Any, Any, Any]], images
         generated = int(row.shape[-1]) - int(start is not None and row.numel() > 0 and int(row[0]) == start)
         answers.append((tokenizer.decode(row, skip_special_tokens=True).strip(), generated))
     return answers
+
+
+def llava_generate(model, tokenizer, prompts: Sequence[Any], images: Any, image_sizes: Any, **generate_kwargs) -> Any:
+    """LLaVA's generate of a batch (``LlavaFamily.generate``): prompts padded on the left, the images and
+    their sizes as llava's ``generate(images=, image_sizes=)`` takes them."""
+    device = next(model.parameters()).device
+    input_ids, attention_mask = pad_left(list(prompts), tokenizer.pad_token_id or 0)
+    with _padded_on_the_left(model, len(prompts) > 1):
+        return model.generate(
+            input_ids.to(device),
+            # without padding the call of batch 1, unchanged; a padded batch needs its mask
+            **({} if attention_mask is None else {"attention_mask": attention_mask.to(device)}),
+            images=images,
+            image_sizes=image_sizes,
+            **generate_kwargs,
+        )
 
 
 def plan_batches(items: Sequence[Item], batch_size: int, prompt_length: Callable[[int], int]) -> List[List[int]]:

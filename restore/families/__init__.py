@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 # Registration: module that defines FAMILY, one line per family.
 FAMILY_MODULES = ("llava_patches.family", "qwen_patches.family")
@@ -129,6 +129,25 @@ class ModelFamily:
     def shared_encoding(self, model: Any) -> ContextManager[Any]:
         """A context whose memo (``memo.encode(images)``) gives every configuration applied meanwhile the
         same encoding of a batch's images (sweeps)."""
+        raise NotImplementedError
+
+    # ---- generation (the evaluation runner) -------------------------------------------------------
+    def pixels_dtype(self, model: Any) -> Any:
+        """The dtype a batch's pixels are cast to before they reach the model."""
+        raise NotImplementedError
+
+    def batch_images(self, pixels: Any, device: Any, dtype: Any) -> Any:
+        """One batch's preprocessed images (``preprocess_image`` outputs, in row order) on the model's
+        device, as :meth:`generate` takes them; None for a batch without images. The runner picks rows of
+        it with ``images[list(rows)]`` (a tensor) or by index (a list)."""
+        raise NotImplementedError
+
+    def generate(self, model: Any, tokenizer: Any, prompts: Sequence[Any], images: Any, image_sizes: Sequence[Any],
+                 **generate_kwargs: Any) -> Any:
+        """Token ids [B, T] of the answers to a batch: ``prompts`` are the rows' :meth:`prompt_ids`, ``images``
+        the rows' :meth:`batch_images` (None: no image), ``image_sizes`` the original (w, h) of each image;
+        ``generate_kwargs`` go to the model's generate (num_beams, max_new_tokens, sampling...). Only the
+        generated tokens, not the prompt; a row that ended early may be padded after its end token."""
         raise NotImplementedError
 
 
