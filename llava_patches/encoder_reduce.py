@@ -15,7 +15,7 @@ LLaVA's select layer. What the methods share lives here:
   the select layer's CLS attention when asked for, and the method's own per-forward state.
 * :func:`encode_in_encoder`: run the tower up to the select layer with a method, returning features,
   sizes and the source map (patch -> token) that RESTORE's retained positions and size calibration
-  read; :func:`arrange_encoder_tokens` orders them for the LLM.
+  read; ``restore.reduce.arrange_merged_tokens`` orders them for the LLM.
 
 Methods: :class:`llava_patches.tome.ToMeInEncoder`, :class:`FlowCutInEncoder` (below, on the pure
 functions of ``tokenreduction.flowcut``); :func:`encoder_method` builds the one a configuration names.
@@ -34,7 +34,7 @@ from .vision import _layer_indices
 
 __all__ = ["EncodedTokens", "EncoderRun", "EncoderMethod", "FlowCutInEncoder", "apply_encoder_method",
            "remove_encoder_method", "applied_method", "encode_in_encoder", "encoder_method",
-           "register_encoder_method", "arrange_encoder_tokens", "check_encoder_budget"]
+           "register_encoder_method", "check_encoder_budget"]
 
 _ORIGINAL_CLASS = "_encoder_reduce_original_class"
 _ATTRIBUTES = ("_encoder_reduce_run", "_encoder_reduce_index", "_encoder_reduce_hooks")
@@ -316,35 +316,6 @@ def encode_in_encoder(vision_tower, images: torch.Tensor, method: EncoderMethod,
     run.size = run.assignment = run.cls_attention = None
     run.state = {}
     return EncodedTokens(features=features, sizes=sizes, source=source, cls_attention=cls_attention)
-
-
-# --------------------------------------------------------------------------------------------------
-# The tokens as the LLM gets them
-
-
-def arrange_encoder_tokens(features: torch.Tensor, sizes: torch.Tensor, source: torch.Tensor, settings):
-    """``restore.reduce.arrange_merged_tokens`` for tokens reduced inside the encoder, where a patch may
-    also have been dropped (source -1): each token's position comes from the patches it stands for."""
-    from restore.merge import group_positions
-    from restore.reduce import ReducedImages, arrange_merged_tokens
-
-    dropped = source < 0
-    if not bool(dropped.any()):
-        return arrange_merged_tokens(features, sizes, source, settings)
-    B, N = source.shape
-    n = features.shape[1]
-    patches = torch.arange(N, device=source.device).expand(B, N)
-    # dropped patches form an extra group n, left out
-    positions = group_positions(patches, source.masked_fill(dropped, n), n + 1, settings.merged_position, span=N)[:, :n]
-    if settings.in_base_order:
-        return ReducedImages(features, positions, sizes.float(), source)
-    order = positions.sort(dim=-1, stable=True).indices
-    return ReducedImages(
-        features=features.gather(1, order.unsqueeze(-1).expand(-1, -1, features.shape[-1])),
-        positions=positions.gather(1, order),
-        sizes=sizes.float().gather(1, order),
-        source=order.argsort(dim=-1).gather(1, source.clamp(min=0)).masked_fill(dropped, -1),
-    )
 
 
 # --------------------------------------------------------------------------------------------------

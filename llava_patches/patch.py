@@ -11,7 +11,7 @@ from typing import Any, Optional, Tuple
 import torch
 
 from restore.attention import calibrated_decode_masks, calibrated_prefill_masks
-from restore.reduce import ReducedImages, reduce_visual_tokens
+from restore.reduce import ReducedImages, arrange_merged_tokens, reduce_visual_tokens
 from restore.settings import ReductionSettings
 
 from .assembly import ImageTokens, SequenceLayout, assemble, split_images
@@ -49,10 +49,10 @@ def reduce_images(model, pixels: torch.Tensor, settings: ReductionSettings) -> R
         patches = torch.arange(N, device=features.device).expand(B, N)
         return ReducedImages(features, patches, torch.ones(B, N, device=features.device), patches.clone())
     if settings.merges_itself:  # ToMe, FlowCut: reduced inside CLIP, n_vis tokens leave the select layer
-        from .encoder_reduce import arrange_encoder_tokens, encode_in_encoder, encoder_method
+        from .encoder_reduce import encode_in_encoder, encoder_method
 
         merged = encode_in_encoder(llm.get_vision_tower(), pixels, encoder_method(settings), settings.n_vis)
-        return arrange_encoder_tokens(llm.mm_projector(merged.features), merged.sizes, merged.source, settings)
+        return arrange_merged_tokens(llm.mm_projector(merged.features), merged.sizes, merged.source, settings)
     import tokenreduction as tr
 
     needs = tr.method_needs(settings.base, plain=settings.is_plain_base)

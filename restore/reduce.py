@@ -95,13 +95,17 @@ def own_plain_row(own: tr.OwnReduction, project: Optional[Callable[[torch.Tensor
 
 def arrange_merged_tokens(features: torch.Tensor, sizes: torch.Tensor, source: torch.Tensor,
                           settings: ReductionSettings) -> ReducedImages:
-    """Tokens merged by the base method itself (ToMe): features [B, n, D] in its order, sizes [B, n], source
-    [B, N] (the token of every patch). Each token's position comes from its patches (``merged_position``);
-    with retained positions the tokens are ordered by it, re-indexed they keep the method's order."""
+    """Tokens reduced by the base method itself (ToMe, FlowCut): features [B, n, D] in its order, sizes [B, n],
+    source [B, N] (the token of every patch, -1 for a patch the method dropped). Each token's position comes
+    from its patches (``merged_position``); with retained positions the tokens are ordered by it, re-indexed
+    they keep the method's order."""
     B, N = source.shape
     n = features.shape[1]
+    dropped = source < 0
     patches = torch.arange(N, device=source.device).expand(B, N)
-    positions = group_positions(patches, source, n, settings.merged_position, span=N)
+    # dropped patches form an extra group n, left out
+    positions = group_positions(patches, source.masked_fill(dropped, n), n + 1, settings.merged_position,
+                                span=N)[:, :n]
     if settings.in_base_order:
         return ReducedImages(features, positions, sizes.float(), source)
     order = positions.sort(dim=-1, stable=True).indices
@@ -109,5 +113,5 @@ def arrange_merged_tokens(features: torch.Tensor, sizes: torch.Tensor, source: t
         features=features.gather(1, order.unsqueeze(-1).expand(-1, -1, features.shape[-1])),
         positions=positions.gather(1, order),
         sizes=sizes.float().gather(1, order),
-        source=order.argsort(dim=-1).gather(1, source),
+        source=order.argsort(dim=-1).gather(1, source.clamp(min=0)).masked_fill(dropped, -1),
     )
