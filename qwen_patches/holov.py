@@ -9,7 +9,6 @@ goes to the other crops, and the image span is exact.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
 
 import torch
 
@@ -22,24 +21,13 @@ def crop_count(n_tokens: int, n_keep: int) -> int:
     return max(1, int(((1024 / 576) * n_tokens) / n_keep))
 
 
-def crop_groups(n_tokens: int, n_crops: int) -> List[Tuple[int, int, int, int]]:
-    """Consecutive crops as (start, end, number of crops, crop size): the first N % n_crops one token longer."""
-    n_crops = min(n_crops, n_tokens)
-    base, extra = divmod(n_tokens, n_crops)
-    groups = []
-    if extra:
-        groups.append((0, extra * (base + 1), extra, base + 1))
-    groups.append((extra * (base + 1), n_tokens, n_crops - extra, base))
-    return groups
-
-
 @torch.no_grad()
 def qwen_holov(tokens: VisualTokens, n_keep: int) -> torch.Tensor:
     """Indices [B, n_keep] of the kept tokens, crop by crop (``reduce_visual_tokens(select=...)``)."""
     tokens.require("HoloV", "cls_attention")
     features, attention = tokens.features, tokens.cls_attention
     n_tokens = features.shape[1]
-    groups = crop_groups(n_tokens, crop_count(n_tokens, n_keep))
+    groups = _holov._crop_groups(n_tokens, crop_count(n_tokens, n_keep))
     unit = features / (features.norm(dim=-1, keepdim=True) + _holov.EPS)
     scores = torch.cat([_holov._crop_scores(unit[:, lo:hi], attention[:, lo:hi], n, size)
                         for lo, hi, n, size in groups], dim=1)

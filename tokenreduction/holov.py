@@ -41,13 +41,14 @@ def holov(tokens: VisualTokens, n_keep: int) -> torch.Tensor:
     return _take_per_crop(attention, groups, allocation)
 
 
-def _crop_groups(n_tokens: int) -> List[Tuple[int, int, int, int]]:
+def _crop_groups(n_tokens: int, n_crops: int = N_CROPS) -> List[Tuple[int, int, int, int]]:
     """Crops of equal size as (start, end, number of crops, crop size), in crop order.
 
-    The official code splits N tokens into 16 consecutive crops, the first N % 16 of them one
-    token longer, and drops empty crops; that gives at most two groups of equal-size crops.
+    The official code splits N tokens into 16 consecutive crops (its Qwen port: ``n_crops``), the first
+    N % n_crops of them one token longer, and drops empty crops; that gives at most two groups of
+    equal-size crops.
     """
-    n_crops = min(N_CROPS, n_tokens)
+    n_crops = min(n_crops, n_tokens)
     base, extra = divmod(n_tokens, n_crops)
     groups = []
     if extra:
