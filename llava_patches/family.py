@@ -107,8 +107,18 @@ class LlavaFamily(ModelFamily):
 
             check_encoder_budget(model_path, encoder_method(settings), settings.n_vis)
 
-    def load(self, model_path: str, *, model_base: Optional[str], device: str, dtype: str) -> LoadedModel:
+    def execution(self, device: str, dtype: str) -> Tuple[Any, Any]:
+        from .loading import resolve_device, resolve_dtype
+
+        resolved = resolve_device(device)
+        return resolved, resolve_dtype(dtype, resolved)
+
+    def load(self, model_path: str, *, model_base: Optional[str], device: str, dtype: str,
+             image_resolution: Optional[Mapping[str, int]] = None) -> LoadedModel:
         from .loading import load_model
+
+        if image_resolution:
+            self.image_resolution(image_resolution.get("min_pixels"), image_resolution.get("max_pixels"))
 
         tokenizer, model, image_processor, _ = load_model(model_path, model_base=model_base, device=device, dtype=dtype)
         return LoadedModel(tokenizer, model, image_processor, self.model_name(model_path))

@@ -16,15 +16,15 @@ What differs from LLaVA, and where it is handled here:
   grid ``image_grid_thw`` [1, 3].
 
 ``restore.apply(model, base="DivPrune", n_vis=..., restore=...)`` reduces each image to n_vis tokens (at most
-its own count), :func:`apply` to a share of each image's tokens (``keep=0.111``); qwen_patches/patch.py has
-the mechanism. DivPrune (on the visual tokens), VisPruner and HoloV (on the encoder's last-block attention,
+its own count), ``restore.apply(model, base="DivPrune", keep=0.111, ...)`` to a share of each image's tokens;
+qwen_patches/patch.py has the mechanism. DivPrune (on the visual tokens), VisPruner and HoloV (on the encoder's last-block attention,
 qwen_patches/vision.py) are the bases implemented; the others are refused (docs/qwen2_5_vl.md).
 """
 from __future__ import annotations
 
 import os
 from contextlib import nullcontext
-from typing import Any, Callable, ContextManager, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from restore.families import CheckpointError, LoadedModel, ModelFamily
 
@@ -83,6 +83,8 @@ def expand_image_tokens(ids: Sequence[int], image_token_id: int, counts: Sequenc
 class QwenFamily(ModelFamily):
     name = "qwen2_5_vl"
     default_conv_mode = "qwen2_5_vl"
+    varying_token_counts = True
+    default_prompt_style = "lmms_eval"  # the paper's Qwen2.5-VL numbers follow lmms-eval (docs/qwen2_5_vl.md)
 
     def unavailable_reason(self) -> Optional[str]:
         try:
@@ -150,11 +152,28 @@ class QwenFamily(ModelFamily):
     def visual_tokens_per_image(self, config: Mapping[str, Any]) -> int:
         return max_visual_tokens(config)
 
+    def execution(self, device: str, dtype: str) -> Tuple[Any, Any]:
+        import torch
+
+        from .loading import resolve_device_dtype
+
+        name, torch_dtype = resolve_device_dtype(device, dtype)
+        return torch.device(name), torch_dtype
+
+    def image_resolution(self, min_pixels: Optional[int], max_pixels: Optional[int]) -> Optional[Dict[str, int]]:
+        """The evaluation protocol's pixel range (lmms-eval's: 200704..12845056), a bound given replacing its default."""
+        from .loading import check_resolution
+
+        return check_resolution(min_pixels, max_pixels)
+
     def load(self, model_path: str, *, model_base: Optional[str] = None, device: str = "auto",
-             dtype: str = "auto") -> LoadedModel:
+             dtype: str = "auto", image_resolution: Optional[Mapping[str, int]] = None) -> LoadedModel:
+        """``image_resolution`` None: the checkpoint's own pixel range (its preprocessor_config.json); the
+        evaluation entry points pass the protocol's (:meth:`image_resolution`)."""
         from .loading import load_model
 
-        tokenizer, model, image_processor = load_model(model_path, model_base=model_base, device=device, dtype=dtype)
+        tokenizer, model, image_processor = load_model(model_path, model_base=model_base, device=device, dtype=dtype,
+                                                       image_resolution=image_resolution)
         return LoadedModel(tokenizer, model, image_processor, self.model_name(model_path))
 
     def model_name(self, model_path: str) -> str:
@@ -210,6 +229,8 @@ class QwenFamily(ModelFamily):
         (as ``inputs.build_inputs``), the pixels and grids concatenated in row order; the generated tokens."""
         import torch
 
+        from .inputs import pad_rows
+
         device = next(model.parameters()).device
         merge = int(model.config.vision_config.spatial_merge_size)
         rows = []
@@ -219,20 +240,14 @@ class QwenFamily(ModelFamily):
                 ids = expand_image_tokens(ids, model.config.image_token_id,
                                           [visual_tokens_of_grid(images[k][1][0], merge)])
             rows.append(ids)
-        length = max(len(r) for r in rows)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for b, ids in enumerate(rows):
-            input_ids[b, length - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[b, length - len(ids):] = 1
+        input_ids, attention_mask = pad_rows(rows, tokenizer.pad_token_id, "left")
         extra = {}
         if images is not None:
             extra = {"pixel_values": torch.cat([values for values, _ in images], dim=0),
                      "image_grid_thw": torch.cat([grid for _, grid in images], dim=0)}
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                              **extra, **generate_kwargs)
-        return out[:, length:]
+        return out[:, input_ids.shape[1]:]
 
 
 def _get(config: Any, key: str, default: Any = None) -> Any:
@@ -253,19 +268,3 @@ def max_visual_tokens(config: Any, max_pixels: Optional[int] = None) -> int:
 
 FAMILY = QwenFamily()
 
-
-def apply(model: Any, base: Optional[str] = None, *, keep: Optional[float] = None, n_vis: Optional[int] = None,
-          restore: bool = False, **settings: Any) -> Any:
-    """``restore.apply`` for Qwen2.5-VL with the budget as a share of each image's visual tokens (``keep``,
-    e.g. 0.111 for the paper's 11.1%) or as a count per image (``n_vis``, the same as restore.apply's)."""
-    import restore as _restore
-
-    if base is None or keep is None:
-        return _restore.apply(model, base=base, n_vis=n_vis, restore=restore, **settings)
-    if n_vis is not None:
-        raise ValueError("give the budget as keep (a share of each image's tokens) or n_vis (a count), not both")
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep must be a share of the visual tokens in (0, 1], got {keep!r}")
-    _restore.apply(model, base=base, n_vis=FAMILY.check_model(model), restore=restore, **settings)
-    model.model._restore_ctx.keep = float(keep)
-    return model

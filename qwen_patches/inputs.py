@@ -4,7 +4,7 @@ grids concatenated in the order the prompts name them, as Qwen2_5_VLForCondition
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .family import FAMILY, expand_image_tokens, visual_tokens_of_grid
 
@@ -28,16 +28,24 @@ def build_inputs(tokenizer: Any, image_processor: Any, model_config: Any, questi
             grids.append(grid)
             ids = expand_image_tokens(ids, model_config.image_token_id, [visual_tokens_of_grid(grid[0], merge)])
         rows.append(ids)
+    input_ids, attention_mask = pad_rows(rows, tokenizer.pad_token_id, padding_side)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if pixels:
+        batch["pixel_values"] = torch.cat(pixels, dim=0)
+        batch["image_grid_thw"] = torch.cat(grids, dim=0)
+    return batch
+
+
+def pad_rows(rows: Sequence[List[int]], pad_token_id: Optional[int], padding_side: str = "left") -> Tuple[Any, Any]:
+    """(input_ids, attention_mask) [B, L] of token-id rows of different lengths, padded on one side."""
+    import torch
+
     length = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_token_id if pad_token_id is not None else 0
     input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
     for b, ids in enumerate(rows):
         span = slice(length - len(ids), length) if padding_side == "left" else slice(0, len(ids))
         input_ids[b, span] = torch.tensor(ids, dtype=torch.long)
         attention_mask[b, span] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if pixels:
-        batch["pixel_values"] = torch.cat(pixels, dim=0)
-        batch["image_grid_thw"] = torch.cat(grids, dim=0)
-    return batch
+    return input_ids, attention_mask

@@ -7,7 +7,7 @@ this loads, from the checkpoint's preprocessor_config.json (min/max pixels, patc
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from restore.families import CheckpointError
 
@@ -15,13 +15,22 @@ DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16":
           "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
 
+# The pixel range of the evaluation protocol the paper's Qwen2.5-VL numbers follow (lmms-eval's qwen2_5_vl:
+# its default min_pixels, and the max_pixels of its reproduction script, whose MME is the paper's 2323).
+EVAL_MIN_PIXELS = 256 * 28 * 28  # 200704: smaller images are enlarged to at least 256 visual tokens
+EVAL_MAX_PIXELS = 16384 * 28 * 28  # 12845056, the released processor's own bound
+
+
 def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> Tuple[str, Any]:
     """("cuda" where there is one and device is auto, else the device; the torch dtype): auto dtype is
-    bfloat16 on CUDA (Qwen2.5-VL's released dtype) and float32 on the CPU."""
+    bfloat16 on CUDA (Qwen2.5-VL's released dtype) and float32 on the CPU. ValueError for a CUDA device on
+    a machine without one."""
     import torch
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use device='cpu'.")
     if dtype == "auto":
         return device, (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     if dtype not in DTYPES:
@@ -29,18 +38,34 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> Tuple[str
     return device, getattr(torch, DTYPES[dtype])
 
 
-def load_image_processor(model_path: str):
+def check_resolution(min_pixels: Optional[int] = None, max_pixels: Optional[int] = None) -> Dict[str, int]:
+    """{"min_pixels", "max_pixels"} of the evaluation protocol, each bound given replacing its default;
+    ValueError for a range the processor cannot use."""
+    low = EVAL_MIN_PIXELS if min_pixels is None else min_pixels
+    high = EVAL_MAX_PIXELS if max_pixels is None else max_pixels
+    if isinstance(low, bool) or isinstance(high, bool) or not isinstance(low, int) or not isinstance(high, int):
+        raise ValueError(f"pixel bounds are integers, got {low!r} and {high!r}")
+    if not 28 * 28 <= low <= high:
+        raise ValueError(f"the pixel range needs 784 (one 28 x 28 px token) <= min_pixels <= max_pixels, got "
+                         f"min_pixels={low}, max_pixels={high}")
+    return {"min_pixels": low, "max_pixels": high}
+
+
+def load_image_processor(model_path: str, image_resolution: Optional[Mapping[str, int]] = None):
+    """The checkpoint's image processor; with ``image_resolution`` its pixel range set to that one (else the
+    checkpoint's preprocessor_config.json range)."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
+    bounds = dict(image_resolution or {})
     try:
-        return Qwen2VLImageProcessor.from_pretrained(os.path.expanduser(model_path))
+        return Qwen2VLImageProcessor.from_pretrained(os.path.expanduser(model_path), **bounds)
     except (OSError, ValueError) as error:
         raise CheckpointError(f"the image processor of {model_path} cannot be loaded "
                               f"(preprocessor_config.json): {error}") from None
 
 
 def load_model(model_path: str, *, model_base: Optional[str] = None, device: str = "auto", dtype: str = "auto",
-               attn_implementation: str = "sdpa"):
+               attn_implementation: str = "sdpa", image_resolution: Optional[Mapping[str, int]] = None):
     """(tokenizer, model in eval mode, image processor) of a Qwen2.5-VL checkpoint (local folder or hub name)."""
     if model_base is not None:
         raise CheckpointError("--model-base is LLaVA's notion (LoRA / projector-only checkpoints); "
@@ -55,4 +80,4 @@ def load_model(model_path: str, *, model_base: Optional[str] = None, device: str
     model = model_cls.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
     model = model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return tokenizer, model, load_image_processor(path)
+    return tokenizer, model, load_image_processor(path, image_resolution)

@@ -15,7 +15,7 @@ replaced by mixin + its class; transformers itself is not edited) and what they 
   N_k / n_k patches, the later layers the real group sizes (as the LLaVA path).
 
 Budget: ``settings.n_vis`` visual tokens per image, at most the image's own count; or a share of each
-image's tokens (``apply(model, base, keep=0.111)``: round(keep * N_k), at least 1, 2 with RESTORE).
+image's tokens (``restore.apply(model, base, keep=0.111)``: round(keep * N_k), at least 1, 2 with RESTORE).
 """
 from __future__ import annotations
 
@@ -37,7 +37,6 @@ class QwenRestoreContext:
     """State shared by one model's patched modules: the settings and the current generation's reduction."""
 
     settings: Any
-    keep: Optional[float] = None  # a share of each image's visual tokens, instead of settings.n_vis
     state: Optional["ReducedPrompt"] = None
     masks: Optional[tuple] = None  # (first layer, later layers) additive masks of the running forward
     last: dict = field(default_factory=dict)  # what the last prefill did (tests, analysis)
@@ -53,11 +52,11 @@ class ReducedPrompt:
     log_sizes: Optional[tuple] = None  # ([B, L'], [B, L']) first / later layers' log sizes (calibration)
 
 
-def budget_for_image(settings: Any, keep: Optional[float], n_tokens: int) -> int:
-    """Visual tokens image k keeps: min(n_vis, N_k), or round(keep * N_k) for a share (at least 1; 2 with
-    merging, so that one is selected and one merged)."""
-    if keep is not None:
-        n = int(round(keep * n_tokens))
+def budget_for_image(settings: Any, n_tokens: int) -> int:
+    """Visual tokens image k keeps: min(n_vis, N_k), or round(keep * N_k) for a share (``settings.keep``; at
+    least 1, 2 with merging, so that one is selected and one merged)."""
+    if settings.keep is not None:
+        n = int(round(settings.keep * n_tokens))
     else:
         n = settings.n_vis
     lowest = 2 if settings.merges and n_tokens >= 2 else 1
@@ -162,8 +161,8 @@ class ReducedQwenModelMixin:
                 n_tokens = features.shape[0]
                 if n_tokens != span.stop - span.start:
                     raise ValueError(f"image {image} has {n_tokens} visual tokens for {span.stop - span.start} pads")
-                n = budget_for_image(settings, ctx.keep, n_tokens)
-                per_image = replace(settings, n_vis=n, num_patches=n_tokens)
+                n = budget_for_image(settings, n_tokens)
+                per_image = replace(settings, n_vis=n, num_patches=n_tokens, keep=None)
                 tokens = tr.VisualTokens(features=features.unsqueeze(0))
                 select = None
                 if settings.base == "VisPruner":  # its Qwen port: similarity on the post-merger tokens too

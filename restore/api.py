@@ -60,6 +60,7 @@ def apply(
     n_vis: Optional[int] = None,
     restore: bool = False,
     *,
+    keep: Optional[float] = None,
     prune_ratio: Optional[float] = None,
     anchors: Optional[str] = None,
     positions: Optional[str] = None,
@@ -72,6 +73,10 @@ def apply(
     ``base=None`` means no reduction: the model behaves exactly as stock LLaVA. Calling ``apply``
     again reconfigures the model; :func:`remove` undoes it. Only this model instance is changed.
     Returns the model, so ``model = restore.apply(model, ...)`` reads naturally.
+
+    ``keep`` gives the budget as a share of each image's visual tokens instead of ``n_vis`` (the paper's
+    Qwen2.5-VL budgets, ``keep=0.111``: image k keeps round(0.111 * N_k)). On a model whose images all have
+    N tokens it is the count round(keep * N) (0.111 on LLaVA-1.5 is n_vis=64).
 
     The keyword settings move one coordinate away from the defaults of ``restore`` (None keeps it):
     ``prune_ratio`` (gamma, share of n_vis kept by the base; 0.5 with RESTORE), ``anchors``
@@ -89,13 +94,16 @@ def apply(
         given = sorted(k for k, v in overrides.items() if v is not None)
         if given:
             raise ValueError(f"{', '.join(given)} need a base method (no reduction has no settings)")
-        if n_vis not in (None, num_patches):
-            raise ValueError(f"n_vis={n_vis} needs a base method; available: {', '.join(tr.available_selectors())}")
+        if n_vis not in (None, num_patches) or keep not in (None, 1, 1.0):
+            budget = f"n_vis={n_vis}" if keep is None else f"keep={keep}"
+            raise ValueError(f"{budget} needs a base method; available: {', '.join(tr.available_selectors())}")
         return remove(model)
     name = tr.canonical_name(base)
-    if isinstance(n_vis, bool) or not isinstance(n_vis, int) or not 1 <= n_vis <= num_patches:
+    n_vis, keep = family.budget(n_vis, keep, num_patches)
+    if keep is None and (isinstance(n_vis, bool) or not isinstance(n_vis, int) or not 1 <= n_vis <= num_patches):
         raise ValueError(f"n_vis must be an integer in 1..{num_patches} (visual tokens per image), got {n_vis!r}")
-    settings = resolve_settings(name, n_vis, bool(restore), num_patches, acts=tr.acts_in(name), **overrides)
+    settings = resolve_settings(name, n_vis, bool(restore), num_patches, acts=tr.acts_in(name), keep=keep,
+                                **overrides)
     family.check_settings(model, settings)
 
     remove(model)

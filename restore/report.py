@@ -117,7 +117,7 @@ def _config_cells(config: Config) -> list[str]:
     model = config.model + (f" ({config.variant})" if config.variant else "")
     if config.is_baseline:
         return [model, "none", str(config.n_vis), "–"]
-    return [model, config.base, str(config.n_vis), "yes" if config.restore else "no"]
+    return [model, config.base, config.budget, "yes" if config.restore else "no"]
 
 
 def render_markdown(table: Table) -> str:
@@ -181,13 +181,14 @@ def write_csv(table: Table, path: Path) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["model", "base", "n_vis", "restore", "variant"] + list(table.benchmarks)
-                        + ["avg_rel", "avg_rel_n", "mean", "mean_n"])
+                        + ["avg_rel", "avg_rel_n", "mean", "mean_n", "keep"])
         for config in table.configs:
             (rel, rel_n), (mean, mean_n) = table.rel[config], table.mean[config]
             values = [table.values.get((config, b)) for b in table.benchmarks]
             writer.writerow([config.model, config.base, config.n_vis, config.restore, config.variant]
                             + ["" if v is None else v for v in values]
-                            + ["" if rel is None else rel, rel_n, "" if mean is None else mean, mean_n])
+                            + ["" if rel is None else rel, rel_n, "" if mean is None else mean, mean_n,
+                               config.keep or ""])
 
 
 def paper_report(tables: str, results: Path, model: str, out: Path) -> int:

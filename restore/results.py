@@ -35,13 +35,20 @@ class Config:
     n_vis: int
     restore: bool
     variant: str = ""  # a non-default run name: other answer-changing settings
+    keep: float = 0.0  # a budget given as a share of each image's tokens (n_vis is then 0); 0: n_vis counts
 
     @property
     def is_baseline(self) -> bool:
         return self.base == NO_REDUCTION
 
+    @property
+    def budget(self) -> str:
+        """The budget as the tables show it: a count, or a share of each image's tokens (``11.1%``)."""
+        return f"{100 * self.keep:.1f}%" if self.keep else str(self.n_vis)
+
     def sort_key(self) -> tuple:
-        return (self.model, not self.is_baseline, self.base.lower(), -self.n_vis, self.restore, self.variant)
+        return (self.model, not self.is_baseline, self.base.lower(), -self.keep, -self.n_vis, self.restore,
+                self.variant)
 
 
 @dataclass
@@ -70,17 +77,18 @@ def _timestamp(value, fallback: float) -> float:
 def config_of(record: dict) -> Config:
     base = record.get("base")
     base = NO_REDUCTION if base in (None, "", "none", "None") else str(base)
+    keep = float(record.get("keep") or 0.0) if base != NO_REDUCTION else 0.0
     n_vis = record.get("n_vis")
-    n_vis = FULL_TOKENS if base == NO_REDUCTION and n_vis in (None, 0) else int(n_vis)
+    n_vis = FULL_TOKENS if base == NO_REDUCTION and n_vis in (None, 0) else 0 if keep else int(n_vis)
     restore = bool(record.get("restore")) and base != NO_REDUCTION
     run_name = str(record.get("run_name") or "")
-    variant = "" if run_name.lower() in ("", default_run_name(base, n_vis, restore)) else run_name
-    return Config(str(record.get("model") or "?"), base, n_vis, restore, variant)
+    variant = "" if run_name.lower() in ("", default_run_name(base, n_vis, restore, keep or None)) else run_name
+    return Config(str(record.get("model") or "?"), base, n_vis, restore, variant, keep)
 
 
-def default_run_name(base: str, n_vis: int, restore: bool) -> str:
+def default_run_name(base: str, n_vis: int, restore: bool, keep: float | None = None) -> str:
     """The answers subfolder the launcher picks without --run-name or setting overrides (lower case)."""
-    return plain_tag(None if base == NO_REDUCTION else base, n_vis, restore)
+    return plain_tag(None if base == NO_REDUCTION else base, n_vis, restore, keep)
 
 
 def is_run_record(obj) -> bool:

@@ -31,7 +31,7 @@ class ReductionSettings:
     """Everything that decides which tokens reach the LLM and how it attends to them."""
 
     base: str  # canonical method name
-    n_vis: int  # visual tokens per image fed to the LLM
+    n_vis: int  # visual tokens per image fed to the LLM (with ``keep``: the most any image can have)
     # Which defaults the other fields started from (the paper's "+ ours" or the plain method). Not part of
     # equality: two spellings of one reduction are one configuration, with one run name.
     restore: bool = field(compare=False)
@@ -49,6 +49,14 @@ class ReductionSettings:
     # A method inside the vision encoder that prunes in stages (FlowCut): gamma and anchors apply at each stage.
     # Set by the method (tokenreduction.restore_per_stage), so not a coordinate of its own.
     restore_per_stage: bool = field(default=False, compare=False)
+    # The budget as a share of each image's visual tokens (a family whose images have different token
+    # counts, Qwen2.5-VL): image k gets round(keep * N_k); None: n_vis tokens per image.
+    keep: Optional[float] = None
+
+    @property
+    def budget_name(self) -> str:
+        """The budget as run names spell it: ``64`` (n_vis) or ``k0.111`` (a share)."""
+        return str(self.n_vis) if self.keep is None else share_name(self.keep)
 
     @property
     def n_keep(self) -> int:
@@ -127,7 +135,8 @@ class ReductionSettings:
 
     def as_dict(self) -> Dict[str, Any]:
         """Every coordinate of the reduction (not how it was spelled), e.g. for an answers file's settings."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("restore", "plain_positions", "restore_per_stage")}
+        skipped = ("restore", "plain_positions", "restore_per_stage") + (("keep",) if self.keep is None else ())
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skipped}
 
 
 def acts_of(base: str) -> str:
@@ -140,9 +149,27 @@ def acts_of(base: str) -> str:
         return "before_llm"
 
 
-def resolve_settings(base: str, n_vis: int, restore: bool, num_patches: int, acts: Optional[str] = None,
-                     **overrides: Optional[Any]) -> ReductionSettings:
+def check_share(keep: Any) -> float:
+    """``keep`` as a float in (0, 1]; ValueError saying what a share is otherwise."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 < float(keep) <= 1.0:
+        raise ValueError(f"keep must be a share of each image's visual tokens in (0, 1] (e.g. 0.111 for 11.1%), "
+                         f"got {keep!r}")
+    return float(keep)
+
+
+def count_of_share(keep: float, num_patches: int) -> int:
+    """The token count a share of ``num_patches`` tokens is, for a model whose images all have that many:
+    round(keep * N), at least 1 (0.111 of LLaVA-1.5's 576 is 64)."""
+    return max(1, int(round(check_share(keep) * num_patches)))
+
+
+def resolve_settings(base: str, n_vis: Optional[int], restore: bool, num_patches: int, acts: Optional[str] = None,
+                     keep: Optional[float] = None, **overrides: Optional[Any]) -> ReductionSettings:
     """Settings for ``base`` at ``n_vis``: the defaults of ``restore``, then every override that is not None.
+
+    ``keep`` (instead of ``n_vis``): the budget is that share of each image's tokens, for a family whose
+    token count differs between images; n_vis is then ``num_patches``, the most an image can have, and every
+    check on the budget is made per image when the image is reduced.
 
     ``acts``: where the base acts (``tokenreduction.acts_in``); a method that merges on its own inside
     the vision encoder takes no pruning ratio or anchors. Raises ValueError with what to change for a
@@ -152,6 +179,13 @@ def resolve_settings(base: str, n_vis: int, restore: bool, num_patches: int, act
     unknown = sorted(set(overrides) - set(SETTING_NAMES))
     if unknown:
         raise TypeError(f"unknown reduction setting(s) {', '.join(unknown)}; known: {', '.join(SETTING_NAMES)}")
+    if keep is not None:
+        if n_vis not in (None, num_patches):
+            raise ValueError(f"give the budget as keep (a share of each image's tokens) or n_vis (a count), "
+                             f"not both (keep={keep!r}, n_vis={n_vis!r})")
+        keep, n_vis = check_share(keep), num_patches
+    elif n_vis is None:
+        raise ValueError(f"{base} needs a budget: n_vis (visual tokens per image) or keep (a share of them)")
     if acts is None:
         acts = acts_of(base)
     plain_positions = _in_llm_plain_positions(base, n_vis, num_patches) if acts == "llm" \
@@ -186,7 +220,7 @@ def resolve_settings(base: str, n_vis: int, restore: bool, num_patches: int, act
                          "merging, but anchors='none' merges nothing; choose anchors='distinctive' or 'uniform', "
                          "or prune_ratio=1")
     settings = ReductionSettings(base=base, n_vis=n_vis, restore=bool(restore), num_patches=num_patches, acts=acts,
-                                 plain_positions=plain_positions, restore_per_stage=per_stage, **values)
+                                 plain_positions=plain_positions, restore_per_stage=per_stage, keep=keep, **values)
     # One reduction, one spelling: a coordinate without effect takes its default, so that the run name,
     # the answers-file record and a method's own plain row all see the same configuration.
     if not settings.uses_distance:
@@ -245,6 +279,11 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+def share_name(keep: float) -> str:
+    """A share budget as run names spell it: ``k0.111`` (the share's shortest exact spelling)."""
+    return f"k{_format(float(keep))}"
+
+
 def settings_tag(overrides: Mapping[str, Any]) -> str:
     """``-g0.75-anchors_uniform``: the part of a run name that names non-default settings, in a fixed order."""
     parts = []
@@ -265,7 +304,7 @@ def run_tag(settings: Optional[ReductionSettings]) -> str:
     if settings is None:
         return "full"
     as_restore = settings.named_as_restore
-    tag = f"{settings.base.lower()}-{settings.n_vis}" + ("-restore" if as_restore else "")
+    tag = f"{settings.base.lower()}-{settings.budget_name}" + ("-restore" if as_restore else "")
     return tag + settings_tag(settings.overrides(as_restore))
 
 
@@ -284,11 +323,16 @@ def parse_run_tag(tag: str) -> Optional[Dict[str, Any]]:
     if text.lower() == "full":
         return None
     parts = text.split("-")
-    budget = next((i for i, part in enumerate(parts) if i > 0 and part.isdigit()), None)
+    budget = next((i for i, part in enumerate(parts) if i > 0 and (part.isdigit() or _share(part) is not None)), None)
     if budget is None:
         raise ValueError(f"configuration {tag!r}: expected 'full' or <base>-<n_vis>[-restore][-<setting>...], "
-                         "e.g. HoloV-64, HoloV-64-restore, HoloV-64-restore-g0.75-anchors_uniform")
-    config: Dict[str, Any] = {"base": "-".join(parts[:budget]), "n_vis": int(parts[budget]), "restore": False}
+                         "e.g. HoloV-64, HoloV-64-restore, HoloV-64-restore-g0.75-anchors_uniform "
+                         "(or a share of each image's tokens as the budget: DivPrune-k0.111-restore)")
+    config: Dict[str, Any] = {"base": "-".join(parts[:budget]), "restore": False}
+    if parts[budget].isdigit():
+        config["n_vis"] = int(parts[budget])
+    else:
+        config["keep"] = _share(parts[budget])
     rest = parts[budget + 1:]
     if rest and rest[0].lower() == "restore":
         config["restore"] = True
@@ -299,6 +343,16 @@ def parse_run_tag(tag: str) -> Optional[Dict[str, Any]]:
             raise ValueError(f"configuration {tag!r} sets {name} twice")
         config[name] = value
     return config
+
+
+def _share(part: str) -> Optional[float]:
+    """The share a budget part ``k0.111`` names, None when ``part`` is not one."""
+    if not part.lower().startswith("k"):
+        return None
+    try:
+        return check_share(float(part[1:]))
+    except ValueError:
+        return None
 
 
 def _parse_setting(part: str, tag: str) -> tuple:
@@ -354,6 +408,7 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("command", choices=["tag"])
     parser.add_argument("--base", default=None)
     parser.add_argument("--n_vis", "--n-vis", dest="n_vis", type=int, default=None)
+    parser.add_argument("--keep", type=float, default=None, help="the budget as a share of each image's tokens")
     parser.add_argument("--restore", action="store_true")
     parser.add_argument("--num-patches", type=int, default=576, help="visual tokens per image before reduction")
     parser.add_argument("--plugin", action="append", default=[], help="modules that register methods (as the scripts)")
@@ -370,11 +425,12 @@ def main(argv: Optional[list] = None) -> int:
     if args.base is None:
         print("full")
         return 0
-    if args.n_vis is None:
-        print("error: --base needs --n_vis", file=sys.stderr)
+    if args.n_vis is None and args.keep is None:
+        print("error: --base needs --n_vis (or --keep)", file=sys.stderr)
         return 2
     try:
-        print(run_tag(resolve_settings(args.base, args.n_vis, args.restore, args.num_patches, **overrides_from(args))))
+        print(run_tag(resolve_settings(args.base, args.n_vis, args.restore, args.num_patches, keep=args.keep,
+                                       **overrides_from(args))))
     except (ValueError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -224,14 +224,26 @@ def test_tag_command_loads_plugins_so_a_plugins_place_counts(tmp_path):
     assert bad.returncode == 2 and "cannot import the plugin module" in bad.stderr
 
 
-def test_tables_of_models_not_supported_show_published_values_only(tmp_path):
+def test_table3_runs_the_qwen_scripts_with_share_budgets(capsys, tmp_path):
+    table3 = paper.get_table("table3")  # Qwen2.5-VL: budgets as shares of each image's tokens
+    lines = _dry_run(capsys, "table3")
+    commands = [line for line in lines if line.startswith("bash ")]
+    assert len(commands) == len(table3.benchmarks) and not [l for l in lines if "cannot run yet" in l]
+    for command, bench in zip(commands, table3.benchmarks):
+        assert f"/scripts/qwen2_5_vl/{bench}.sh --model-path Qwen/Qwen2.5-VL-7B-Instruct" in command
+        tags = command.split(" --configs ")[1].split()[0].split(",")
+        assert tags[:3] == ["full", "divprune-k0.333", "divprune-k0.333-restore"] and len(tags) == 19
+    # a run record of a share budget lands in its row; another model's record does not
     results = tmp_path / "results"
     results.mkdir()
+    _record(results, "pope", "divprune-k0.111-restore", "f1_mean", 82.0, model="Qwen2.5-VL-7B-Instruct")
     _record(results, "pope", "full", "f1_mean", 61.5, model="llava-v1.5-7b")
-    table3 = paper.get_table("table3")  # Qwen2.5-VL
-    measured = MeasuredTable(table3, latest_by_name(results), "llava-v1.5-7b", table3.benchmarks)
-    assert all(v is None for v in measured.values.values())
-    assert "61.5" not in render(measured)
+    measured = MeasuredTable(table3, latest_by_name(results), "Qwen2.5-VL-7B-Instruct", table3.benchmarks)
+    row = next(i for i, r in enumerate(table3.rows) if r.config == paper.PaperConfig.from_dict(
+        {"base": "DivPrune", "keep": 0.111, "restore": True}))
+    assert measured.values[row, "pope"] == 82.0
+    assert [k for k, v in measured.values.items() if v is not None] == [(row, "pope")]
+    assert "82.0 / 82.3 (-0.3)" in render(measured)
 
 
 def test_published_values_equal_the_shared_paper_tables():

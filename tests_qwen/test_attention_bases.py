@@ -8,7 +8,7 @@ import torch
 
 import restore
 import tokenreduction as tr
-from qwen_patches.family import apply
+from restore import apply
 from qwen_patches.holov import crop_count, qwen_holov
 from qwen_patches.inputs import build_inputs
 from qwen_patches.vision import encode_with_received_attention

@@ -33,7 +33,8 @@ def _run(checkpoint, data, answers, *extra):
 
 
 def _expected(checkpoint, data, lines, base=None):
-    """Each question generated alone, as qwen_patches' own inputs build it."""
+    """Each question generated alone, as qwen_patches' own inputs build it, at the evaluation protocol's
+    pixel range (the entry point's default)."""
     from PIL import Image
 
     import restore
@@ -41,7 +42,8 @@ def _expected(checkpoint, data, lines, base=None):
     from qwen_patches.inputs import build_inputs
 
     questions = {q["question_id"]: q for q in map(json.loads, (data / "pope/llava_pope_test.jsonl").read_text().splitlines())}
-    tokenizer, model, image_processor, _ = FAMILY.load(str(checkpoint), device="cpu", dtype="fp32")
+    tokenizer, model, image_processor, _ = FAMILY.load(str(checkpoint), device="cpu", dtype="fp32",
+                                                       image_resolution=FAMILY.image_resolution(None, None))
     if base is not None:
         restore.apply(model, base=base, n_vis=N_VIS, restore=True)
     texts = []
@@ -65,6 +67,8 @@ def test_pope_entry_point_on_qwen(qwen_checkpoint, pope_data, tmp_path, base):
     assert {line["model_id"] for line in lines} == {qwen_checkpoint.name}
     meta = json.loads((tmp_path / "answers.jsonl.meta.json").read_text())
     assert meta["complete"] and meta["settings"]["conv_mode"] == "qwen2_5_vl"
+    assert meta["settings"]["prompt_style"] == "lmms_eval"
+    assert meta["settings"]["image_resolution"] == {"min_pixels": 200704, "max_pixels": 12845056}
     assert [line["text"] for line in lines] == _expected(qwen_checkpoint, pope_data, lines, base)
     summary = score("pope", tmp_path / "answers.jsonl", pope_data, tmp_path / "scores")
     assert summary["n_answers"] == 6 and "f1_mean" in summary["metrics"]

@@ -9,7 +9,7 @@ import torch
 
 import restore
 import tokenreduction as tr
-from qwen_patches.family import apply
+from restore import apply
 from qwen_patches.inputs import build_inputs
 from qwen_patches.patch import budget_for_image, group_axis_medians
 from restore.attention import mrope_decay
@@ -49,11 +49,13 @@ def test_group_axis_medians_by_hand():
 
 
 def test_budget_per_image():
-    settings = restore.resolve_settings("DivPrune", 64, False, 16384)
-    assert [budget_for_image(settings, 0.111, n) for n in (24, 20, 576)] == [3, 2, 64]
-    assert [budget_for_image(settings, None, n) for n in (24, 100)] == [24, 64]
-    merging = restore.resolve_settings("DivPrune", 64, True, 16384)
-    assert budget_for_image(merging, 0.01, 24) == 2  # one selected, one merged
+    share = restore.resolve_settings("DivPrune", None, False, 16384, keep=0.111)
+    assert share.n_vis == 16384 and restore.run_tag(share) == "divprune-k0.111"
+    assert [budget_for_image(share, n) for n in (24, 20, 576)] == [3, 2, 64]
+    count = restore.resolve_settings("DivPrune", 64, False, 16384)
+    assert [budget_for_image(count, n) for n in (24, 100)] == [24, 64]
+    merging = restore.resolve_settings("DivPrune", None, True, 16384, keep=0.01)
+    assert budget_for_image(merging, 24) == 2  # one selected, one merged
 
 
 @torch.no_grad()

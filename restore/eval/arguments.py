@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from restore.settings import (ReductionSettings, add_setting_arguments, overrides_from,
                               resolve_settings)
 
+from .prompt_styles import DEFAULT_STYLE, PROMPT_STYLES
 from .entry_point import MAX_VISUAL_TOKENS, OPTION_LETTER_SUFFIX, EntryPoint, SetupError
 
 DEFAULT_MODEL_PATH = "liuhaotian/llava-v1.5-7b"
@@ -23,7 +24,7 @@ def build_parser(entry: EntryPoint) -> argparse.ArgumentParser:
         description=entry.description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    g = p.add_argument_group("LLaVA evaluation arguments")
+    g = p.add_argument_group("evaluation arguments")
     g.add_argument("--model-path", default=DEFAULT_MODEL_PATH)
     g.add_argument("--model-base", default=None, help="base LLM for LoRA / projector-only checkpoints")
     g.add_argument("--question-file", required=True)
@@ -31,6 +32,15 @@ def build_parser(entry: EntryPoint) -> argparse.ArgumentParser:
     g.add_argument("--answers-file", required=True)
     g.add_argument("--conv-mode", default=None,
                    help="conversation template (default: the checkpoint family's, vicuna_v1 for LLaVA)")
+    g.add_argument("--prompt-style", choices=PROMPT_STYLES, default=None,
+                   help="the benchmark text the model is asked: llava (LLaVA's question files) or lmms_eval "
+                        "(lmms-eval's task prompts); default: the checkpoint family's (LLaVA: llava, "
+                        "Qwen2.5-VL: lmms_eval); restore/eval/prompt_styles.py says what differs")
+    g.add_argument("--min-pixels", type=int, default=None,
+                   help="smallest image area (px) a Qwen2.5-VL image is resized to (default: the evaluation "
+                        "protocol's 200704 = 256 visual tokens); refused for LLaVA, whose images are one size")
+    g.add_argument("--max-pixels", type=int, default=None,
+                   help="largest image area (px) of a Qwen2.5-VL image (default 12845056 = 16384 visual tokens)")
     g.add_argument("--num-chunks", type=int, default=None,
                    help="split the questions into this many contiguous chunks (default: from SLURM_ARRAY_TASK_COUNT "
                         "or WORLD_SIZE when set, else 1)")
@@ -52,6 +62,10 @@ def build_parser(entry: EntryPoint) -> argparse.ArgumentParser:
                         "absent = no reduction, all visual tokens")
     r.add_argument("--n_vis", "--n-vis", dest="n_vis", type=int, default=None,
                    help=f"visual tokens kept, 1..{MAX_VISUAL_TOKENS}; required with --base")
+    r.add_argument("--keep", type=float, default=None, metavar="SHARE",
+                   help="instead of --n_vis: the share of each image's visual tokens kept, e.g. 0.111 (Qwen2.5-VL, "
+                        "whose images have different token counts: round(SHARE * N_k) per image, named k0.111 in "
+                        "the run name; on a model with N tokens per image, the count round(SHARE * N))")
     r.add_argument("--restore", action="store_true",
                    help="apply RESTORE on top of --base (keeps int(n_vis * prune_ratio) tokens: n_vis >= 2 at 0.5)")
     add_setting_arguments(r)
@@ -92,7 +106,14 @@ def check_arguments(entry: EntryPoint, args: argparse.Namespace,
     family, num_patches = checkpoint_family(args)
     if args.conv_mode is None:
         args.conv_mode = family.default_conv_mode
-    base = validate_reduction(args.base, args.n_vis, args.restore, num_patches)
+    if args.prompt_style is None:
+        args.prompt_style = family.default_prompt_style
+    try:
+        args.image_resolution = family.image_resolution(args.min_pixels, args.max_pixels)
+    except ValueError as e:
+        raise SetupError(f"--min-pixels/--max-pixels: {e}") from None
+    resolve_budget(args, family, num_patches)
+    base = validate_reduction(args.base, args.n_vis, args.restore, num_patches, args.keep)
     args.reduction = reduction_settings(args, base, num_patches)
     num_chunks, chunk_idx = resolve_chunk(args.num_chunks, args.chunk_idx, env)
     if args.max_new_tokens < 1:
@@ -112,7 +133,7 @@ def check_arguments(entry: EntryPoint, args: argparse.Namespace,
         if not os.path.isdir(os.path.expanduser(args.image_folder)):
             raise SetupError(f"image folder not found: {args.image_folder}")
 
-    device_type, dtype_name = resolve_execution(args.device, args.dtype)
+    device_type, dtype_name = resolve_execution(args.device, args.dtype, family)
     args.family = family
     conv_modes = family.conv_modes()
     if args.conv_mode not in conv_modes:
@@ -146,8 +167,8 @@ def expand_configs(args: argparse.Namespace) -> List[Tuple[str, argparse.Namespa
             raise SetupError(f"--answers-file contains {CONFIG_PLACEHOLDER} but no --configs was given: name the "
                              "configurations with --configs, or write the answers file's name out")
         return [("", args)]
-    given = [flag for flag, value in (("--base", args.base), ("--n_vis", args.n_vis), ("--restore", args.restore or None))
-             if value is not None]
+    given = [flag for flag, value in (("--base", args.base), ("--n_vis", args.n_vis), ("--keep", args.keep),
+                                      ("--restore", args.restore or None)) if value is not None]
     given += [f"--{name}" for name, value in overrides_from(args).items() if value is not None]
     if given:
         raise SetupError(f"--configs names every configuration; {', '.join(given)} cannot be given with it "
@@ -170,15 +191,16 @@ def expand_configs(args: argparse.Namespace) -> List[Tuple[str, argparse.Namespa
             raise SetupError(f"--configs: {e}") from None
         one = argparse.Namespace(**vars(args))
         one.configs = None
-        one.base, one.n_vis, one.restore = None, None, False
+        one.base, one.n_vis, one.keep, one.restore = None, None, None, False
         for name in SETTING_NAMES:
             setattr(one, name, None)
         if config is not None:
             for name, value in config.items():
                 setattr(one, name, value)
         try:
-            num_patches = checkpoint_family(one)[1]
-            base = validate_reduction(one.base, one.n_vis, one.restore, num_patches)
+            family, num_patches = checkpoint_family(one)
+            resolve_budget(one, family, num_patches)
+            base = validate_reduction(one.base, one.n_vis, one.restore, num_patches, one.keep)
             tag = run_tag(reduction_settings(one, base, num_patches))
         except SetupError as e:
             raise SetupError(f"--configs {spec}: {e}") from None
@@ -202,17 +224,16 @@ def check_batch_size(batch_size: int, temperature: float) -> None:
                          "size); use --batch-size 1 to sample, or --temperature 0 (greedy) to batch")
 
 
-def resolve_execution(device: str, dtype: str) -> Tuple[str, str]:
-    """(device type, dtype name) the model will run with: what "auto" becomes on this machine. Recorded
-    instead of the flags, so that a resume on other hardware or in another precision is refused, and the
-    same precision spelled differently ("auto" and "float32" on a CPU) is not."""
-    from llava_patches.loading import resolve_device, resolve_dtype
-
+def resolve_execution(device: str, dtype: str, family: Any = None) -> Tuple[str, str]:
+    """(device type, dtype name) the checkpoint's family will run the model with: what "auto" becomes on
+    this machine (LLaVA: float16 on CUDA; Qwen2.5-VL: bfloat16). Recorded instead of the flags, so that a
+    resume on other hardware or in another precision is refused, and the same precision spelled differently
+    ("auto" and "float32" on a CPU) is not."""
     try:
-        resolved = resolve_device(device)
+        resolved, torch_dtype = (family or default_family()).execution(device, dtype)
     except ValueError as e:
         raise SetupError(f"--device {device}: {e}") from None
-    return resolved.type, str(resolve_dtype(dtype, resolved)).replace("torch.", "")
+    return resolved.type, str(torch_dtype).replace("torch.", "")
 
 
 def effective_conv_mode(model_path: str, conv_mode: str, family=None) -> str:
@@ -238,13 +259,28 @@ def load_plugins(modules: Sequence[str]) -> None:
         raise SetupError(f"--plugin: {e}") from None
 
 
+def resolve_budget(args: argparse.Namespace, family: Any, num_patches: int) -> None:
+    """``args.n_vis`` / ``args.keep`` as the checkpoint's family takes a budget: a share stays a share where
+    images have different token counts (Qwen2.5-VL) and becomes round(keep * N) tokens where each has N."""
+    keep = getattr(args, "keep", None)
+    if keep is not None and args.base is None:
+        raise SetupError("--keep needs --base: name the selector that keeps the tokens "
+                         "(leave both out to run without reduction)")
+    try:
+        args.n_vis, args.keep = family.budget(args.n_vis, keep, num_patches)
+    except ValueError as e:
+        raise SetupError(f"--keep {keep}: {e}".replace("give the budget as keep", "give the budget as --keep")
+                         .replace("or n_vis", "or --n_vis")) from None
+
+
 def validate_reduction(base: Optional[str], n_vis: Optional[int], restore: bool,
-                       num_patches: int = MAX_VISUAL_TOKENS) -> Optional[str]:
-    """Canonical selector name (or None for no reduction); raises SetupError on impossible settings."""
+                       num_patches: int = MAX_VISUAL_TOKENS, keep: Optional[float] = None) -> Optional[str]:
+    """Canonical selector name (or None for no reduction); raises SetupError on impossible settings.
+    ``keep``: the budget is that share of each image's tokens (a family with varying counts), not n_vis."""
     if base is None:
-        if n_vis is not None:
-            raise SetupError("--n_vis needs --base: name the selector that keeps the tokens "
-                             "(leave both out to run without reduction)")
+        if n_vis is not None or keep is not None:
+            raise SetupError(f"{'--n_vis' if keep is None else '--keep'} needs --base: name the selector that keeps "
+                             "the tokens (leave both out to run without reduction)")
         if restore:
             raise SetupError("--restore needs --base and --n_vis, e.g. --base HoloV --n_vis 64 --restore")
         return None
@@ -253,8 +289,11 @@ def validate_reduction(base: Optional[str], n_vis: Optional[int], restore: bool,
     available = tokenreduction.available_selectors()
     if str(base).lower() not in {name.lower() for name in available}:
         raise SetupError(f"unknown --base {base!r}; available: {', '.join(available)}")
+    if keep is not None:
+        return tokenreduction.canonical_name(base)
     if n_vis is None:
-        raise SetupError(f"--base {base} needs --n_vis (visual tokens to keep, 1..{num_patches})")
+        raise SetupError(f"--base {base} needs --n_vis (visual tokens to keep, 1..{num_patches}) or --keep "
+                         "(a share of them)")
     if not 1 <= n_vis <= num_patches:
         raise SetupError(f"--n_vis must be in 1..{num_patches} (the checkpoint has {num_patches} "
                          f"visual tokens per image), got {n_vis}")
@@ -271,18 +310,20 @@ def reduction_settings(args: argparse.Namespace, base: Optional[str],
             raise SetupError(f"{', '.join(given)} need --base and --n_vis (no reduction has no settings)")
         return None
     try:
-        settings = resolve_settings(base, args.n_vis, bool(args.restore), num_patches, **overrides)
+        settings = resolve_settings(base, args.n_vis, bool(args.restore), num_patches,
+                                    keep=getattr(args, "keep", None), **overrides)
     except ValueError as e:
         raise SetupError(f"reduction settings: {e}") from None
     return settings
 
 
 def describe_reduction(base: Optional[str], n_vis: Optional[int], restore: bool,
-                       settings: Optional[Mapping[str, Any]] = None) -> str:
+                       settings: Optional[Mapping[str, Any]] = None, keep: Optional[float] = None) -> str:
     if base is None:
         return "none (all visual tokens)"
     extra = "".join(f", {k}={v}" for k, v in (settings or {}).items())
-    return f"{base}, {n_vis} visual tokens" + (", RESTORE" if restore else "") + extra
+    budget = f"{n_vis} visual tokens" if keep is None else f"{100 * keep:g}% of each image's visual tokens"
+    return f"{base}, {budget}" + (", RESTORE" if restore else "") + extra
 
 
 def chunk_source(num_chunks: Optional[int], chunk_idx: Optional[int], env: Mapping[str, str]) -> str:
@@ -365,7 +406,9 @@ def reduction_record(settings: Optional[ReductionSettings], base: Optional[str],
         return {"base": base, "n_vis": n_vis, "restore": False}
     as_restore = settings.named_as_restore
     overrides = settings.overrides(as_restore)
-    return {"base": base, "n_vis": n_vis, "restore": as_restore,
+    # a share is recorded only when given, so that the records of counted budgets stay as they were
+    share = {"n_vis": None, "keep": settings.keep} if settings.keep is not None else {"n_vis": n_vis}
+    return {"base": base, **share, "restore": as_restore,
             **({"reduction_settings": overrides} if overrides else {})}
 
 
@@ -382,6 +425,10 @@ def common_settings(args: argparse.Namespace, base: Optional[str]) -> Dict[str, 
         "top_p": args.top_p,
         "num_beams": args.num_beams,
         "max_new_tokens": args.max_new_tokens,
+        # only when not LLaVA's, so that the answers files of LLaVA runs keep their settings record
+        **({"prompt_style": args.prompt_style}
+           if getattr(args, "prompt_style", DEFAULT_STYLE) != DEFAULT_STYLE else {}),
+        **({"image_resolution": args.image_resolution} if getattr(args, "image_resolution", None) else {}),
         **reduction_record(getattr(args, "reduction", None), base, args.n_vis),
         # only when given, so that the answers files of runs without plugins keep their settings record
         **({"plugins": list(dict.fromkeys(args.plugin))} if args.plugin else {}),

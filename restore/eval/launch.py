@@ -35,9 +35,9 @@ OWN_OPTIONS = ("--model-path", "--data-root", "--shards", "--nodes", "--node-ran
 SET_BY_LAUNCHER = ("--question-file", "--image-folder", "--answers-file", "--num-chunks", "--chunk-idx",
                    "--check-only")
 # Entry-point flags that name a configuration: --configs names each configuration whole instead.
-CONFIG_FLAGS = ("--base", "--n_vis", "--n-vis", "--restore", "--prune_ratio", "--prune-ratio", "--anchors",
-                "--positions", "--calibration", "--calibration_c", "--calibration-c", "--merged_position",
-                "--merged-position")
+CONFIG_FLAGS = ("--base", "--n_vis", "--n-vis", "--keep", "--restore", "--prune_ratio", "--prune-ratio",
+                "--anchors", "--positions", "--calibration", "--calibration_c", "--calibration-c",
+                "--merged_position", "--merged-position")
 CONFIG_PLACEHOLDER = "{config}"  # in a sweep's --answers-file, replaced by the entry point per configuration
 EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 

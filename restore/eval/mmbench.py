@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Any, Dict, List, Mapping
 
-from . import mmbench_tsv
+from . import mmbench_tsv, prompt_styles
 from .entry_point import OPTION_LETTER_SUFFIX, EntryPoint, ImageRef, Item, SetupError, require_questions, require_unique
 from .mmbench_tsv import OPTION_LETTERS, is_empty, question_text, row_options
 from .runner import run
@@ -56,6 +56,7 @@ def build_items(settings: Mapping[str, Any]) -> List[Item]:
     suffix = LETTER_SUFFIX_CN if settings["lang"] == "cn" else OPTION_LETTER_SUFFIX
     rows = read_rows(path)
     require_questions(rows, path)
+    style = prompt_styles.style_of(settings)
     items = []
     for row in rows:
         try:
@@ -72,6 +73,9 @@ def build_items(settings: Mapping[str, Any]) -> List[Item]:
             shown = options[round_id:] + options[:round_id]
             question = question_text(row, shown)
             text = question + "\n" + suffix if settings["single_pred_prompt"] else question
+            if style != prompt_styles.DEFAULT_STYLE:
+                text = prompt_styles.mmbench_text(row["question"], row.get("hint"), shown, letters,
+                                                  suffix, not is_empty(row.get("hint")))
             items.append(Item(
                 key=_key(index, round_id), text=text, image=image,
                 fields={"question_id": index, "round_id": round_id, "prompt": question, "options": shown,

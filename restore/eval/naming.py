@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, List, Mapping, Optional
 
-from restore.settings import SETTING_NAMES, parse_run_tag, resolve_settings, run_tag, settings_tag
+from restore.settings import SETTING_NAMES, parse_run_tag, resolve_settings, run_tag, settings_tag, share_name
 
 FULL = "full"  # the run name of the unreduced model
 FULL_VISUAL_TOKENS = 576  # LLaVA-1.5's visual tokens per image, the num_patches every name is built with
@@ -25,22 +25,26 @@ def model_name_of(model_path: str) -> str:
 
 
 def config_tag(base: Optional[str], n_vis: Optional[int] = None, restore: bool = False,
-               acts: Optional[str] = None, num_patches: int = FULL_VISUAL_TOKENS, **overrides: Any) -> str:
-    """The answers-folder name of a configuration (``full``, ``holov-64-restore-g0.75``).
+               acts: Optional[str] = None, num_patches: int = FULL_VISUAL_TOKENS, keep: Optional[float] = None,
+               **overrides: Any) -> str:
+    """The answers-folder name of a configuration (``full``, ``holov-64-restore-g0.75``, with a share of each
+    image's tokens as the budget ``divprune-k0.111-restore``).
 
     ``acts`` (where the method acts) is looked up in the method registry when not given, which imports
     torch; pass it to stay torch-free."""
     if base is None:
         return FULL
-    return run_tag(resolve_settings(base, int(n_vis), bool(restore), num_patches, acts=acts, **overrides))
+    return run_tag(resolve_settings(base, None if n_vis is None else int(n_vis), bool(restore), num_patches,
+                                    acts=acts, keep=keep, **overrides))
 
 
-def plain_tag(base: Optional[str], n_vis: Optional[int], restore: bool) -> str:
+def plain_tag(base: Optional[str], n_vis: Optional[int], restore: bool, keep: Optional[float] = None) -> str:
     """The name of a configuration without setting overrides; equal to :func:`config_tag` of it for every
     method (a method merging inside the vision encoder has nothing more to name), without a registry."""
     if base in (None, "", "none", "None"):
         return FULL
-    return f"{str(base).lower()}-{n_vis}" + ("-restore" if restore else "")
+    budget = n_vis if keep is None else share_name(keep)
+    return f"{str(base).lower()}-{budget}" + ("-restore" if restore else "")
 
 
 def recorded_tag(settings: Mapping[str, Any]) -> str:
@@ -50,7 +54,8 @@ def recorded_tag(settings: Mapping[str, Any]) -> str:
     if not base:
         return FULL
     overrides = settings.get("reduction_settings") or {}
-    return plain_tag(base, settings.get("n_vis"), bool(settings.get("restore"))) + settings_tag(overrides)
+    return plain_tag(base, settings.get("n_vis"), bool(settings.get("restore")), settings.get("keep")) \
+        + settings_tag(overrides)
 
 
 def spec_flags(spec: str) -> List[str]:
@@ -59,7 +64,8 @@ def spec_flags(spec: str) -> List[str]:
     config = parse_run_tag(spec)
     if config is None:
         return []
-    flags = ["--base", str(config["base"]), "--n_vis", str(config["n_vis"])]
+    flags = ["--base", str(config["base"])]
+    flags += ["--keep", repr(config["keep"])] if "keep" in config else ["--n_vis", str(config["n_vis"])]
     if config["restore"]:
         flags.append("--restore")
     for name in SETTING_NAMES:
@@ -76,4 +82,4 @@ def record_run_name(record: Mapping[str, Any]) -> str:
         return str(name).lower()
     base = record.get("base")
     return plain_tag(None if base in (None, "", "none", "None") else str(base), record.get("n_vis"),
-                     bool(record.get("restore")))
+                     bool(record.get("restore")), record.get("keep"))

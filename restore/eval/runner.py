@@ -56,7 +56,7 @@ def _run_planned(entry: EntryPoint, args: argparse.Namespace, plans: Sequence[Pl
             print(f"[{entry.name}] {plan.chunk_label}"
                   f"{f' (from {source})' if source else ''}: {len(plan.items)} items, "
                   f"{len(plan.items) - len(plan.pending)} already answered; reduction: "
-                  f"{describe_reduction(plan.settings['base'], one.n_vis, one.restore, _overrides(one))}", flush=True)
+                  f"{describe_reduction(plan.settings['base'], one.n_vis, one.restore, _overrides(one), one.keep)}", flush=True)
         pending = pending_union(plans)
         # --no-image-check skips only the slow part (decoding); a missing file is always found here
         decode = not args.no_image_check
@@ -417,9 +417,11 @@ def load_model_for_eval(args: argparse.Namespace, base: Optional[str]):
     family (``args.family``, set when the arguments were checked)."""
     model_path = os.path.expanduser(args.model_path)
     print(f"loading model {model_path} (device {args.device}, dtype {args.dtype})", flush=True)
-    loaded = args.family.load(model_path, model_base=args.model_base, device=args.device, dtype=args.dtype)
+    resolution = getattr(args, "image_resolution", None)
+    loaded = args.family.load(model_path, model_base=args.model_base, device=args.device, dtype=args.dtype,
+                              **({"image_resolution": resolution} if resolution else {}))
     model = apply_reduction(loaded.model, args, base)
-    print(f"model loaded; reduction: {describe_reduction(base, args.n_vis, args.restore, _overrides(args))}", flush=True)
+    print(f"model loaded; reduction: {describe_reduction(base, args.n_vis, args.restore, _overrides(args), args.keep)}", flush=True)
     return loaded.tokenizer, model, loaded.image_processor, loaded.model_name
 
 
@@ -429,6 +431,7 @@ def apply_reduction(model, args: argparse.Namespace, base: Optional[str]):
 
     if base is None:
         return restore.apply(model, base=None)
-    return restore.apply(model, base=base, n_vis=args.n_vis, restore=args.restore, **_overrides(args))
+    return restore.apply(model, base=base, n_vis=args.n_vis, restore=args.restore, keep=args.keep,
+                         **_overrides(args))
 
 

@@ -202,6 +202,8 @@ def write_result_record(results_dir: str, benchmark: str, answers_file: str, met
         # restore.report's convention for "no reduction"
         "base": base if base else "none",
         "n_vis": settings.get("n_vis") if base else unreduced_tokens(settings.get("model_path")),
+        # a budget given as a share of each image's tokens (n_vis is then None), only when there is one
+        **({"keep": settings["keep"]} if base and settings.get("keep") is not None else {}),
         "restore": bool(settings.get("restore", False)),
         "model": model,
         "run_name": run_name or recorded_tag(settings),
@@ -291,7 +293,10 @@ def finish_config(benchmark: str, chunk_files: Sequence[str], answers_dir: str, 
     main_metric = record["main_metric"]
     value = record["metrics"].get(main_metric) if main_metric else None
     shown = f"{main_metric} = {value:.2f}" if isinstance(value, (int, float)) else "no local score"
-    print(f"[{benchmark}] {model}, {describe_reduction(record['settings'].get('base'), record['n_vis'], record['restore'], record['settings'].get('reduction_settings'))}: "
+    recorded = record["settings"]
+    reduction = describe_reduction(recorded.get("base"), record["n_vis"], record["restore"],
+                                   recorded.get("reduction_settings"), recorded.get("keep"))
+    print(f"[{benchmark}] {model}, {reduction}: "
           f"{shown} ({record['n_items']} answers, inference {wall_time_s:.0f} s); result: {path}")
     return 0, record
 

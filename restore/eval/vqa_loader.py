@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Mapping
 
 from .entry_point import (EntryPoint, ImageRef, Item, SetupError, model_vqa_answer_line, read_jsonl, require_fields,
                           require_questions, require_unique)
+from . import prompt_styles
 from .runner import run
 
 
@@ -42,6 +43,7 @@ def _key(question_id: Any, prompt: str) -> str:
 def build_items(settings: Mapping[str, Any]) -> List[Item]:
     path, folder = settings["question_file"], settings["image_folder"]
     under = settings.get("only_images_under")
+    style = prompt_styles.style_of(settings)
     questions = read_jsonl(path)
     require_questions(questions, path)
     items = []
@@ -53,7 +55,7 @@ def build_items(settings: Mapping[str, Any]) -> List[Item]:
             continue
         items.append(Item(
             key=_key(q["question_id"], q["text"]),
-            text=q["text"],
+            text=prompt_styles.vqa_text(q["text"], style),
             image=ImageRef(label=q["image"], path=os.path.join(folder, q["image"]), convert_rgb=True),
             fields={"question_id": q["question_id"], "prompt": q["text"]},
         ))

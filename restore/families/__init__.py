@@ -47,6 +47,24 @@ class ModelFamily:
 
     name: str = ""
     default_conv_mode: str = ""
+    # Whether images have different visual-token counts (Qwen2.5-VL: one per 28 x 28 px). Such a family
+    # takes a budget given as a share (``keep``) per image; for the others a share is the count it is of N.
+    varying_token_counts: bool = False
+    # The benchmark text its models are evaluated with (restore.eval.prompt_styles): LLaVA's question files,
+    # or lmms-eval's task prompts (the protocol of the paper's Qwen2.5-VL numbers).
+    default_prompt_style: str = "llava"
+
+    def budget(self, n_vis: Optional[int], keep: Optional[float], num_patches: int) -> Tuple[Optional[int], Optional[float]]:
+        """(n_vis, keep) as this family's reduction takes them: a share stays a share where token counts
+        vary, and is round(keep * N) tokens where every image has N."""
+        if keep is None:
+            return n_vis, None
+        if n_vis is not None:
+            raise ValueError("give the budget as keep (a share of each image's visual tokens) or n_vis (a count), "
+                             "not both")
+        from restore.settings import check_share, count_of_share
+
+        return (None, check_share(keep)) if self.varying_token_counts else (count_of_share(keep, num_patches), None)
 
     def unavailable_reason(self) -> Optional[str]:
         """None when this family's dependencies import in the running environment; otherwise what is
@@ -93,7 +111,24 @@ class ModelFamily:
     def check_budget(self, model_path: str, settings: Any) -> None:
         """ValueError for a reduction this checkpoint cannot carry out, from its config alone."""
 
-    def load(self, model_path: str, *, model_base: Optional[str], device: str, dtype: str) -> LoadedModel:
+    def execution(self, device: str, dtype: str) -> Tuple[Any, Any]:
+        """(torch device, torch dtype) that :meth:`load` gives ``device`` / ``dtype`` ("auto": the family's
+        own choice on this machine); ValueError for a device that is not here."""
+        raise NotImplementedError
+
+    def image_resolution(self, min_pixels: Optional[int], max_pixels: Optional[int]) -> Optional[Dict[str, int]]:
+        """The pixel range images are resized into, for a family whose processor keeps each image near its
+        own size (Qwen2.5-VL); None (and ValueError when a bound is given) for one that resizes every image
+        to one size (LLaVA)."""
+        if min_pixels is not None or max_pixels is not None:
+            raise ValueError(f"{self.name} resizes every image to its encoder's fixed size: --min-pixels and "
+                             "--max-pixels do not apply")
+        return None
+
+    def load(self, model_path: str, *, model_base: Optional[str], device: str, dtype: str,
+             image_resolution: Optional[Mapping[str, int]] = None) -> LoadedModel:
+        """Tokenizer, model and image processor; ``image_resolution`` (from :meth:`image_resolution`) sets
+        the pixel range of a family that has one."""
         raise NotImplementedError
 
     def model_name(self, model_path: str) -> str:

@@ -28,9 +28,10 @@ BENCHMARK_ITEMS = {"gqa": 12578, "mmbench": 4377, "mme": 2374, "pope": 8910, "sq
 # What is still missing for rows the repository cannot run yet, by method and by model.
 NOT_YET = {
 }
-MODELS_NOT_YET = {
-    "Qwen2.5-VL-7B-Instruct": "Qwen2.5-VL is not supported yet",
-}
+MODELS_NOT_YET: Dict[str, str] = {}
+# The benchmark scripts of each table's model (scripts/<folder>/<bench>.sh): they pick its environment.
+SCRIPT_FOLDERS = {"Qwen2.5-VL-7B-Instruct": "qwen2_5_vl"}
+DEFAULT_SCRIPT_FOLDER = "llava1_5"
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,8 @@ class PaperConfig:
         """The answers-folder / run name the benchmark scripts give this configuration."""
         if self.base is None:
             return "full"
-        if self.n_vis is None:
-            raise ValueError(f"{self.base} at a share of {self.keep} has no token count on this model")
-        return config_tag(self.base, self.n_vis, self.restore, num_patches=num_patches, **dict(self.settings))
+        return config_tag(self.base, self.n_vis, self.restore, num_patches=num_patches, keep=self.keep,
+                          **dict(self.settings))
 
     def describe(self) -> str:
         if self.base is None:

@@ -5,7 +5,7 @@
     python -m restore.paper table1 --slurm table1.sbatch [--nodes 2]      # a Slurm array instead of local runs
     python -m restore.paper table4 --report-only                          # print what has been run
 
-Each benchmark runs once through scripts/llava1_5/<bench>.sh with ``--configs`` naming every configuration
+Each benchmark runs once through scripts/llava1_5/<bench>.sh (Table 3: scripts/qwen2_5_vl/) with ``--configs`` naming every configuration
 of the table it still misses (one shard per GPU, resumable; a configuration x benchmark whose result record
 exists under --results-dir is not run again). Extra flags after ``--`` go to every script (e.g.
 ``-- --device cpu --max_new_tokens 16``).
@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import BENCHMARK_ITEMS, HUB_NAMES, PaperConfig, PaperTable, get_table, table_names, why_not_runnable
+from . import (BENCHMARK_ITEMS, DEFAULT_SCRIPT_FOLDER, HUB_NAMES, SCRIPT_FOLDERS, PaperConfig, PaperTable, get_table,
+               table_names, why_not_runnable)
 from restore.eval.naming import model_name_of
 
 from .layout import existing_results, print_paper_table
@@ -33,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("table", help=f"'list', or one of: {', '.join(table_names())}")
     p.add_argument("--model-path", default=None,
                    help="checkpoint (default: the table's model, e.g. liuhaotian/llava-v1.5-7b; Table 2: "
-                        "liuhaotian/llava-v1.6-vicuna-7b)")
+                        "liuhaotian/llava-v1.6-vicuna-7b; Table 3: Qwen/Qwen2.5-VL-7B-Instruct)")
     p.add_argument("--data-root", default=str(REPO_ROOT / "playground" / "data" / "eval"))
     p.add_argument("--answers-root", default=str(REPO_ROOT / "playground" / "answers"))
     p.add_argument("--results-dir", default=str(REPO_ROOT / "playground" / "results"))
@@ -82,9 +83,10 @@ def by_benchmark(todo: Sequence[Tuple[PaperConfig, str]]) -> List[Tuple[str, Lis
 
 
 def script_command(configs: Sequence[PaperConfig], bench: str, args: argparse.Namespace,
-                   extra: Sequence[str]) -> List[str]:
-    """One launch of ``bench`` answering every configuration in ``configs`` (one pass over its questions)."""
-    return (["bash", str(REPO_ROOT / "scripts" / "llava1_5" / f"{bench}.sh"), "--model-path", args.model_path,
+                   extra: Sequence[str], folder: str = DEFAULT_SCRIPT_FOLDER) -> List[str]:
+    """One launch of ``bench`` answering every configuration in ``configs`` (one pass over its questions),
+    by the script of ``folder`` (the table's model family: its environment and defaults)."""
+    return (["bash", str(REPO_ROOT / "scripts" / folder / f"{bench}.sh"), "--model-path", args.model_path,
              "--data-root", args.data_root, "--answers-root", args.answers_root, "--results-dir", args.results_dir,
              "--configs", ",".join(c.tag() for c in configs)] + list(extra))
 
@@ -147,7 +149,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for config, reason in blocked:
         print(f"  cannot run yet: {config.describe()}: {reason}")
     launches = by_benchmark(todo)
-    commands = [script_command(configs, bench, args, extra) for bench, configs in launches]
+    folder = SCRIPT_FOLDERS.get(table.model, DEFAULT_SCRIPT_FOLDER)
+    commands = [script_command(configs, bench, args, extra, folder) for bench, configs in launches]
     if args.slurm:
         write_slurm(args.slurm, commands, args.nodes, table.name)
         print(f"wrote {args.slurm}: {len(commands) * args.nodes} array tasks; submit it with sbatch, then run "

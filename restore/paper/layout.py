@@ -69,8 +69,7 @@ class MeasuredTable:
         self.labels: Dict[Tuple[int, str], Optional[str]] = {}
         for index, row in enumerate(table.rows):
             for bench in self.benchmarks:
-                tag = row.config.tag() if row.config.n_vis is not None or row.config.base is None else None
-                run = results.get((model, tag, bench)) if tag else None
+                run = results.get((model, row.config.tag(), bench))
                 self.values[index, bench], self.labels[index, bench] = _paper_value(run, bench)
         full = [i for i, r in enumerate(table.rows) if r.config.base is None]
         self.full_values = {b: (self.values[full[0], b] if full else
