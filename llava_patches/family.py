@@ -114,11 +114,11 @@ class LlavaFamily(ModelFamily):
         return resolved, resolve_dtype(dtype, resolved)
 
     def load(self, model_path: str, *, model_base: Optional[str], device: str, dtype: str,
-             image_resolution: Optional[Mapping[str, int]] = None) -> LoadedModel:
+             image_protocol: Optional[Mapping[str, int]] = None) -> LoadedModel:
         from .loading import load_model
 
-        if image_resolution:
-            self.image_resolution(image_resolution.get("min_pixels"), image_resolution.get("max_pixels"))
+        if image_protocol:
+            self.image_protocol(**image_protocol)  # refuses it, saying why
 
         tokenizer, model, image_processor, _ = load_model(model_path, model_base=model_base, device=device, dtype=dtype)
         return LoadedModel(tokenizer, model, image_processor, self.model_name(model_path))

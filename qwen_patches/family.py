@@ -160,20 +160,22 @@ class QwenFamily(ModelFamily):
         name, torch_dtype = resolve_device_dtype(device, dtype)
         return torch.device(name), torch_dtype
 
-    def image_resolution(self, min_pixels: Optional[int], max_pixels: Optional[int]) -> Optional[Dict[str, int]]:
-        """The evaluation protocol's pixel range (lmms-eval's: 200704..12845056), a bound given replacing its default."""
-        from .loading import check_resolution
+    def image_protocol(self, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
+                       jpeg_quality: Optional[int] = None) -> Optional[Dict[str, int]]:
+        """The evaluation protocol's images, lmms-eval's: resized into 200704..12845056 px, re-encoded as JPEG
+        quality 75; a value given replaces its default."""
+        from .loading import check_protocol
 
-        return check_resolution(min_pixels, max_pixels)
+        return check_protocol(min_pixels, max_pixels, jpeg_quality)
 
     def load(self, model_path: str, *, model_base: Optional[str] = None, device: str = "auto",
-             dtype: str = "auto", image_resolution: Optional[Mapping[str, int]] = None) -> LoadedModel:
-        """``image_resolution`` None: the checkpoint's own pixel range (its preprocessor_config.json); the
-        evaluation entry points pass the protocol's (:meth:`image_resolution`)."""
+             dtype: str = "auto", image_protocol: Optional[Mapping[str, int]] = None) -> LoadedModel:
+        """``image_protocol`` None: the checkpoint's own processor (its preprocessor_config.json); the
+        evaluation entry points pass the protocol's (:meth:`image_protocol`)."""
         from .loading import load_model
 
         tokenizer, model, image_processor = load_model(model_path, model_base=model_base, device=device, dtype=dtype,
-                                                       image_resolution=image_resolution)
+                                                       image_protocol=image_protocol)
         return LoadedModel(tokenizer, model, image_processor, self.model_name(model_path))
 
     def model_name(self, model_path: str) -> str:

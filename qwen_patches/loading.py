@@ -19,6 +19,8 @@ DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16":
 # its default min_pixels, and the max_pixels of its reproduction script, whose MME is the paper's 2323).
 EVAL_MIN_PIXELS = 256 * 28 * 28  # 200704: smaller images are enlarged to at least 256 visual tokens
 EVAL_MAX_PIXELS = 16384 * 28 * 28  # 12845056, the released processor's own bound
+# lmms-eval hands each image to the model as a JPEG (PIL's quality 75 up to lmms-eval 0.6, 85 from 0.7).
+EVAL_JPEG_QUALITY = 75
 
 
 def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> Tuple[str, Any]:
@@ -38,34 +40,70 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> Tuple[str
     return device, getattr(torch, DTYPES[dtype])
 
 
-def check_resolution(min_pixels: Optional[int] = None, max_pixels: Optional[int] = None) -> Dict[str, int]:
-    """{"min_pixels", "max_pixels"} of the evaluation protocol, each bound given replacing its default;
-    ValueError for a range the processor cannot use."""
+def check_protocol(min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
+                   jpeg_quality: Optional[int] = None) -> Dict[str, int]:
+    """{"min_pixels", "max_pixels", "jpeg_quality"} of the evaluation protocol, each value given replacing its
+    default; ValueError for values the processor (or PIL's JPEG encoder, 1..95) cannot use."""
     low = EVAL_MIN_PIXELS if min_pixels is None else min_pixels
     high = EVAL_MAX_PIXELS if max_pixels is None else max_pixels
-    if isinstance(low, bool) or isinstance(high, bool) or not isinstance(low, int) or not isinstance(high, int):
-        raise ValueError(f"pixel bounds are integers, got {low!r} and {high!r}")
+    quality = EVAL_JPEG_QUALITY if jpeg_quality is None else jpeg_quality
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in (low, high, quality)):
+        raise ValueError(f"pixel bounds and the JPEG quality are integers, got {low!r}, {high!r}, {quality!r}")
     if not 28 * 28 <= low <= high:
         raise ValueError(f"the pixel range needs 784 (one 28 x 28 px token) <= min_pixels <= max_pixels, got "
                          f"min_pixels={low}, max_pixels={high}")
-    return {"min_pixels": low, "max_pixels": high}
+    if not 0 <= quality <= 95:
+        raise ValueError(f"the JPEG quality is 1..95 (0: no re-encoding), got {quality}")
+    return {"min_pixels": low, "max_pixels": high, "jpeg_quality": quality}
 
 
-def load_image_processor(model_path: str, image_resolution: Optional[Mapping[str, int]] = None):
-    """The checkpoint's image processor; with ``image_resolution`` its pixel range set to that one (else the
-    checkpoint's preprocessor_config.json range)."""
+class ProtocolImageProcessor:
+    """A Qwen2VLImageProcessor that re-encodes each image as a JPEG first (lmms-eval's data URLs); every
+    other attribute is the wrapped processor's."""
+
+    def __init__(self, processor: Any, jpeg_quality: int):
+        self.processor, self.jpeg_quality = processor, jpeg_quality
+
+    def __call__(self, images: Any, **kwargs: Any) -> Any:
+        return self.processor(images=[jpeg_round_trip(image, self.jpeg_quality) for image in images], **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.processor, name)
+
+
+def jpeg_round_trip(image: Any, quality: int) -> Any:
+    """``image`` as RGB, saved as a JPEG of ``quality`` and decoded again (quality 0: unchanged)."""
+    if not quality:
+        return image
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    decoded = Image.open(buffer)
+    decoded.load()
+    return decoded
+
+
+def load_image_processor(model_path: str, image_protocol: Optional[Mapping[str, int]] = None):
+    """The checkpoint's image processor; with ``image_protocol`` its pixel range set to that one (else the
+    checkpoint's preprocessor_config.json range) and, for a JPEG quality, each image re-encoded first."""
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
-    bounds = dict(image_resolution or {})
+    protocol = dict(image_protocol or {})
+    quality = protocol.pop("jpeg_quality", 0)
     try:
-        return Qwen2VLImageProcessor.from_pretrained(os.path.expanduser(model_path), **bounds)
+        processor = Qwen2VLImageProcessor.from_pretrained(os.path.expanduser(model_path), **protocol)
     except (OSError, ValueError) as error:
         raise CheckpointError(f"the image processor of {model_path} cannot be loaded "
                               f"(preprocessor_config.json): {error}") from None
+    return ProtocolImageProcessor(processor, quality) if quality else processor
 
 
 def load_model(model_path: str, *, model_base: Optional[str] = None, device: str = "auto", dtype: str = "auto",
-               attn_implementation: str = "sdpa", image_resolution: Optional[Mapping[str, int]] = None):
+               attn_implementation: str = "sdpa", image_protocol: Optional[Mapping[str, int]] = None):
     """(tokenizer, model in eval mode, image processor) of a Qwen2.5-VL checkpoint (local folder or hub name)."""
     if model_base is not None:
         raise CheckpointError("--model-base is LLaVA's notion (LoRA / projector-only checkpoints); "
@@ -80,4 +118,4 @@ def load_model(model_path: str, *, model_base: Optional[str] = None, device: str
     model = model_cls.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
     model = model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return tokenizer, model, load_image_processor(path, image_resolution)
+    return tokenizer, model, load_image_processor(path, image_protocol)

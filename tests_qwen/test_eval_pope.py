@@ -43,7 +43,7 @@ def _expected(checkpoint, data, lines, base=None):
 
     questions = {q["question_id"]: q for q in map(json.loads, (data / "pope/llava_pope_test.jsonl").read_text().splitlines())}
     tokenizer, model, image_processor, _ = FAMILY.load(str(checkpoint), device="cpu", dtype="fp32",
-                                                       image_resolution=FAMILY.image_resolution(None, None))
+                                                       image_protocol=FAMILY.image_protocol(None, None))
     if base is not None:
         restore.apply(model, base=base, n_vis=N_VIS, restore=True)
     texts = []
@@ -68,7 +68,7 @@ def test_pope_entry_point_on_qwen(qwen_checkpoint, pope_data, tmp_path, base):
     meta = json.loads((tmp_path / "answers.jsonl.meta.json").read_text())
     assert meta["complete"] and meta["settings"]["conv_mode"] == "qwen2_5_vl"
     assert meta["settings"]["prompt_style"] == "lmms_eval"
-    assert meta["settings"]["image_resolution"] == {"min_pixels": 200704, "max_pixels": 12845056}
+    assert meta["settings"]["image_protocol"] == {"min_pixels": 200704, "max_pixels": 12845056, "jpeg_quality": 75}
     assert [line["text"] for line in lines] == _expected(qwen_checkpoint, pope_data, lines, base)
     summary = score("pope", tmp_path / "answers.jsonl", pope_data, tmp_path / "scores")
     assert summary["n_answers"] == 6 and "f1_mean" in summary["metrics"]

@@ -1,16 +1,15 @@
 """The Qwen2.5-VL family in the registry of the Qwen environment, its checkpoint builder, its refusals."""
 from __future__ import annotations
 
-import importlib.util
-
 import hashlib
+import importlib.util
 
 import pytest
 import torch
 
 import restore
 from restore import families
-from qwen_patches.family import FAMILY, expand_image_tokens, max_visual_tokens
+from qwen_patches.family import FAMILY, expand_image_tokens, max_visual_tokens, visual_tokens_of_grid
 
 
 def test_registry_finds_qwen_and_skips_llava(qwen_checkpoint, qwen_loaded):
@@ -53,3 +52,60 @@ def test_unimplemented_bases_are_refused(qwen_loaded):
     assert max_visual_tokens(model.config) == 16384
     with pytest.raises(TypeError, match="Qwen2_5_VLForConditionalGeneration"):
         families.family_of_model(torch.nn.Linear(2, 2))
+
+
+def test_auto_precision_is_the_familys_own(monkeypatch):
+    """What --dtype auto records is what the Qwen family loads: bfloat16 on CUDA (LLaVA's is float16)."""
+    from restore.eval.arguments import resolve_execution
+
+    assert resolve_execution("auto", "auto", FAMILY) == ("cpu", "float32")
+    assert resolve_execution("cpu", "bfloat16", FAMILY) == ("cpu", "bfloat16")
+    from restore.eval.entry_point import SetupError
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SetupError, match="CUDA is not available"):
+            resolve_execution("cuda", "auto", FAMILY)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_execution("auto", "auto", FAMILY) == ("cuda", "bfloat16")
+
+
+def test_the_evaluation_pixel_range(qwen_checkpoint, qwen_loaded):
+    from PIL import Image
+
+    from qwen_patches.inputs import build_inputs
+    from qwen_patches.loading import load_image_processor
+
+    assert FAMILY.image_protocol() == {"min_pixels": 200704, "max_pixels": 12845056, "jpeg_quality": 75}
+    assert FAMILY.image_protocol(3136, None, 0) == {"min_pixels": 3136, "max_pixels": 12845056, "jpeg_quality": 0}
+    for low, high in ((100, None), (5000, 4000), (None, 700)):
+        with pytest.raises(ValueError, match="min_pixels <= max_pixels"):
+            FAMILY.image_protocol(low, high)
+    with pytest.raises(ValueError, match="JPEG quality is 1..95"):
+        FAMILY.image_protocol(jpeg_quality=100)
+    own = load_image_processor(str(qwen_checkpoint))
+    protocol = load_image_processor(str(qwen_checkpoint), FAMILY.image_protocol())
+    image = Image.new("RGB", (112, 84), (10, 200, 30))  # 9408 px: below the protocol's 200704
+    counts = []
+    for processor in (own, protocol):
+        batch = build_inputs(qwen_loaded.tokenizer, processor, qwen_loaded.model.config, ["q"], [image])
+        grid = batch["image_grid_thw"][0]
+        counts.append(visual_tokens_of_grid(grid))
+    assert counts[0] == 12 and counts[1] >= 256  # enlarged to the protocol's smallest area, aspect kept
+
+
+def test_the_evaluation_images_are_jpeg_round_trips(qwen_checkpoint):
+    """lmms-eval hands Qwen each image as a JPEG: the protocol's pixels are those of the re-encoded image."""
+    from PIL import Image
+
+    from qwen_patches.loading import jpeg_round_trip, load_image_processor
+
+    generator = torch.Generator().manual_seed(0)
+    noise = (torch.rand(96, 128, 3, generator=generator) * 255).to(torch.uint8).numpy()
+    image = Image.fromarray(noise, "RGB")
+    plain = load_image_processor(str(qwen_checkpoint), FAMILY.image_protocol(3136, None, 0))
+    jpeg = load_image_processor(str(qwen_checkpoint), FAMILY.image_protocol(3136, None, 75))
+    assert plain.merge_size == jpeg.merge_size == 2  # every other attribute is the processor's
+    got = FAMILY.preprocess_image(image, jpeg, None)[0]
+    assert torch.equal(got, FAMILY.preprocess_image(jpeg_round_trip(image, 75), plain, None)[0])
+    assert not torch.equal(got, FAMILY.preprocess_image(image, plain, None)[0])
+    assert jpeg_round_trip(image, 0) is image

@@ -61,7 +61,7 @@ def test_script_answers_scores_and_records_each_configuration(launches, qwen_che
     for record in records:
         settings = record["settings"]
         assert settings["conv_mode"] == "qwen2_5_vl" and settings["prompt_style"] == "lmms_eval"
-        assert settings["image_resolution"] == {"min_pixels": 200704, "max_pixels": 12845056}
+        assert settings["image_protocol"] == {"min_pixels": 200704, "max_pixels": 12845056, "jpeg_quality": 75}
         assert record["n_items"] > 0 and record["main_metric"] and record["metrics"]
         if record["run_name"] != "full":
             assert (record["base"], record["keep"], record["n_vis"], record["restore"]) == ("HoloV", 0.333, None, True)

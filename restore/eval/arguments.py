@@ -41,6 +41,9 @@ def build_parser(entry: EntryPoint) -> argparse.ArgumentParser:
                         "protocol's 200704 = 256 visual tokens); refused for LLaVA, whose images are one size")
     g.add_argument("--max-pixels", type=int, default=None,
                    help="largest image area (px) of a Qwen2.5-VL image (default 12845056 = 16384 visual tokens)")
+    g.add_argument("--jpeg-quality", type=int, default=None,
+                   help="re-encode each Qwen2.5-VL image as a JPEG of this quality before preprocessing, as "
+                        "lmms-eval does (default 75, lmms-eval up to 0.6; 0: the image as stored)")
     g.add_argument("--num-chunks", type=int, default=None,
                    help="split the questions into this many contiguous chunks (default: from SLURM_ARRAY_TASK_COUNT "
                         "or WORLD_SIZE when set, else 1)")
@@ -109,9 +112,9 @@ def check_arguments(entry: EntryPoint, args: argparse.Namespace,
     if args.prompt_style is None:
         args.prompt_style = family.default_prompt_style
     try:
-        args.image_resolution = family.image_resolution(args.min_pixels, args.max_pixels)
+        args.image_protocol = family.image_protocol(args.min_pixels, args.max_pixels, args.jpeg_quality)
     except ValueError as e:
-        raise SetupError(f"--min-pixels/--max-pixels: {e}") from None
+        raise SetupError(f"image protocol: {e}") from None
     resolve_budget(args, family, num_patches)
     base = validate_reduction(args.base, args.n_vis, args.restore, num_patches, args.keep)
     args.reduction = reduction_settings(args, base, num_patches)
@@ -428,7 +431,7 @@ def common_settings(args: argparse.Namespace, base: Optional[str]) -> Dict[str, 
         # only when not LLaVA's, so that the answers files of LLaVA runs keep their settings record
         **({"prompt_style": args.prompt_style}
            if getattr(args, "prompt_style", DEFAULT_STYLE) != DEFAULT_STYLE else {}),
-        **({"image_resolution": args.image_resolution} if getattr(args, "image_resolution", None) else {}),
+        **({"image_protocol": args.image_protocol} if getattr(args, "image_protocol", None) else {}),
         **reduction_record(getattr(args, "reduction", None), base, args.n_vis),
         # only when given, so that the answers files of runs without plugins keep their settings record
         **({"plugins": list(dict.fromkeys(args.plugin))} if args.plugin else {}),

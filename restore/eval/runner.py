@@ -417,9 +417,9 @@ def load_model_for_eval(args: argparse.Namespace, base: Optional[str]):
     family (``args.family``, set when the arguments were checked)."""
     model_path = os.path.expanduser(args.model_path)
     print(f"loading model {model_path} (device {args.device}, dtype {args.dtype})", flush=True)
-    resolution = getattr(args, "image_resolution", None)
+    resolution = getattr(args, "image_protocol", None)
     loaded = args.family.load(model_path, model_base=args.model_base, device=args.device, dtype=args.dtype,
-                              **({"image_resolution": resolution} if resolution else {}))
+                              **({"image_protocol": resolution} if resolution else {}))
     model = apply_reduction(loaded.model, args, base)
     print(f"model loaded; reduction: {describe_reduction(base, args.n_vis, args.restore, _overrides(args), args.keep)}", flush=True)
     return loaded.tokenizer, model, loaded.image_processor, loaded.model_name

@@ -116,19 +116,22 @@ class ModelFamily:
         own choice on this machine); ValueError for a device that is not here."""
         raise NotImplementedError
 
-    def image_resolution(self, min_pixels: Optional[int], max_pixels: Optional[int]) -> Optional[Dict[str, int]]:
-        """The pixel range images are resized into, for a family whose processor keeps each image near its
-        own size (Qwen2.5-VL); None (and ValueError when a bound is given) for one that resizes every image
-        to one size (LLaVA)."""
-        if min_pixels is not None or max_pixels is not None:
-            raise ValueError(f"{self.name} resizes every image to its encoder's fixed size: --min-pixels and "
-                             "--max-pixels do not apply")
+    def image_protocol(self, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None,
+                       jpeg_quality: Optional[int] = None) -> Optional[Dict[str, int]]:
+        """How an evaluation prepares images beyond the checkpoint's processor, for a family whose protocol
+        says more (Qwen2.5-VL: the pixel range images are resized into, a JPEG re-encoding); each value given
+        replaces the protocol's. None (and ValueError when a value is given) for a family that has none (LLaVA)."""
+        given = [flag for flag, value in (("--min-pixels", min_pixels), ("--max-pixels", max_pixels),
+                                          ("--jpeg-quality", jpeg_quality)) if value is not None]
+        if given:
+            raise ValueError(f"{self.name} resizes every image to its encoder's fixed size: {', '.join(given)} "
+                             f"{'does' if len(given) == 1 else 'do'} not apply")
         return None
 
     def load(self, model_path: str, *, model_base: Optional[str], device: str, dtype: str,
-             image_resolution: Optional[Mapping[str, int]] = None) -> LoadedModel:
-        """Tokenizer, model and image processor; ``image_resolution`` (from :meth:`image_resolution`) sets
-        the pixel range of a family that has one."""
+             image_protocol: Optional[Mapping[str, int]] = None) -> LoadedModel:
+        """Tokenizer, model and image processor; ``image_protocol`` (from :meth:`image_protocol`) makes the
+        image processor follow it."""
         raise NotImplementedError
 
     def model_name(self, model_path: str) -> str:
