@@ -112,6 +112,17 @@ class QwenFamily(ModelFamily):
         return max_visual_tokens(model.config)
 
     def check_settings(self, model: Any, settings: Any) -> None:
+        self._check_reduction(settings)
+        attention = getattr(model.config, "_attn_implementation", "sdpa")
+        if settings.calibrates and attention not in ("eager", "sdpa"):
+            raise ValueError(f"calibrated attention needs eager or sdpa attention, the model uses {attention!r}")
+
+    def check_budget(self, model_path: str, settings: Any) -> None:
+        """The refusals that need no model, made before any shard starts."""
+        self._check_reduction(settings)
+
+    @staticmethod
+    def _check_reduction(settings: Any) -> None:
         from .patch import SUPPORTED_BASES
 
         if settings.base not in SUPPORTED_BASES:
@@ -123,9 +134,6 @@ class QwenFamily(ModelFamily):
         if settings.merged_position != "median":
             raise ValueError("on Qwen2.5-VL a merged token takes the per-axis median of its members' M-RoPE ids; "
                              f"merged_position={settings.merged_position!r} is not implemented")
-        attention = getattr(model.config, "_attn_implementation", "sdpa")
-        if settings.calibrates and attention not in ("eager", "sdpa"):
-            raise ValueError(f"calibrated attention needs eager or sdpa attention, the model uses {attention!r}")
 
     def patch_targets(self, model: Any) -> Iterable[Tuple[Any, type]]:
         from .patch import CalibratedQwenAttentionMixin, ReducedQwenModelMixin

@@ -81,3 +81,22 @@ def test_paper_table3_reads_the_records(launches, qwen_checkpoint):
                  if r.config == PaperConfig.from_dict({"base": "HoloV", "keep": 0.333, "restore": True}))
     for bench in table.benchmarks:
         assert measured.values[full, bench] is not None and measured.values[holov, bench] is not None
+
+
+def test_script_help_and_refusals(data, qwen_checkpoint, tmp_path):
+    def script(*argv):
+        return subprocess.run(["bash", str(SCRIPTS / "pope.sh"), *argv], cwd=tmp_path, env=_env(),
+                              capture_output=True, text=True, timeout=300)
+
+    shown = script("--help")
+    assert shown.returncode == 0
+    assert "bash scripts/qwen2_5_vl/pope.sh" in shown.stdout and "default Qwen/Qwen2.5-VL-7B-Instruct" in shown.stdout
+    common = ["--model-path", str(qwen_checkpoint), "--data-root", str(data), "--answers-root", str(tmp_path / "a"),
+              "--results-dir", str(tmp_path / "r"), "--device", "cpu"]
+    for extra, message in ((["--base", "HoloV", "--keep", "1.5"], "share of each image's visual tokens"),
+                           (["--base", "FastV", "--keep", "0.111"], "FastV on Qwen2.5-VL is not implemented"),
+                           (["--min-pixels", "5000", "--max-pixels", "4000"], "min_pixels <= max_pixels"),
+                           (["--base", "HoloV", "--keep", "0.111", "--n_vis", "8"], "not both")):
+        refused = script(*common, *extra)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr
+        assert not (tmp_path / "a").exists() or not any((tmp_path / "a").rglob("*.jsonl"))

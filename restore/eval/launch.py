@@ -28,6 +28,8 @@ from .supervise import (PROGRESS_INTERVAL_S, LaunchError, Shard, cpu_threads_per
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_PATH = "liuhaotian/llava-v1.5-7b"
+# A model family's scripts (scripts/<family>/) say which script runs and which checkpoint is its default.
+SCRIPT_FOLDER_ENV, DEFAULT_MODEL_ENV = "RESTORE_SCRIPT_FOLDER", "RESTORE_DEFAULT_MODEL"
 
 # The launcher's own options (each takes a value), and the entry-point flags it sets itself.
 OWN_OPTIONS = ("--model-path", "--data-root", "--shards", "--nodes", "--node-rank", "--answers-root",
@@ -100,10 +102,12 @@ def split_arguments(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
 def build_parser(benchmark: Benchmark) -> argparse.ArgumentParser:
     """The launcher's own options; the text of --help."""
     note = f"\n\n{benchmark.usage_note}" if benchmark.usage_note else ""
+    script = f"scripts/{os.environ.get(SCRIPT_FOLDER_ENV) or 'llava1_5'}/{benchmark.name}.sh"
+    default_model = os.environ.get(DEFAULT_MODEL_ENV) or DEFAULT_MODEL_PATH
     p = argparse.ArgumentParser(
-        prog=f"bash scripts/llava1_5/{benchmark.name}.sh", allow_abbrev=False, add_help=False,
+        prog=f"bash {script}", allow_abbrev=False, add_help=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage=(f"bash scripts/llava1_5/{benchmark.name}.sh [options] [entry-point flags]\n"
+        usage=(f"bash {script} [options] [entry-point flags]\n"
                f"   or: python -m restore.eval.launch {benchmark.name} [options] [entry-point flags]"),
         description=(f"{benchmark.title}\n\nRuns {benchmark.name} inference (python -m restore.eval."
                      f"{benchmark.entry}), one shard per GPU, then scores it and writes a result record for "
@@ -115,8 +119,8 @@ def build_parser(benchmark: Benchmark) -> argparse.ArgumentParser:
                 "--dtype bfloat16, --temperature 0.2, --max_new_tokens 16, --overwrite "
                 f"(see python -m restore.eval.{benchmark.entry} -h)."))
     g = p.add_argument_group("options of this script")
-    g.add_argument("--model-path", metavar="PATH", default=DEFAULT_MODEL_PATH,
-                   help=f"checkpoint (default {DEFAULT_MODEL_PATH})")
+    g.add_argument("--model-path", metavar="PATH", default=default_model,
+                   help=f"checkpoint (default {default_model})")
     g.add_argument("--data-root", metavar="DIR", default=Options.data_root,
                    help="LLaVA's playground/data/eval layout (default playground/data/eval in the repo)")
     g.add_argument("--shards", metavar="N", help="inference processes on this machine (default: one per GPU in "

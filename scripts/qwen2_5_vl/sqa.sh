@@ -7,5 +7,5 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 PY=python
 [[ -x $ROOT/.venv-qwen/bin/python ]] && PY=$ROOT/.venv-qwen/bin/python
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-# a --model-path given to this script comes later and wins
-exec "$PY" -m restore.eval.launch sqa --model-path Qwen/Qwen2.5-VL-7B-Instruct "$@"
+export RESTORE_SCRIPT_FOLDER=qwen2_5_vl RESTORE_DEFAULT_MODEL=Qwen/Qwen2.5-VL-7B-Instruct
+exec "$PY" -m restore.eval.launch sqa "$@"
