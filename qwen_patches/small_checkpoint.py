@@ -132,6 +132,11 @@ def build(out: str | Path, seed: int = 0) -> Path:
     tokenizer = build_tokenizer()
     config = build_config(tokenizer)
     model = build_model(config, seed)
+    # Generation defaults shaped like the released Instruct model's: sampling on, a repetition penalty, and
+    # both end tokens, so that the entry points are tested on a checkpoint whose defaults greedy runs override.
+    ids = tokenizer.get_vocab()
+    model.generation_config.update(do_sample=True, temperature=0.1, top_p=0.001, top_k=1, repetition_penalty=1.05,
+                                   eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]])
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
     build_image_processor().save_pretrained(str(out))

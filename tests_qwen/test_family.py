@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import importlib.util
 
 import pytest
@@ -35,6 +36,27 @@ def test_checkpoint_is_deterministic_and_shaped_like_qwen(qwen_checkpoint, tmp_p
     section = text["rope_scaling"]["mrope_section"]
     assert [2 * s / head_dim for s in section] == [0.25, 0.375, 0.375]  # as Qwen2.5-VL-7B's [16, 24, 24] / 128
     assert text["rope_theta"] == 1e6
+    generation = json.loads((qwen_checkpoint / "generation_config.json").read_text())
+    assert generation["do_sample"] and generation["repetition_penalty"] == 1.05  # greedy runs must override it
+
+
+def test_greedy_answers_keep_the_checkpoints_repetition_penalty(qwen_loaded):
+    """The runner's greedy call (do_sample=False and nothing else) is generate with the checkpoint's penalty."""
+    from PIL import Image
+
+    from qwen_patches.inputs import build_inputs
+
+    tokenizer, model = qwen_loaded.tokenizer, qwen_loaded.model
+    image = Image.new("RGB", (112, 112), (200, 30, 30))
+    batch = build_inputs(tokenizer, qwen_loaded.image_processor, model.config, ["Say it."], [image])
+    images = FAMILY.batch_images([FAMILY.preprocess_image(image, qwen_loaded.image_processor, model.config)],
+                                 "cpu", torch.float32)
+    prompt = FAMILY.prompt_ids(tokenizer, "Say it.", True, "qwen2_5_vl", model.config)
+    with torch.inference_mode():
+        runner_like = FAMILY.generate(model, tokenizer, [prompt], images, [image.size], do_sample=False,
+                                      max_new_tokens=12)
+        penalised = model.generate(**batch, do_sample=False, max_new_tokens=12, repetition_penalty=1.05)
+    assert torch.equal(runner_like, penalised[:, batch["input_ids"].shape[1]:])
 
 
 def test_expand_image_tokens():
