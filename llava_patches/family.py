@@ -144,6 +144,8 @@ class LlavaFamily(ModelFamily):
         from llava.constants import IMAGE_TOKEN_INDEX
         from llava.mm_utils import tokenizer_image_token
 
+        from .loading import conversation_prompt
+
         prompt = conversation_prompt(text, has_image, conv_mode, getattr(model_config, "mm_use_im_start_end", False))
         return tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
 
@@ -229,21 +231,6 @@ def _check_next_settings(model_config: Any, settings: Any) -> None:
             tr.plain_reduction(settings.base) is not None and settings.n_vis < VIEWS:
         raise ValueError(f"{settings.base} reduces each of a NeXT image's {VIEWS} views on its own: "
                          f"n_vis must be at least {VIEWS}, got {settings.n_vis}")
-
-
-def conversation_prompt(text: str, has_image: bool, conv_mode: str, im_start_end: bool) -> str:
-    """The full conversation prompt: the image placeholder, a newline, the question; then the assistant turn."""
-    from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
-    from llava.conversation import conv_templates
-
-    if has_image:
-        placeholder = (DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
-                       if im_start_end else DEFAULT_IMAGE_TOKEN)
-        text = placeholder + "\n" + text
-    conv = conv_templates[conv_mode].copy()
-    conv.append_message(conv.roles[0], text)
-    conv.append_message(conv.roles[1], None)
-    return conv.get_prompt()
 
 
 FAMILY = LlavaFamily()

@@ -294,13 +294,26 @@ def rebuild_rope_tables(model: torch.nn.Module, dtype: torch.dtype | None = None
             module.to(device)
 
 
+def conversation_prompt(text: str, has_image: bool, conv_mode: str, im_start_end: bool) -> str:
+    """The full conversation prompt: the image placeholder, a newline, the question; then the assistant turn."""
+    from llava.constants import DEFAULT_IM_END_TOKEN, DEFAULT_IM_START_TOKEN, DEFAULT_IMAGE_TOKEN
+    from llava.conversation import conv_templates
+
+    if has_image:
+        placeholder = (DEFAULT_IM_START_TOKEN + DEFAULT_IMAGE_TOKEN + DEFAULT_IM_END_TOKEN
+                       if im_start_end else DEFAULT_IMAGE_TOKEN)
+        text = placeholder + "\n" + text
+    conv = conv_templates[conv_mode].copy()
+    conv.append_message(conv.roles[0], text)
+    conv.append_message(conv.roles[1], None)
+    return conv.get_prompt()
+
+
 def build_prompt(question: str, conv_mode: str = "vicuna_v1", *, mm_use_im_start_end: bool = False) -> str:
     """The prompt LLaVA's evaluation scripts build: image token, newline, question, in a conversation template
     (a question that holds the image token already keeps it where it is)."""
     from llava.constants import DEFAULT_IMAGE_TOKEN
     from llava.conversation import conv_templates
-
-    from .family import conversation_prompt
 
     if conv_mode not in conv_templates:
         raise ValueError(f"unknown conv_mode {conv_mode!r}; LLaVA knows {sorted(conv_templates)}.")

@@ -28,56 +28,11 @@ from typing import Any, Callable, ContextManager, Dict, Iterable, List, Mapping,
 
 from restore.families import CheckpointError, LoadedModel, ModelFamily
 
+from .inputs import expand_image_tokens, image_inputs, pad_rows, prompt_ids, visual_tokens_of_grid
+from .loading import qwen_model_class
+
 MODEL_TYPES = ("qwen2_5_vl",)
-# The chat format of Qwen2.5-VL-Instruct (its released chat template, restated for one image and one question).
-SYSTEM_PROMPT = "You are a helpful assistant."
-IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 CONV_MODES = ("qwen2_5_vl",)
-PINNED_TRANSFORMERS = "4.57.6"
-
-
-def _qwen_classes():
-    """transformers' Qwen2.5-VL model class; ImportError (with the environment to use) where it is missing."""
-    try:
-        from transformers import Qwen2_5_VLForConditionalGeneration
-    except ImportError as error:
-        import transformers
-
-        raise ImportError(
-            f"transformers {transformers.__version__} has no Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration); "
-            f"Qwen2.5-VL runs in its own environment: make install-qwen, then .venv-qwen/bin/python "
-            f"(transformers=={PINNED_TRANSFORMERS})") from error
-    return Qwen2_5_VLForConditionalGeneration
-
-
-def conversation_prompt(text: str, has_image: bool, system: str = SYSTEM_PROMPT) -> str:
-    """The Instruct model's prompt for one question: system turn, user turn (the image first), assistant turn opened."""
-    user = (IMAGE_PLACEHOLDER if has_image else "") + text
-    return (f"<|im_start|>system\n{system}<|im_end|>\n"
-            f"<|im_start|>user\n{user}<|im_end|>\n"
-            f"<|im_start|>assistant\n")
-
-
-def visual_tokens_of_grid(grid_thw: Any, merge_size: int = 2) -> int:
-    """Visual tokens of one image with patch grid (t, h, w): t * h * w / merge_size^2."""
-    t, h, w = (int(v) for v in grid_thw)
-    return t * h * w // (merge_size * merge_size)
-
-
-def expand_image_tokens(ids: Sequence[int], image_token_id: int, counts: Sequence[int]) -> List[int]:
-    """``ids`` with its k-th image pad token repeated ``counts[k]`` times (one per visual token of image k)."""
-    pads = [i for i, token in enumerate(ids) if token == image_token_id]
-    if len(pads) != len(counts):
-        raise ValueError(f"the prompt has {len(pads)} image placeholders for {len(counts)} images")
-    out: List[int] = []
-    image = 0
-    for token in ids:
-        if token == image_token_id:
-            out.extend([image_token_id] * int(counts[image]))
-            image += 1
-        else:
-            out.append(token)
-    return out
 
 
 class QwenFamily(ModelFamily):
@@ -88,7 +43,7 @@ class QwenFamily(ModelFamily):
 
     def unavailable_reason(self) -> Optional[str]:
         try:
-            _qwen_classes()
+            qwen_model_class()
         except ImportError as error:
             return str(error)
         return None
@@ -98,7 +53,7 @@ class QwenFamily(ModelFamily):
 
     def recognizes_model(self, model: Any) -> bool:
         try:
-            cls = _qwen_classes()
+            cls = qwen_model_class()
         except ImportError:
             return False
         return isinstance(model, cls)
@@ -195,20 +150,14 @@ class QwenFamily(ModelFamily):
     def prompt_ids(self, tokenizer: Any, text: str, has_image: bool, conv_mode: str, model_config: Any) -> Any:
         """Token ids [L] of the prompt, with ONE image pad token per image: ``expand_image_tokens`` repeats it
         once the image's grid is known (``inputs.build_inputs`` does both)."""
-        import torch
-
         if conv_mode not in CONV_MODES:
             raise ValueError(f"unknown conversation mode {conv_mode!r} for Qwen2.5-VL; known: {', '.join(CONV_MODES)}")
-        ids = tokenizer(conversation_prompt(text, has_image), add_special_tokens=False)["input_ids"]
-        return torch.tensor(ids, dtype=torch.long)
+        return prompt_ids(tokenizer, text, has_image)
 
     def preprocess_image(self, image: Any, image_processor: Any, model_config: Any, settings: Any = None) -> Any:
         """(pixel_values [n_patches, 3 * 2 * 14 * 14], image_grid_thw [1, 3]) of one image, as the
         image processor makes them (the same for every configuration: reductions act after the encoder)."""
-        if getattr(image, "mode", "RGB") != "RGB":
-            image = image.convert("RGB")
-        batch = image_processor(images=[image], return_tensors="pt")
-        return batch["pixel_values"], batch["image_grid_thw"]
+        return image_inputs(image, image_processor)
 
     def preprocessing_key(self, model_config: Any, settings: Any) -> Any:
         return "default"
@@ -238,8 +187,6 @@ class QwenFamily(ModelFamily):
         """Each prompt's image pad repeated once per visual token of its image, the rows padded on the left
         (as ``inputs.build_inputs``), the pixels and grids concatenated in row order; the generated tokens."""
         import torch
-
-        from .inputs import pad_rows
 
         device = next(model.parameters()).device
         merge = int(model.config.vision_config.spatial_merge_size)

@@ -11,6 +11,22 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from restore.families import CheckpointError
 
+PINNED_TRANSFORMERS = "4.57.6"
+
+def qwen_model_class():
+    """transformers' Qwen2.5-VL model class; ImportError (with the environment to use) where it is missing."""
+    try:
+        from transformers import Qwen2_5_VLForConditionalGeneration
+    except ImportError as error:
+        import transformers
+
+        raise ImportError(
+            f"transformers {transformers.__version__} has no Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration); "
+            f"Qwen2.5-VL runs in its own environment: make install-qwen, then .venv-qwen/bin/python "
+            f"(transformers=={PINNED_TRANSFORMERS})") from error
+    return Qwen2_5_VLForConditionalGeneration
+
+
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
           "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
@@ -110,11 +126,9 @@ def load_model(model_path: str, *, model_base: Optional[str] = None, device: str
                               "a Qwen2.5-VL checkpoint loads on its own")
     from transformers import AutoTokenizer
 
-    from .family import _qwen_classes
-
     path = os.path.expanduser(model_path)
     device, torch_dtype = resolve_device_dtype(device, dtype)
-    model_cls = _qwen_classes()
+    model_cls = qwen_model_class()
     model = model_cls.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
     model = model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)

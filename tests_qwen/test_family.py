@@ -10,7 +10,8 @@ import torch
 
 import restore
 from restore import families
-from qwen_patches.family import FAMILY, expand_image_tokens, max_visual_tokens, visual_tokens_of_grid
+from qwen_patches.family import FAMILY, max_visual_tokens
+from qwen_patches.inputs import expand_image_tokens, visual_tokens_of_grid
 
 
 def test_registry_finds_qwen_and_skips_llava(qwen_checkpoint, qwen_loaded):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import restore
-from qwen_patches.family import conversation_prompt, visual_tokens_of_grid
+from qwen_patches.inputs import conversation_prompt, visual_tokens_of_grid
 from qwen_patches.inputs import build_inputs
 
 QUESTIONS = ["What is in the picture? Answer the question using a single word or phrase.",
