@@ -9,7 +9,8 @@ protocol behind the paper's Qwen2.5-VL numbers (its unreduced MME, 2323, is lmms
 - TextVQA: no OCR tokens, and the question through ``str.capitalize`` (lmms-eval's ``textvqa_val``);
 - MMBench: hint, question and "There are several options:" joined by spaces, the options, a blank line,
   the option-letter instruction (``mmbench_en_dev``);
-- ScienceQA: no "Context: N/A" line for a question without context (``scienceqa_img``).
+- ScienceQA: the same text (LLaVA's released llava_test_CQM-A.json already has lmms-eval's layout:
+  "Context: {hint}" only when there is a hint, the question, one "A. ..." line per choice).
 
 Only the model's input changes: an answer line's ``prompt`` stays the question file's, which the scorers
 read. The family's chat template wraps the text (docs/qwen2_5_vl.md gives each benchmark's whole prompt).
@@ -23,7 +24,6 @@ from .entry_point import SHORT_ANSWER_SUFFIX
 PROMPT_STYLES = ("llava", "lmms_eval")
 DEFAULT_STYLE = "llava"
 OCR_LINE = "Reference OCR token:"
-NO_CONTEXT = "Context: N/A"
 
 
 def style_of(settings: Mapping[str, Any]) -> str:
@@ -47,11 +47,3 @@ def mmbench_text(question: str, hint: Any, options: Sequence[str], letters: Sequ
     listed = "There are several options:\n" + "\n".join(f"{k}. {v}" for k, v in zip(letters, options))
     text = f"{hint} {question} {listed}" if has_hint else f"{question} {listed}"
     return f"{text}\n\n{suffix}"
-
-
-def science_text(question: str, style: str) -> str:
-    """A ScienceQA human turn (its ``<image>`` tag removed) in ``style``, before the option-letter instruction."""
-    if style != DEFAULT_STYLE and question.startswith(NO_CONTEXT + "\n"):
-        return question[len(NO_CONTEXT) + 1:]
-    return question
-

@@ -19,7 +19,6 @@ from typing import Any, Dict, List, Mapping
 
 from .entry_point import (OPTION_LETTER_SUFFIX, EntryPoint, ImageRef, Item, SetupError, model_vqa_answer_line,
                           read_question_list, require_fields, require_questions, require_unique)
-from . import prompt_styles
 from .runner import run
 
 
@@ -36,7 +35,6 @@ def build_items(settings: Mapping[str, Any]) -> List[Item]:
     path, folder = settings["question_file"], settings["image_folder"]
     problems = read_question_list(path, "llava_test_CQM-A.json")
     require_questions(problems, path)
-    style = prompt_styles.style_of(settings)
     items = []
     for number, q in enumerate(problems, 1):
         require_fields(q, ("id", "conversations"), f"{path}, question {number}")
@@ -49,7 +47,7 @@ def build_items(settings: Mapping[str, Any]) -> List[Item]:
             image, prompt = None, question
         else:
             continue
-        text = prompt_styles.science_text(question, style)
+        text = question  # the same in both prompt styles (restore.eval.prompt_styles)
         if settings["single_pred_prompt"]:
             text += "\n" + OPTION_LETTER_SUFFIX
             prompt += "\n" + OPTION_LETTER_SUFFIX
