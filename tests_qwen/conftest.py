@@ -1,5 +1,6 @@
 """Fixtures of the Qwen2.5-VL suite (run in .venv-qwen: make test-qwen): the small random checkpoint,
-built once per session from its config, and a few images of different sizes."""
+built once per session from its config, a few images of different sizes, and a batch of two questions
+about them (the model restored to stock after each test)."""
 from __future__ import annotations
 
 import numpy as np
@@ -39,3 +40,30 @@ def make_image(height: int, width: int, seed: int):
 def images():
     # 112 x 168 px -> 8 x 12 patches -> 24 visual tokens; 140 x 112 -> 10 x 8 -> 20 tokens
     return [make_image(112, 168, 0), make_image(140, 112, 1)]
+
+
+QUESTIONS = ["What is in the picture?", "Please describe the image briefly."]
+
+
+@pytest.fixture()
+def model(qwen_loaded):
+    import restore
+
+    yield qwen_loaded.model
+    restore.remove(qwen_loaded.model)
+
+
+@pytest.fixture(scope="module")
+def batch(qwen_loaded, images):
+    from qwen_patches.inputs import build_inputs
+
+    tokenizer, model, image_processor, _ = qwen_loaded
+    return build_inputs(tokenizer, image_processor, model.config, QUESTIONS, images)
+
+
+def alone(qwen_loaded, images, b):
+    """The inputs of question b with image b on its own."""
+    from qwen_patches.inputs import build_inputs
+
+    tokenizer, model, image_processor, _ = qwen_loaded
+    return build_inputs(tokenizer, image_processor, model.config, [QUESTIONS[b]], [images[b]])

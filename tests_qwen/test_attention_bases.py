@@ -6,26 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import restore
 import tokenreduction as tr
 from restore import apply
 from qwen_patches.holov import crop_count, qwen_holov
-from qwen_patches.inputs import build_inputs
 from qwen_patches.vision import encode_with_received_attention
+from tests_qwen.conftest import alone
 
-QUESTIONS = ["What is in the picture?", "Please describe the image briefly."]
-
-
-@pytest.fixture()
-def model(qwen_loaded):
-    yield qwen_loaded.model
-    restore.remove(qwen_loaded.model)
-
-
-@pytest.fixture(scope="module")
-def batch(qwen_loaded, images):
-    tokenizer, model, image_processor, _ = qwen_loaded
-    return build_inputs(tokenizer, image_processor, model.config, QUESTIONS, images)
 
 
 @torch.no_grad()
@@ -64,28 +50,36 @@ def test_signal_equals_transformers_attention_weights(qwen_loaded, model, batch,
         assert float(r.max() / r.mean()) > 1.5
 
 
-@torch.no_grad()
-@pytest.mark.parametrize("with_restore", [False, True])
-def test_vispruner_reduction(qwen_loaded, model, images, batch, with_restore):
-    apply(model, "VisPruner", keep=0.333, restore=with_restore)
+def reduced_images(qwen_loaded, model, images, batch, base, with_restore):
+    """Apply ``base`` at 33.3 % (8 and 7 tokens), check that the batch's answers are each image's alone,
+    and give per image what the prefill did: (features, received attention, tokens the base kept, the
+    sequence slots of the tokens that stand alone)."""
+    apply(model, base, keep=0.333, restore=with_restore)
     out = model.generate(**batch, max_new_tokens=5, do_sample=False)
     last = model.model._restore_ctx.last
     n = [8, 7]
-    tokenizer, _, image_processor, _ = qwen_loaded
+    for b in range(2):
+        single = alone(qwen_loaded, images, b)
+        ref = model.generate(**single, max_new_tokens=5, do_sample=False)
+        assert out[b, batch["input_ids"].shape[1]:].tolist() == ref[0, single["input_ids"].shape[1]:].tolist()
     for b in range(2):
         source, sizes, received = last["kept"][b], last["sizes"][b], last["received"][b]
         features = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])[b]
-        n_keep = n[b] // 2 if with_restore else n[b]
+        singletons = {int((source == slot).nonzero()[0]) for slot in range(n[b]) if int(sizes[slot]) == 1}
+        yield features, received, n[b] // 2 if with_restore else n[b], singletons
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("with_restore", [False, True])
+def test_vispruner_reduction(qwen_loaded, model, images, batch, with_restore):
+    for features, received, n_keep, singletons in reduced_images(qwen_loaded, model, images, batch, "VisPruner",
+                                                                 with_restore):
         picks = tr.get_selector("VisPruner")(tr.VisualTokens(features=features[None], raw_features=features[None],
                                                              cls_attention=received[None]), n_keep)[0]
-        singletons = {int((source == slot).nonzero()[0]) for slot in range(n[b]) if int(sizes[slot]) == 1}
         assert set(picks.tolist()) <= singletons
         # the most attended tokens are among the picks
         top = received.argsort(descending=True)[: n_keep // 2].tolist()
         assert set(top) <= set(picks.tolist())
-        single = build_inputs(tokenizer, image_processor, model.config, [QUESTIONS[b]], [images[b]])
-        ref = model.generate(**single, max_new_tokens=5, do_sample=False)
-        assert out[b, batch["input_ids"].shape[1]:].tolist() == ref[0, single["input_ids"].shape[1]:].tolist()
 
 
 def test_holov_crop_count_and_the_registry_holov_at_16_crops():
@@ -104,19 +98,8 @@ def test_holov_crop_count_and_the_registry_holov_at_16_crops():
 @torch.no_grad()
 @pytest.mark.parametrize("with_restore", [False, True])
 def test_holov_reduction(qwen_loaded, model, images, batch, with_restore):
-    apply(model, "HoloV", keep=0.333, restore=with_restore)
-    out = model.generate(**batch, max_new_tokens=5, do_sample=False)
-    last = model.model._restore_ctx.last
-    n = [8, 7]
-    tokenizer, _, image_processor, _ = qwen_loaded
-    for b in range(2):
-        source, sizes, received = last["kept"][b], last["sizes"][b], last["received"][b]
-        features = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])[b]
-        n_keep = n[b] // 2 if with_restore else n[b]
+    for features, received, n_keep, singletons in reduced_images(qwen_loaded, model, images, batch, "HoloV",
+                                                                 with_restore):
         mean = received / (4 * features.shape[0])
         picks = qwen_holov(tr.VisualTokens(features=features[None], cls_attention=mean[None]), n_keep)[0]
-        singletons = {int((source == slot).nonzero()[0]) for slot in range(n[b]) if int(sizes[slot]) == 1}
         assert set(picks.tolist()) <= singletons and len(picks) == n_keep
-        single = build_inputs(tokenizer, image_processor, model.config, [QUESTIONS[b]], [images[b]])
-        ref = model.generate(**single, max_new_tokens=5, do_sample=False)
-        assert out[b, batch["input_ids"].shape[1]:].tolist() == ref[0, single["input_ids"].shape[1]:].tolist()

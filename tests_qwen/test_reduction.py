@@ -11,27 +11,10 @@ import restore
 import tokenreduction as tr
 from restore import apply
 from qwen_patches.inputs import build_inputs
+from tests_qwen.conftest import QUESTIONS, alone
 from qwen_patches.patch import budget_for_image, group_axis_medians
 from restore.attention import mrope_decay
 
-QUESTIONS = ["What is in the picture?", "Please describe the image briefly."]
-
-
-@pytest.fixture()
-def model(qwen_loaded):
-    yield qwen_loaded.model
-    restore.remove(qwen_loaded.model)
-
-
-@pytest.fixture(scope="module")
-def batch(qwen_loaded, images):
-    tokenizer, model, image_processor, _ = qwen_loaded
-    return build_inputs(tokenizer, image_processor, model.config, QUESTIONS, images)
-
-
-def alone(qwen_loaded, images, b):
-    tokenizer, model, image_processor, _ = qwen_loaded
-    return build_inputs(tokenizer, image_processor, model.config, [QUESTIONS[b]], [images[b]])
 
 
 def test_group_axis_medians_by_hand():
