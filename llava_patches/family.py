@@ -170,7 +170,8 @@ class LlavaFamily(ModelFamily):
         """Configurations with equal keys read the same pixels of an image (see preprocess_image)."""
         return next_preprocessing_key(settings) if is_next(model_config) else "default"
 
-    def preprocessing_for_check(self, model_path: str, settings: Any = None) -> Callable[[Any], Any]:
+    def preprocessing_for_check(self, model_path: str, settings: Any = None,
+                                image_protocol: Optional[Mapping[str, int]] = None) -> Callable[[Any], Any]:
         from transformers import CLIPImageProcessor
 
         config = self.check_checkpoint(model_path)

@@ -29,7 +29,7 @@ from typing import Any, Callable, ContextManager, Dict, Iterable, List, Mapping,
 from restore.families import CheckpointError, LoadedModel, ModelFamily
 
 from .inputs import expand_image_tokens, image_inputs, pad_rows, prompt_ids, visual_tokens_of_grid
-from .loading import qwen_model_class
+from .loading import check_protocol, load_image_processor, load_model, qwen_model_class, resolve_device_dtype
 
 MODEL_TYPES = ("qwen2_5_vl",)
 CONV_MODES = ("qwen2_5_vl",)
@@ -118,8 +118,6 @@ class QwenFamily(ModelFamily):
     def execution(self, device: str, dtype: str) -> Tuple[Any, Any]:
         import torch
 
-        from .loading import resolve_device_dtype
-
         name, torch_dtype = resolve_device_dtype(device, dtype)
         return torch.device(name), torch_dtype
 
@@ -127,16 +125,12 @@ class QwenFamily(ModelFamily):
                        jpeg_quality: Optional[int] = None) -> Optional[Dict[str, int]]:
         """The evaluation protocol's images, lmms-eval's: resized into 200704..12845056 px, re-encoded as JPEG
         quality 75; a value given replaces its default."""
-        from .loading import check_protocol
-
         return check_protocol(min_pixels, max_pixels, jpeg_quality)
 
     def load(self, model_path: str, *, model_base: Optional[str] = None, device: str = "auto",
              dtype: str = "auto", image_protocol: Optional[Mapping[str, int]] = None) -> LoadedModel:
         """``image_protocol`` None: the checkpoint's own processor (its preprocessor_config.json); the
         evaluation entry points pass the protocol's (:meth:`image_protocol`)."""
-        from .loading import load_model
-
         tokenizer, model, image_processor = load_model(model_path, model_base=model_base, device=device, dtype=dtype,
                                                        image_protocol=image_protocol)
         return LoadedModel(tokenizer, model, image_processor, self.model_name(model_path))
@@ -162,11 +156,10 @@ class QwenFamily(ModelFamily):
     def preprocessing_key(self, model_config: Any, settings: Any) -> Any:
         return "default"
 
-    def preprocessing_for_check(self, model_path: str, settings: Any = None) -> Callable[[Any], Any]:
-        from .loading import load_image_processor
-
+    def preprocessing_for_check(self, model_path: str, settings: Any = None,
+                                image_protocol: Optional[Mapping[str, int]] = None) -> Callable[[Any], Any]:
         config = self.check_checkpoint(model_path)
-        processor = load_image_processor(model_path)
+        processor = load_image_processor(model_path, image_protocol)
         return lambda image: self.preprocess_image(image, processor, config, settings)
 
     def shared_encoding(self, model: Any) -> ContextManager[Any]:

@@ -11,7 +11,18 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from restore.families import CheckpointError
 
-PINNED_TRANSFORMERS = "4.57.6"
+PINNED_TRANSFORMERS = "4.57.6"  # requirements-qwen.txt's, named in the error of an environment without Qwen
+DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
+          "bf16": "bfloat16", "bfloat16": "bfloat16"}
+
+
+# The pixel range of the evaluation protocol the paper's Qwen2.5-VL numbers follow (lmms-eval's qwen2_5_vl:
+# its default min_pixels, and the max_pixels of its reproduction script, whose MME is the paper's 2323).
+EVAL_MIN_PIXELS = 256 * 28 * 28  # 200704: smaller images are enlarged to at least 256 visual tokens
+EVAL_MAX_PIXELS = 16384 * 28 * 28  # 12845056, the released processor's own bound
+# lmms-eval hands each image to the model as a JPEG (PIL's quality 75 up to lmms-eval 0.6, 85 from 0.7).
+EVAL_JPEG_QUALITY = 75
+
 
 def qwen_model_class():
     """transformers' Qwen2.5-VL model class; ImportError (with the environment to use) where it is missing."""
@@ -25,18 +36,6 @@ def qwen_model_class():
             f"Qwen2.5-VL runs in its own environment: make install-qwen, then .venv-qwen/bin/python "
             f"(transformers=={PINNED_TRANSFORMERS})") from error
     return Qwen2_5_VLForConditionalGeneration
-
-
-DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
-          "bf16": "bfloat16", "bfloat16": "bfloat16"}
-
-
-# The pixel range of the evaluation protocol the paper's Qwen2.5-VL numbers follow (lmms-eval's qwen2_5_vl:
-# its default min_pixels, and the max_pixels of its reproduction script, whose MME is the paper's 2323).
-EVAL_MIN_PIXELS = 256 * 28 * 28  # 200704: smaller images are enlarged to at least 256 visual tokens
-EVAL_MAX_PIXELS = 16384 * 28 * 28  # 12845056, the released processor's own bound
-# lmms-eval hands each image to the model as a JPEG (PIL's quality 75 up to lmms-eval 0.6, 85 from 0.7).
-EVAL_JPEG_QUALITY = 75
 
 
 def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> Tuple[str, Any]:

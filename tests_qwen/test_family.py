@@ -132,3 +132,15 @@ def test_the_evaluation_images_are_jpeg_round_trips(qwen_checkpoint):
     assert torch.equal(got, FAMILY.preprocess_image(jpeg_round_trip(image, 75), plain, None)[0])
     assert not torch.equal(got, FAMILY.preprocess_image(image, plain, None)[0])
     assert jpeg_round_trip(image, 0) is image
+
+
+def test_the_image_check_preprocesses_as_the_protocol_does(qwen_checkpoint, images):
+    from qwen_patches.loading import load_image_processor
+    from restore.eval.runner import image_preprocessing_for_check
+
+    protocol = FAMILY.image_protocol()
+    checked = image_preprocessing_for_check(str(qwen_checkpoint), None, image_protocol=protocol)(images[0])
+    inferred = FAMILY.preprocess_image(images[0], load_image_processor(str(qwen_checkpoint), protocol), None)
+    assert all(torch.equal(a, b) for a, b in zip(checked, inferred))
+    own = image_preprocessing_for_check(str(qwen_checkpoint))(images[0])
+    assert own[1].tolist() != checked[1].tolist()  # 24 tokens as the checkpoint's processor, >= 256 as the protocol

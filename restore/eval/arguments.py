@@ -264,16 +264,15 @@ def load_plugins(modules: Sequence[str]) -> None:
 
 def resolve_budget(args: argparse.Namespace, family: Any, num_patches: int) -> None:
     """``args.n_vis`` / ``args.keep`` as the checkpoint's family takes a budget: a share stays a share where
-    images have different token counts (Qwen2.5-VL) and becomes round(keep * N) tokens where each has N."""
+    images have different token counts (Qwen2.5-VL) and becomes round(keep * N) tokens where each has N.
+    A share without --base is left for :func:`validate_reduction` to refuse."""
     keep = getattr(args, "keep", None)
-    if keep is not None and args.base is None:
-        raise SetupError("--keep needs --base: name the selector that keeps the tokens "
-                         "(leave both out to run without reduction)")
+    if keep is None or args.base is None:
+        return
     try:
         args.n_vis, args.keep = family.budget(args.n_vis, keep, num_patches)
     except ValueError as e:
-        raise SetupError(f"--keep {keep}: {e}".replace("give the budget as keep", "give the budget as --keep")
-                         .replace("or n_vis", "or --n_vis")) from None
+        raise SetupError(f"--keep {keep}: {e}") from None
 
 
 def validate_reduction(base: Optional[str], n_vis: Optional[int], restore: bool,

@@ -56,7 +56,8 @@ def _run_planned(entry: EntryPoint, args: argparse.Namespace, plans: Sequence[Pl
             print(f"[{entry.name}] {plan.chunk_label}"
                   f"{f' (from {source})' if source else ''}: {len(plan.items)} items, "
                   f"{len(plan.items) - len(plan.pending)} already answered; reduction: "
-                  f"{describe_reduction(plan.settings['base'], one.n_vis, one.restore, _overrides(one), one.keep)}", flush=True)
+                  f"{describe_reduction(plan.settings['base'], one.n_vis, one.restore, _overrides(one), one.keep)}",
+                  flush=True)
         pending = pending_union(plans)
         # --no-image-check skips only the slow part (decoding); a missing file is always found here
         decode = not args.no_image_check
@@ -389,18 +390,23 @@ def _preprocessing_of_every_configuration(plans: Sequence[Plan]) -> Callable[[An
         config = None  # a --model-base checkpoint: checked as the unreduced model preprocesses
     variants = {None: None} if config is None else \
         {args.family.preprocessing_key(config, plan.args.reduction): plan.args.reduction for plan in plans}
-    checks = [image_preprocessing_for_check(args.model_path, settings) for settings in variants.values()]
+    protocol = getattr(args, "image_protocol", None)
+    extra = {"image_protocol": protocol} if protocol else {}
+    checks = [image_preprocessing_for_check(args.model_path, settings, **extra) for settings in variants.values()]
     return checks[0] if len(checks) == 1 else (lambda image: [check(image) for check in checks])
 
 
-def image_preprocessing_for_check(model_path: str, settings: Any = None) -> Callable[[Any], Any]:
-    """``image -> pixels`` exactly as inference will preprocess it, built by the checkpoint's family from
-    its config and preprocessor files alone: no weights are read, so every image can be checked before
-    the model loads."""
+def image_preprocessing_for_check(model_path: str, settings: Any = None,
+                                  image_protocol: Optional[Mapping[str, int]] = None) -> Callable[[Any], Any]:
+    """``image -> pixels`` exactly as inference will preprocess it (with the evaluation's image protocol, for
+    a family that has one), built by the checkpoint's family from its config and preprocessor files alone:
+    no weights are read, so every image can be checked before the model loads."""
     from restore.families import CheckpointError, family_of_checkpoint
 
     try:
-        return family_of_checkpoint(os.path.expanduser(model_path)).preprocessing_for_check(model_path, settings)
+        family = family_of_checkpoint(os.path.expanduser(model_path))
+        return family.preprocessing_for_check(model_path, settings,
+                                              **({"image_protocol": image_protocol} if image_protocol else {}))
     except (FileNotFoundError, CheckpointError) as e:
         raise SetupError(f"--model-path: {e}") from None
 
@@ -417,11 +423,12 @@ def load_model_for_eval(args: argparse.Namespace, base: Optional[str]):
     family (``args.family``, set when the arguments were checked)."""
     model_path = os.path.expanduser(args.model_path)
     print(f"loading model {model_path} (device {args.device}, dtype {args.dtype})", flush=True)
-    resolution = getattr(args, "image_protocol", None)
+    protocol = getattr(args, "image_protocol", None)
     loaded = args.family.load(model_path, model_base=args.model_base, device=args.device, dtype=args.dtype,
-                              **({"image_protocol": resolution} if resolution else {}))
+                              **({"image_protocol": protocol} if protocol else {}))
     model = apply_reduction(loaded.model, args, base)
-    print(f"model loaded; reduction: {describe_reduction(base, args.n_vis, args.restore, _overrides(args), args.keep)}", flush=True)
+    reduction = describe_reduction(base, args.n_vis, args.restore, _overrides(args), args.keep)
+    print(f"model loaded; reduction: {reduction}", flush=True)
     return loaded.tokenizer, model, loaded.image_processor, loaded.model_name
 
 

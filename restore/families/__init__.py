@@ -159,7 +159,8 @@ class ModelFamily:
         """Configurations whose keys are equal get the same pixels (and may share one encoding in a sweep)."""
         return None
 
-    def preprocessing_for_check(self, model_path: str, settings: Any = None) -> Callable[[Any], Any]:
+    def preprocessing_for_check(self, model_path: str, settings: Any = None,
+                                image_protocol: Optional[Mapping[str, int]] = None) -> Callable[[Any], Any]:
         """``image -> pixels`` as inference will preprocess for a model carrying ``settings``, built
         without loading weights."""
         raise NotImplementedError

@@ -25,10 +25,9 @@ HUB_NAMES = {LLAVA_15: "liuhaotian/llava-v1.5-7b", "llava-v1.6-vicuna-7b": "liuh
 # Benchmark items per run (the question files the scripts read; SQA: image items only, as RESTORE runs it).
 BENCHMARK_ITEMS = {"gqa": 12578, "mmbench": 4377, "mme": 2374, "pope": 8910, "sqa": 2017, "vqav2": 107394,
                    "textvqa": 5000, "seed": 19242, "ocrbench": 1000}
-# What is still missing for rows the repository cannot run yet, by method and by model.
+# What is still missing for rows the repository cannot run yet, by method.
 NOT_YET = {
 }
-MODELS_NOT_YET: Dict[str, str] = {}
 # The benchmark scripts of each table's model (scripts/<folder>/<bench>.sh): they pick its environment.
 SCRIPT_FOLDERS = {"Qwen2.5-VL-7B-Instruct": "qwen2_5_vl"}
 DEFAULT_SCRIPT_FOLDER = "llava1_5"
@@ -125,8 +124,6 @@ def get_table(name: str) -> PaperTable:
 
 def why_not_runnable(table: PaperTable, config: PaperConfig, available: Sequence[str]) -> Optional[str]:
     """None when the repository can run ``config`` of ``table`` today, else what is missing."""
-    if table.model in MODELS_NOT_YET:
-        return MODELS_NOT_YET[table.model]
     if config.base is None:
         return None
     known = {a.lower() for a in available}

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from restore.results import PAPER_METRIC, TITLES, Run, load_runs, metric_name, metric_value, subset_title
 
-from . import MODELS_NOT_YET, PaperTable
+from . import PaperTable
 
 Key = Tuple[str, str, str]  # (model, run name, benchmark)
 
@@ -63,8 +63,6 @@ class MeasuredTable:
 
     def __init__(self, table: PaperTable, results: Dict[Key, Run], model: str, benchmarks: Sequence[str]):
         self.table, self.model, self.benchmarks = table, model, list(benchmarks)
-        if table.model in MODELS_NOT_YET:  # no run of this repository is of that model: published values only
-            results = {}
         self.values: Dict[Tuple[int, str], Optional[float]] = {}
         self.labels: Dict[Tuple[int, str], Optional[str]] = {}
         for index, row in enumerate(table.rows):
